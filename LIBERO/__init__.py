@@ -1,0 +1,1 @@
+"""Closed-loop evaluation of VLA policies in the LIBERO / LIBERO-PRO simulator (see docs/LIBERO_EVAL.md)."""

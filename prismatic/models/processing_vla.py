@@ -1,0 +1,103 @@
+"""`PrismaticProcessor`: inference-time pre-processing shared by every deployed policy.
+
+Images: uint8 (H, W, 3) -> antialiased Lanczos resize to `image_size` -> optional eval center crop (same area as the
+training random crop) -> 6-channel DINO/SigLIP pixel values. Text: `[BOS] + build_prompt(instruction)` tokens.
+Saved as the tokenizer files + `prismatic_processor_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prismatic.data.image_ops import IMAGE_SIZE, center_crop, resize_image
+from prismatic.models.image_transform import images_to_pixel_values
+from prismatic.models.prompting import tokenize_prompt
+
+PROCESSOR_CONFIG_NAME = "prismatic_processor_config.json"
+
+
+class PrismaticProcessor:
+    """Tokenizer + image pre-processing + prompt format. `num_images` is the number of camera views expected."""
+
+    def __init__(self, tokenizer, image_size: int = IMAGE_SIZE, num_images: int = 1, center_crop: bool = False) -> None:
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.num_images = int(num_images)
+        self.center_crop = bool(center_crop)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else int(self.tokenizer.eos_token_id)
+
+    def preprocess_images(self, images: Sequence[np.ndarray], center_crop: bool | None = None) -> torch.Tensor:
+        """List of N uint8 (H, W, 3) images -> pixel values (6N, S, S) float32."""
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            images = [images]
+        images = list(images)
+        if len(images) != self.num_images:
+            raise ValueError(f"expected {self.num_images} image(s) (third-person first, then wrist), "
+                             f"got {len(images)}")
+        crop = self.center_crop if center_crop is None else center_crop
+        views = []
+        for image in images:
+            view = resize_image(np.asarray(image), self.image_size)
+            views.append(_center_crop(view, self.image_size) if crop else view)
+        return images_to_pixel_values(np.stack(views))
+
+    def tokenize(self, instruction: str) -> list[int]:
+        return tokenize_prompt(self.tokenizer, instruction)
+
+    def tokenize_batch(self, instructions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded prompt ids (B, Tp) int64 and attention mask (B, Tp) bool."""
+        rows = [self.tokenize(text) for text in instructions]
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = True
+        return ids, mask
+
+    def __call__(self, images: Sequence[np.ndarray], instruction: str,
+                 center_crop: bool | None = None) -> dict[str, torch.Tensor]:
+        """Inputs of one sample: pixel_values (1, 6N, S, S), input_ids (1, Tp), attention_mask (1, Tp) bool."""
+        ids, mask = self.tokenize_batch([instruction])
+        return {"pixel_values": self.preprocess_images(images, center_crop).unsqueeze(0),
+                "input_ids": ids, "attention_mask": mask}
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "num_images": self.num_images, "center_crop": self.center_crop}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(directory))
+        (directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides) -> PrismaticProcessor:
+        """Tokenizer via AutoTokenizer; image settings from the processor json when present, else defaults."""
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"processor directory {directory} does not exist")
+        settings = {}
+        config_file = directory / PROCESSOR_CONFIG_NAME
+        if config_file.exists():
+            settings = json.loads(config_file.read_text())
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return cls(tokenizer, **settings)
+
+
+def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    return center_crop(image, size=size)

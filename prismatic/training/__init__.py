@@ -1,0 +1,1 @@
+"""Training components: fine-tuning loop pieces and CRaFT."""

@@ -1,0 +1,150 @@
+"""Checkpoint folders written atomically, and the training state that makes resume exact.
+
+A checkpoint is `{run_root_dir}/{run_id}--{step}_chkpt/`. It is assembled in a hidden temporary sibling, the
+`COMPLETE` marker is written last, and only then is the folder renamed to its final name: a crash at any point
+leaves either the previous state or a hidden `.…tmp-<pid>` folder that no loader treats as a checkpoint.
+
+`training_state.pt` holds only tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)`
+reads it: optimizer and scheduler state_dicts, the step, every rank's RNG states (python / numpy / torch / cuda,
+as tensors), the data-stream position, the non-finite counters and a `craft` entry (None for plain training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prismatic.training.finetune_config import COMPLETE_MARKER, TRAINING_STATE_FILE, parse_checkpoint_dir
+
+TRAINING_STATE_VERSION = 1
+
+
+def checkpoint_dir(run_root_dir: Path, run_id: str, step: int) -> Path:
+    return Path(run_root_dir) / f"{run_id}--{step}_chkpt"
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A folder counts as a checkpoint only with its COMPLETE marker and a checkpoint name."""
+    path = Path(path)
+    try:
+        parse_checkpoint_dir(path)
+    except ValueError:
+        return False
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(run_root_dir: Path, run_id: str) -> list[tuple[int, Path]]:
+    """Complete checkpoints of one run, sorted by step."""
+    found = []
+    for path in Path(run_root_dir).glob(f"{run_id}--*_chkpt"):
+        try:
+            rid, step = parse_checkpoint_dir(path)
+        except ValueError:
+            continue
+        if rid == run_id and is_complete_checkpoint(path):
+            found.append((step, path))
+    return sorted(found)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint_atomically(final_dir: Path, write_contents: Callable[[Path], None], marker: dict) -> Path:
+    """Build the folder with `write_contents(tmp_dir)`, write COMPLETE (json `marker`) last, rename into place.
+
+    Any exception (or KeyboardInterrupt) removes the temporary folder and propagates; an existing folder with the
+    same name is replaced only after the new one is complete.
+    """
+    final_dir = Path(final_dir)
+    tmp_dir = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
+    old_dir = final_dir.parent / f".{final_dir.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        write_contents(tmp_dir)
+        with open(tmp_dir / COMPLETE_MARKER, "w") as f:
+            json.dump({**marker, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp_dir)
+        if final_dir.exists():
+            os.rename(final_dir, old_dir)
+        os.rename(tmp_dir, final_dir)
+        _fsync_dir(final_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if old_dir.exists() and not final_dir.exists():
+            os.rename(old_dir, final_dir)  # put the previous complete checkpoint back
+        raise
+    shutil.rmtree(old_dir, ignore_errors=True)
+    return final_dir
+
+
+def prune_checkpoints(run_root_dir: Path, run_id: str, keep: Path) -> None:
+    """Remove every complete checkpoint of `run_id` except `keep` (for --save_latest_checkpoint_only)."""
+    for _, path in list_checkpoints(run_root_dir, run_id):
+        if path.resolve() != Path(keep).resolve():
+            shutil.rmtree(path)
+
+
+# ---- RNG state as tensors ------------------------------------------------------------------------------------
+def capture_rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch, cuda) in a form `torch.load(weights_only=True)` accepts."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- training_state.pt ---------------------------------------------------------------------------------------
+def save_training_state(path: Path, state: dict) -> None:
+    torch.save({"version": TRAINING_STATE_VERSION, **state}, path)
+
+
+def load_training_state(checkpoint: Path) -> dict:
+    """Read `training_state.pt` of a complete checkpoint (weights_only=True); clear errors otherwise."""
+    checkpoint = Path(checkpoint)
+    if not is_complete_checkpoint(checkpoint):
+        raise FileNotFoundError(f"'{checkpoint}' is not a complete checkpoint (no {COMPLETE_MARKER} marker or "
+                                "not named '<run id>--<step>_chkpt')")
+    path = checkpoint / TRAINING_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{checkpoint}' has no {TRAINING_STATE_FILE}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != TRAINING_STATE_VERSION:
+        raise ValueError(f"{path}: training state version {state.get('version')} != {TRAINING_STATE_VERSION}")
+    return state

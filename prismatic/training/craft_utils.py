@@ -1,0 +1,796 @@
+"""CRaFT (Constrained Representation and Fine-Tuning) components. See docs/CRAFT.md for the method.
+
+    min_θ L_act(θ)  s.t.  L_ret(θ) <= ε,    per optimizer step:  g = g_act + (λ - c) · g_ret,
+    c = min(0, <g_act, g_ret>) / (||g_ret||² + δ)  (0 when projection is off),   λ <- max(0, λ + η (L_ret - ε)).
+
+Components:
+    combine_gradients / combine_gradients_sharded   the functional core (two global scalars, one all-reduce if sharded)
+    CRaFTGradientProjector                          per-step accumulation buffers, rank all-reduce, writes `.grad`
+    CRaFTDualOptimizer                              the dual variable λ
+    CRaFTFeatureExtractor, retention_loss           bridge features f_θ = [Pool(C_R^(m)) ; Pool(C_AQ^(M))] and L_ret
+    CRaFTWeightManager                              θ0 swapped in for online anchors
+
+Per-step recipe for the training loop (k = grad_accumulation_steps; `model` may be DDP-wrapped):
+
+    extractor = CRaFTFeatureExtractor(vla, raw_layer=m, aq_layer=M, anchor_type=...)
+    projector = CRaFTGradientProjector(trainable_params, delta=δ, enable_projection=...)
+    dual = CRaFTDualOptimizer(epsilon=ε, dual_lr=η, init_lambda=λ0, enable_dual=..., fixed_lambda=...)
+    weights = CRaFTWeightManager(vla, ...)        # online anchors only
+
+    for each micro-batch j = 1..k:
+        if online anchors:                         # θ0 features of the same (augmented) batch, no grad
+            with torch.no_grad(), weights.reference_weights(), extractor.capture():
+                ref_out = vla_forward(batch)
+            anchors = extractor.features(ref_out.layout)
+        else:
+            anchors = cache.lookup(batch["sample_ids"], batch["content_hashes"])
+        with ddp_model.no_sync() (if DDP), extractor.capture():      # ONE forward of the trained model
+            out = vla_forward(batch)
+        feats = extractor.features(out.layout)
+        loss_act = L1(action_head(out), actions)                     # unchanged VLA-Adapter loss
+        loss_ret = retention_loss(feats, anchors)
+        projector.accumulate(loss_act / k, loss_ret / k)             # CALLER divides by k (same as the baseline's
+                                                                     # `(loss / k).backward()`); never .backward()
+        ret_sum += loss_ret.detach() / k
+    # optimizer step
+    stats = projector.step(dual.lam)     # all-reduce (average over ranks) of both buffers in one flat all_reduce,
+                                         # combine, write p.grad in place (copy_) / assign, reset buffers
+    clip_grad_norm_(trainable_params, max_norm)   # optional, AFTER step() (it clips the combined gradient)
+    optimizer.step(); scheduler.step(); optimizer.zero_grad()
+    l_ret = all_reduce_mean(ret_sum)     # rank-averaged mean-over-micro-batches L_ret, identical on every rank
+    dual.step(l_ret)                     # λ update AFTER the optimizer step
+    log: CRaFT/Retention Loss = l_ret, CRaFT/Lambda = stats['lambda'] (the λ used in this step; dual.lam is the
+         next one), CRaFT/Conflict Ratio = stats['conflict_ratio_params'], ... (see CRaFTGradientProjector.step)
+
+Use non-reentrant gradient checkpointing (reentrant does not support autograd.grad) and never DDP static_graph=True.
+
+FSDP2 (`fully_shard`): autograd.grad cannot reach sharded parameters, so per micro-batch run
+    loss_act.backward(retain_graph=True); projector.capture_grads("act")
+    loss_ret.backward();                  projector.capture_grads("ret")
+(FSDP reduce-scatters and averages each backward); `projector.step` then detects DTensor parameters and uses the
+sharded combine (one scalar all-reduce, no full gradient gathered). The capture path also works without FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Functional core
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_pairs(g_act: Sequence[torch.Tensor], g_ret: Sequence[torch.Tensor | None]) -> None:
+    if len(g_act) != len(g_ret):
+        raise ValueError(f"g_act has {len(g_act)} tensors but g_ret has {len(g_ret)}; align them per parameter")
+    for i, (a, r) in enumerate(zip(g_act, g_ret, strict=True)):
+        if a is None:
+            raise ValueError(f"g_act[{i}] is None: pass zeros for parameters L_act does not reach")
+        if r is not None and r.shape != a.shape:
+            raise ValueError(f"tensor {i}: g_act shape {tuple(a.shape)} != g_ret shape {tuple(r.shape)}")
+
+
+def _partial_sums(g_act: Sequence[torch.Tensor], g_ret: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """float64 vector [dot, ||g_ret||², ||g_act||², per-tensor dot_0..dot_{n-1}] over the given (local) tensors."""
+    n = len(g_act)
+    device = g_act[0].device if n else torch.device("cpu")
+    out = torch.zeros(3 + n, dtype=torch.float64, device=device)
+    for i, (a, r) in enumerate(zip(g_act, g_ret, strict=True)):
+        a64 = a.detach().to(torch.float64)
+        out[2] += (a64 * a64).sum()
+        if r is None:
+            continue
+        r64 = r.detach().to(torch.float64)
+        d = (a64 * r64).sum()
+        out[3 + i] = d
+        out[0] += d
+        out[1] += (r64 * r64).sum()
+    return out
+
+
+def _scalars_and_stats(
+    sums: torch.Tensor,
+    has_ret: Sequence[bool],
+    numels: Sequence[int],
+    lam: float,
+    delta: float,
+    enable_projection: bool,
+) -> tuple[float, dict[str, float]]:
+    """From the global sums, the coefficient a = λ - c applied to g_ret, and the statistics."""
+    if delta < 0:
+        raise ValueError(f"delta must be >= 0, got {delta}")
+    if lam < 0:
+        raise ValueError(f"lambda must be >= 0, got {lam}")
+    vals = sums.cpu().tolist()
+    dot, nr2, na2 = vals[0], vals[1], vals[2]
+    per_tensor = vals[3:]
+    if not all(math.isfinite(v) for v in (dot, nr2, na2)):
+        raise FloatingPointError(
+            f"non-finite gradient statistics: <g_act,g_ret>={dot}, ||g_ret||²={nr2}, ||g_act||²={na2}")
+    denom = nr2 + delta
+    c = min(0.0, dot) / denom if (enable_projection and denom > 0) else 0.0
+    a = lam - c
+    final_sq = max(0.0, na2 + 2.0 * a * dot + a * a * nr2)  # ||g_act + a g_ret||², exact algebra in float64
+    shared = [i for i, h in enumerate(has_ret) if h]
+    conflicting = [i for i in shared if per_tensor[i] < 0]
+    shared_numel = sum(numels[i] for i in shared)
+    conflict_numel = sum(numels[i] for i in conflicting)
+    norm_act, norm_ret = math.sqrt(na2), math.sqrt(nr2)
+    stats = {
+        "dot": dot,
+        "cosine": dot / (norm_act * norm_ret) if norm_act > 0 and norm_ret > 0 else 0.0,
+        "grad_norm_act": norm_act,
+        "grad_norm_ret": norm_ret,
+        "projection_fired": float(enable_projection and dot < 0 and denom > 0),
+        "projection_coef": c,
+        "lambda": float(lam),
+        "ret_coef": a,
+        "conflict": float(dot < 0),
+        "conflict_ratio_tensors": len(conflicting) / len(shared) if shared else 0.0,
+        "conflict_ratio_params": conflict_numel / shared_numel if shared_numel else 0.0,
+        "num_shared_tensors": float(len(shared)),
+        "grad_norm_final": math.sqrt(final_sq),
+    }
+    return a, stats
+
+
+def _apply(g_act: Sequence[torch.Tensor], g_ret: Sequence[torch.Tensor | None], a: float) -> list[torch.Tensor]:
+    """Fresh tensors g_i = g_act_i + a g_ret_i (float32 arithmetic, cast to g_act's dtype); never aliases inputs."""
+    out = []
+    for ga, gr in zip(g_act, g_ret, strict=True):
+        g = ga.detach().to(torch.float32, copy=True)
+        if gr is not None and a != 0.0:
+            g.add_(gr.detach().to(torch.float32), alpha=a)
+        out.append(g if ga.dtype == torch.float32 else g.to(ga.dtype))
+    return out
+
+
+def combine_gradients(
+    g_act: Sequence[torch.Tensor],
+    g_ret: Sequence[torch.Tensor | None],
+    lam: float,
+    delta: float,
+    enable_projection: bool,
+) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """g = g_act + (λ - c) g_ret over ONE global vector (all tensors), c = min(0,<g_act,g_ret>)/(||g_ret||²+δ).
+
+    `g_ret[i]` may be None (a parameter only L_act reaches): it then contributes nothing and g_i = g_act_i.
+    Statistics (float64 accumulators): dot, cosine, grad_norm_act, grad_norm_ret, projection_fired, projection_coef (c),
+    lambda, ret_coef (λ - c), conflict (global dot < 0), conflict_ratio_tensors (share of tensors reached by both
+    losses whose per-tensor dot is negative), conflict_ratio_params (same, weighted by parameter count),
+    num_shared_tensors, grad_norm_final (||g||).
+    """
+    _check_pairs(g_act, g_ret)
+    sums = _partial_sums(g_act, g_ret)
+    numels = [a.numel() for a in g_act]
+    a, stats = _scalars_and_stats(sums, [r is not None for r in g_ret], numels, lam, delta, enable_projection)
+    return _apply(g_act, g_ret, a), stats
+
+
+def combine_gradients_sharded(
+    g_act_local: Sequence[torch.Tensor],
+    g_ret_local: Sequence[torch.Tensor | None],
+    global_numels: Sequence[int],
+    lam: float,
+    delta: float,
+    enable_projection: bool,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Sharded form (FSDP2): each rank holds a disjoint shard of every (already rank-averaged) gradient.
+
+    Local partial [dot, ||g_ret||², ||g_act||², per-tensor dots] are summed with ONE all_reduce(SUM) of a small float64
+    vector, then every rank applies g = g_act + (λ - c) g_ret to its own shard. No full gradient is gathered.
+    `g_ret_local[i]` None means L_ret does not reach parameter i on ANY rank (must agree across ranks).
+    """
+    _check_pairs(g_act_local, g_ret_local)
+    sums = _partial_sums(g_act_local, g_ret_local)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    a, stats = _scalars_and_stats(sums, [r is not None for r in g_ret_local], list(global_numels), lam, delta,
+                                  enable_projection)
+    return _apply(g_act_local, g_ret_local, a), stats
+
+
+def all_reduce_mean(value: float | torch.Tensor, group: dist.ProcessGroup | None = None) -> float:
+    """Rank average of a scalar (e.g. L_ret of the step) so λ is identical on every rank."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(()).cpu().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        backend = dist.get_backend(group)
+        if backend == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        t = t / dist.get_world_size(group)
+    return float(t.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient projector (stateful: buffers, all-reduce, .grad writing, running statistics)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+class CRaFTGradientProjector:
+    """Accumulates g_act and g_ret over the micro-batches of one optimizer step and writes the combined gradient.
+
+    Buffers are float32, one flat tensor laid out as [g_act | g_ret | reached_act flags | reached_ret flags]; with
+    world_size > 1 (and unsharded parameters) it is averaged over ranks by all_reduce(SUM)/world in buckets of
+    `bucket_cap_mb` (a single call for small models): the projection then uses the GLOBAL gradients and every rank
+    computes identical scalars and identical `.grad` (replicas stay bit-identical).
+    Parameters reached by neither loss on any rank keep `.grad` untouched (None stays None, like a plain backward).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter] | Iterable[tuple[str, nn.Parameter]],
+        delta: float = 1e-8,
+        enable_projection: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        bucket_cap_mb: float = 256.0,
+    ) -> None:
+        if delta < 0:
+            raise ValueError(f"delta must be >= 0, got {delta}")
+        items = list(params)
+        if not items:
+            raise ValueError("CRaFTGradientProjector needs at least one trainable parameter")
+        if isinstance(items[0], tuple):
+            self.names = [n for n, _ in items]
+            self.params = [p for _, p in items]
+        else:
+            self.names = [f"param_{i}" for i in range(len(items))]
+            self.params = list(items)
+        for n, p in zip(self.names, self.params, strict=True):
+            if not p.requires_grad:
+                raise ValueError(f"parameter {n} does not require grad; pass only trainable parameters")
+        self.delta = float(delta)
+        self.enable_projection = bool(enable_projection)
+        self.group = process_group
+        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.sharded = any(_is_dtensor(p) for p in self.params)
+        if self.sharded and not all(_is_dtensor(p) for p in self.params):
+            raise ValueError("mixed DTensor / plain parameters: shard every trainable parameter with fully_shard")
+        devices = {_local(p).device for p in self.params}
+        if len(devices) != 1:
+            raise ValueError(f"all trainable parameters must live on one device, found {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        local_shapes = [_local(p).shape for p in self.params]
+        self._numels_local = [int(math.prod(s)) for s in local_shapes]
+        self._numels_global = [int(p.numel()) for p in self.params]
+        n_total = sum(self._numels_local)
+        n_p = len(self.params)
+        self._flat = torch.zeros(2 * n_total + 2 * n_p, dtype=torch.float32, device=self.device)
+        self._act, self._ret = [], []
+        off = 0
+        for shape, n in zip(local_shapes, self._numels_local, strict=True):
+            self._act.append(self._flat[off : off + n].view(shape))
+            self._ret.append(self._flat[n_total + off : n_total + off + n].view(shape))
+            off += n
+        self._reached_act = self._flat[2 * n_total : 2 * n_total + n_p]
+        self._reached_ret = self._flat[2 * n_total + n_p :]
+        self.num_micro_batches = 0
+        # running statistics (restored on resume)
+        self.steps = 0
+        self.projection_fired_count = 0
+        self.conflict_count = 0
+        self.conflict_ratio_params_sum = 0.0
+        self.conflict_ratio_tensors_sum = 0.0
+
+    # -- accumulation -------------------------------------------------------------------------------------------------
+    def _add(self, buf: list[torch.Tensor], flags: torch.Tensor, grads: Sequence[torch.Tensor | None],
+             which: str) -> None:
+        if len(grads) != len(self.params):
+            raise ValueError(f"{which}: got {len(grads)} gradients for {len(self.params)} parameters")
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            g = _local(g)
+            if g.shape != buf[i].shape:
+                raise ValueError(
+                    f"{which} gradient of {self.names[i]}: shape {tuple(g.shape)} != {tuple(buf[i].shape)}")
+            buf[i].add_(g.detach().to(torch.float32))
+            flags[i] = 1.0
+
+    def add_grads(self, g_act: Sequence[torch.Tensor | None], g_ret: Sequence[torch.Tensor | None]) -> None:
+        """Add one micro-batch's gradients (None = not reached). Sums, never overwrites."""
+        self._add(self._act, self._reached_act, g_act, "g_act")
+        self._add(self._ret, self._reached_ret, g_ret, "g_ret")
+        self.num_micro_batches += 1
+
+    def accumulate(self, loss_act: torch.Tensor, loss_ret: torch.Tensor) -> None:
+        """Per micro-batch: g_act, g_ret by torch.autograd.grad (no DDP hooks fire, no `.grad` is touched).
+
+        The caller passes L_act / k and L_ret / k (k = accumulation steps), as the baseline divides before backward.
+        """
+        if self.sharded:
+            raise RuntimeError("sharded (FSDP2) parameters: use backward + capture_grads('act'/'ret') instead")
+        for name, loss in (("loss_act", loss_act), ("loss_ret", loss_ret)):
+            if loss.dim() != 0:
+                raise ValueError(f"{name} must be a scalar, got shape {tuple(loss.shape)}")
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"{name} is not finite: {loss.item()}")
+        g_act = torch.autograd.grad(loss_act, self.params, retain_graph=True, allow_unused=True)
+        g_ret = (
+            torch.autograd.grad(loss_ret, self.params, allow_unused=True)
+            if loss_ret.requires_grad
+            else [None] * len(self.params)
+        )
+        self.add_grads(g_act, g_ret)
+
+    def capture_grads(self, which: str) -> None:
+        """Move the current `p.grad` (local shard under FSDP2) into the `which` ('act'|'ret') buffer, set .grad None.
+
+        For FSDP2 or `no_sync()` + two backward passes: `loss_act.backward(retain_graph=True); capture_grads('act');
+        loss_ret.backward(); capture_grads('ret')`. Count a micro-batch once per 'ret' capture.
+        """
+        if which not in ("act", "ret"):
+            raise ValueError(f"which must be 'act' or 'ret', got {which!r}")
+        grads = [p.grad for p in self.params]
+        if which == "act":
+            self._add(self._act, self._reached_act, grads, "g_act")
+        else:
+            self._add(self._ret, self._reached_ret, grads, "g_ret")
+            self.num_micro_batches += 1
+        for p in self.params:
+            p.grad = None
+
+    def reset(self) -> None:
+        self._flat.zero_()
+        self.num_micro_batches = 0
+
+    # -- optimizer step -----------------------------------------------------------------------------------------------
+    def _world(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.group)
+        return 1
+
+    def _all_reduce_buffers(self) -> None:
+        world = self._world()
+        if world == 1:
+            return
+        # Flags ride in the same flat tensor so "reached on any rank" is known after the same call(s).
+        per_bucket = max(1, int(self.bucket_cap_mb * 2**20 // self._flat.element_size()))
+        for start in range(0, self._flat.numel(), per_bucket):
+            dist.all_reduce(self._flat[start : start + per_bucket], op=dist.ReduceOp.SUM, group=self.group)
+        n_total = sum(self._numels_local)
+        self._flat[: 2 * n_total].div_(world)
+
+    @torch.no_grad()
+    def step(self, lam: float) -> dict[str, float]:
+        """All-reduce (if needed), combine with λ, write every reached parameter's `.grad`, reset the buffers."""
+        if self.num_micro_batches == 0:
+            raise RuntimeError("CRaFTGradientProjector.step called with no accumulated micro-batch")
+        if self.sharded:
+            # FSDP2 already reduce-scattered (averaged) each backward. ONE all_reduce(SUM) of [partial sums | flags].
+            n_p = len(self.params)
+            sums = _partial_sums(self._act, self._ret)
+            vec = torch.cat([sums, self._reached_act.to(torch.float64), self._reached_ret.to(torch.float64)])
+            if self._world() > 1:
+                dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.group)
+            sums = vec[: 3 + n_p]
+            reached_act, reached_ret = (vec[3 + n_p : 3 + 2 * n_p] > 0).tolist(), (vec[3 + 2 * n_p :] > 0).tolist()
+            g_ret = [r if reached_ret[i] else None for i, r in enumerate(self._ret)]
+        else:
+            self._all_reduce_buffers()
+            reached_act, reached_ret = (self._reached_act > 0).tolist(), (self._reached_ret > 0).tolist()
+            g_ret = [r if reached_ret[i] else None for i, r in enumerate(self._ret)]
+            sums = _partial_sums(self._act, g_ret)
+        a, stats = _scalars_and_stats(sums, [r is not None for r in g_ret], self._numels_global, lam, self.delta,
+                                      self.enable_projection)
+        combined = _apply(self._act, g_ret, a)
+        for i, (p, g) in enumerate(zip(self.params, combined, strict=True)):
+            if not (reached_act[i] or reached_ret[i]):
+                continue
+            self._write_grad(p, g)
+        stats["num_micro_batches"] = float(self.num_micro_batches)
+        self._update_running(stats)
+        self.reset()
+        return stats
+
+    @staticmethod
+    def _write_grad(p: nn.Parameter, g: torch.Tensor) -> None:
+        if p.grad is not None:
+            _local(p.grad).copy_(g)  # in place: keeps DDP bucket views (gradient_as_bucket_view=True) valid
+        elif _is_dtensor(p):
+            from torch.distributed.tensor import DTensor
+
+            p.grad = DTensor.from_local(g.to(p.dtype), p.device_mesh, p.placements, run_check=False,
+                                        shape=p.shape, stride=p.stride())
+        else:
+            p.grad = g.to(p.dtype)  # `g` is fresh (never a view of the reusable buffer)
+
+    def _update_running(self, stats: Mapping[str, float]) -> None:
+        self.steps += 1
+        self.projection_fired_count += int(stats["projection_fired"])
+        self.conflict_count += int(stats["conflict"])
+        self.conflict_ratio_params_sum += stats["conflict_ratio_params"]
+        self.conflict_ratio_tensors_sum += stats["conflict_ratio_tensors"]
+
+    def running_stats(self) -> dict[str, float]:
+        s = max(self.steps, 1)
+        return {
+            "steps": float(self.steps),
+            "projection_fired_rate": self.projection_fired_count / s,
+            "conflict_indicator_mean": self.conflict_count / s,
+            "conflict_ratio_params_mean": self.conflict_ratio_params_sum / s,
+            "conflict_ratio_tensors_mean": self.conflict_ratio_tensors_sum / s,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "projection_fired_count": self.projection_fired_count,
+            "conflict_count": self.conflict_count,
+            "conflict_ratio_params_sum": self.conflict_ratio_params_sum,
+            "conflict_ratio_tensors_sum": self.conflict_ratio_tensors_sum,
+            "delta": self.delta,
+            "enable_projection": self.enable_projection,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = [k for k in ("steps", "projection_fired_count", "conflict_count", "conflict_ratio_params_sum",
+                               "conflict_ratio_tensors_sum") if k not in state]
+        if missing:
+            raise KeyError(f"CRaFTGradientProjector state is missing {missing}")
+        self.steps = int(state["steps"])
+        self.projection_fired_count = int(state["projection_fired_count"])
+        self.conflict_count = int(state["conflict_count"])
+        self.conflict_ratio_params_sum = float(state["conflict_ratio_params_sum"])
+        self.conflict_ratio_tensors_sum = float(state["conflict_ratio_tensors_sum"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dual variable
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class CRaFTDualOptimizer:
+    """λ <- max(0, λ + η (L_ret - ε)), applied AFTER the optimizer step with the rank-averaged L_ret of that step.
+
+    With `enable_dual=False` λ is constant: `fixed_lambda` if given, else `init_lambda`.
+    """
+
+    def __init__(
+        self,
+        epsilon: float,
+        dual_lr: float,
+        init_lambda: float = 0.0,
+        enable_dual: bool = True,
+        fixed_lambda: float | None = None,
+    ) -> None:
+        for name, v in (("epsilon (craft_retention_budget)", epsilon), ("dual_lr (craft_dual_lr)", dual_lr),
+                        ("init_lambda (craft_init_lambda)", init_lambda)):
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if fixed_lambda is not None and (not math.isfinite(fixed_lambda) or fixed_lambda < 0):
+            raise ValueError(f"fixed_lambda (craft_fixed_lambda) must be >= 0, got {fixed_lambda}")
+        if enable_dual and fixed_lambda is not None:
+            raise ValueError("fixed_lambda is only meaningful with enable_dual=False (craft_enable_dual False)")
+        self.epsilon = float(epsilon)
+        self.dual_lr = float(dual_lr)
+        self.enable_dual = bool(enable_dual)
+        self.lam = float(fixed_lambda if (not enable_dual and fixed_lambda is not None) else init_lambda)
+        self.steps = 0
+        self.last_slack = 0.0
+
+    def step(self, retention_loss: float | torch.Tensor) -> float:
+        """Update λ from this step's (rank-averaged) L_ret; returns the new λ."""
+        v = float(retention_loss.detach().item() if isinstance(retention_loss, torch.Tensor) else retention_loss)
+        if not math.isfinite(v):
+            raise FloatingPointError(f"retention loss is not finite ({v}); λ not updated")
+        self.last_slack = v - self.epsilon
+        if self.enable_dual:
+            self.lam = max(0.0, self.lam + self.dual_lr * self.last_slack)
+        self.steps += 1
+        return self.lam
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambda": self.lam, "steps": self.steps, "last_slack": self.last_slack, "epsilon": self.epsilon,
+                "dual_lr": self.dual_lr, "enable_dual": self.enable_dual}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "lambda" not in state or "steps" not in state:
+            raise KeyError(f"CRaFTDualOptimizer state needs 'lambda' and 'steps', got keys {sorted(state)}")
+        lam = float(state["lambda"])
+        if not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"restored lambda must be >= 0, got {lam}")
+        if self.enable_dual:  # with a fixed λ the configured value wins
+            self.lam = lam
+        self.steps = int(state["steps"])
+        self.last_slack = float(state.get("last_slack", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bridge features
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / FSDP-style `.module` wrappers and peft's PeftModel, returning the base model."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel"):
+            model = model.module
+            continue
+        if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+            model = model.get_base_model()
+            continue
+        break
+    return model
+
+
+def find_llm_core(model: nn.Module) -> nn.Module:
+    """The Qwen2 `model` (with `.layers` and `.norm`) inside a VLA / causal LM, through DDP and peft wrappers."""
+    base = unwrap_model(model)
+    for candidate in (getattr(base, "language_model", None), base):
+        if candidate is None:
+            continue
+        candidate = unwrap_model(candidate)
+        core = getattr(candidate, "model", None)
+        if core is not None and hasattr(core, "layers") and hasattr(core, "norm"):
+            return core
+        if hasattr(candidate, "layers") and hasattr(candidate, "norm"):
+            return candidate
+    raise ValueError(
+        f"could not find the LLM decoder (`language_model.model.layers` / `.norm`) in {type(base).__name__}")
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor, group: str) -> torch.Tensor:
+    """Mean over the tokens where mask is True, per sample; (B, T, D), (B, T) -> (B, D) float32."""
+    if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
+        raise ValueError(f"{group}: hidden states {tuple(hidden.shape)} and mask {tuple(mask.shape)} do not match "
+                         "(expected (B, T, D) and (B, T))")
+    m = mask.to(device=hidden.device, dtype=torch.float32)
+    counts = m.sum(dim=1)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{group}: empty token group for samples {empty} (mask has no True entry); "
+                         "refusing to take a mean over zero tokens")
+    return (hidden.to(torch.float32) * m.unsqueeze(-1)).sum(dim=1) / counts.unsqueeze(-1)
+
+
+class CRaFTFeatureExtractor:
+    """Bridge features f = [Pool(C_R^(m)) ; Pool(C_AQ^(M))] captured with forward hooks during the normal forward.
+
+    Layer l is `hidden_states[l]` of the Qwen2 LLM (`output_hidden_states=True` convention): l = 0 the input
+    embedding sequence (captured by a forward pre-hook on decoder layer 0), 1 <= l < L the output of decoder layer
+    l-1 (no norm), l = L the output of the final RMSNorm `language_model.model.norm`. Defaults m = L // 2, M = L.
+    Pool = masked mean over the Raw Latent (vision) tokens (`layout.vision_mask`) at layer m and the ActionQuery
+    tokens (`layout.query_mask`) at layer M, in float32. Output (B, F): F = 2D (concat) or D (raw_only / aq_only).
+    """
+
+    def __init__(self, vla: nn.Module, raw_layer: int | None = None, aq_layer: int | None = None,
+                 anchor_type: str = "concat") -> None:
+        if anchor_type not in ANCHOR_TYPES:
+            raise ValueError(f"anchor_type must be one of {ANCHOR_TYPES}, got {anchor_type!r}")
+        self.core = find_llm_core(vla)
+        self.num_layers = len(self.core.layers)
+        L = self.num_layers
+        self.raw_layer = L // 2 if raw_layer is None else int(raw_layer)
+        self.aq_layer = L if aq_layer is None else int(aq_layer)
+        for name, v in (("raw_layer (craft_raw_layer)", self.raw_layer), ("aq_layer (craft_aq_layer)", self.aq_layer)):
+            if not 0 <= v <= L:
+                raise ValueError(f"{name}={v} out of range: valid layers are 0..{L} (0 = embeddings, {L} = after the "
+                                 "final norm)")
+        self.anchor_type = anchor_type
+        self._captured: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    @property
+    def needed_layers(self) -> list[int]:
+        layers = []
+        if self.anchor_type in ("concat", "raw_only"):
+            layers.append(self.raw_layer)
+        if self.anchor_type in ("concat", "aq_only"):
+            layers.append(self.aq_layer)
+        return sorted(set(layers))
+
+    def feature_dim(self, hidden_size: int) -> int:
+        return hidden_size * (2 if self.anchor_type == "concat" else 1)
+
+    def _store(self, layer: int, value: Any) -> None:
+        t = value[0] if isinstance(value, (tuple, list)) else value
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"layer {layer}: hooked module produced {type(t).__name__}, expected a tensor")
+        self._captured[layer] = t
+
+    def _register(self) -> None:
+        L = self.num_layers
+        for layer in self.needed_layers:
+            if layer == 0:
+                def pre_hook(_m, args, kwargs, layer=layer):
+                    self._store(layer, args[0] if args else kwargs["hidden_states"])
+                self._handles.append(self.core.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+            elif layer < L:
+                self._handles.append(self.core.layers[layer - 1].register_forward_hook(
+                    lambda _m, _a, out, layer=layer: self._store(layer, out)))
+            else:
+                self._handles.append(self.core.norm.register_forward_hook(
+                    lambda _m, _a, out, layer=layer: self._store(layer, out)))
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[CRaFTFeatureExtractor]:
+        """Hooks live only inside this block (so gradient-checkpoint recomputation in backward is not captured)."""
+        if self._handles:
+            raise RuntimeError("CRaFTFeatureExtractor.capture() is already active (nested capture)")
+        self._captured = {}
+        self._register()
+        try:
+            yield self
+        finally:
+            self._remove()
+
+    def features(self, layout: Any = None, *, vision_mask: torch.Tensor | None = None,
+                 query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pool the captured hidden states with the layout masks (from the VLA forward output `out.layout`)."""
+        if layout is not None:
+            vision_mask, query_mask = layout.vision_mask, layout.query_mask
+        missing = [layer for layer in self.needed_layers if layer not in self._captured]
+        if missing:
+            raise RuntimeError(f"no hidden states captured for layers {missing}: run the forward inside capture()")
+        parts = []
+        if self.anchor_type in ("concat", "raw_only"):
+            if vision_mask is None:
+                raise ValueError("vision_mask is required for anchor_type " + self.anchor_type)
+            parts.append(masked_mean(self._captured[self.raw_layer], vision_mask,
+                                     f"Raw Latent (layer {self.raw_layer})"))
+        if self.anchor_type in ("concat", "aq_only"):
+            if query_mask is None:
+                raise ValueError("query_mask is required for anchor_type " + self.anchor_type)
+            parts.append(masked_mean(self._captured[self.aq_layer], query_mask, f"ActionQuery (layer {self.aq_layer})"))
+        self._captured = {}
+        feats = torch.cat(parts, dim=-1)
+        if not torch.isfinite(feats).all():
+            bad = (~torch.isfinite(feats)).any(dim=-1).nonzero().flatten().tolist()
+            raise FloatingPointError(f"non-finite (NaN/Inf) bridge features for samples {bad} "
+                                     f"(layers {self.needed_layers}, anchor_type {self.anchor_type})")
+        return feats
+
+
+def retention_loss(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """L_ret = mean over samples of Σ_dims (f - f̃)² (sum over feature dims, mean over the batch; ε is in these units).
+
+    Anchors are treated as constants (detached). Computed in float32.
+    """
+    if features.dim() != 2 or features.shape != anchors.shape:
+        raise ValueError(f"features {tuple(features.shape)} and anchors {tuple(anchors.shape)} must both be (B, F) "
+                         "with the same shape (same anchor_type / layers / model width?)")
+    if not torch.isfinite(anchors).all():
+        raise FloatingPointError("anchors contain NaN/Inf")
+    diff = features.to(torch.float32) - anchors.detach().to(device=features.device, dtype=torch.float32)
+    return diff.pow(2).sum(dim=-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# θ0 weights for online anchors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def canonical_param_name(name: str) -> str:
+    """Parameter name in the plain VLA's state_dict naming (strip DDP `module.`, peft `base_model.model.`,
+    `.base_layer`)."""
+    if name.startswith("module."):
+        name = name[len("module."):]
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    return name.replace(".base_layer.", ".")
+
+
+def _is_lora_name(name: str) -> bool:
+    return ".lora_" in name or "lora_embedding" in name or ".lora_magnitude" in name
+
+
+class CRaFTWeightManager:
+    """Holds θ0 and swaps it into the live model for the no-grad reference forward (`reference_weights()`).
+
+    LoRA (peft model): the reference is the model with adapters disabled (`disable_adapter()`) plus θ0 copies of the
+    trainable non-LoRA tensors (e.g. `action_queries`, a trained projector) -- or only the names in `swap_names`.
+    Full fine-tuning: θ0 of every parameter of the given module (pass the VLA: vision backbone, projector, LLM,
+    action_queries; the action head / proprio projector are separate modules and not part of the features).
+    `storage`: "copy" keeps θ0 as a frozen detached copy on the parameters' device (fast, +1× feature-path memory
+    on the device); "cpu_swap" keeps θ0 on CPU (pinned when CUDA is available) and moves it in on entry.
+    The swap rebinds `param.data` (no in-place write), so the trained tensors are restored exactly, by identity.
+    `snapshot_state`: θ0 from another checkpoint (state_dict in the plain VLA naming); with LoRA its tensors are also
+    swapped in on top of the disabled-adapter base model.
+    """
+
+    def __init__(self, model: nn.Module, storage: str = "copy", swap_names: Sequence[str] | None = None,
+                 snapshot_state: Mapping[str, torch.Tensor] | None = None, eval_mode: bool = True) -> None:
+        if storage not in ("copy", "cpu_swap"):
+            raise ValueError(f"storage must be 'copy' or 'cpu_swap', got {storage!r}")
+        self.model = model
+        self.storage = storage
+        self.eval_mode = eval_mode
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.peft_model = inner if hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config") else None
+        self.is_lora = self.peft_model is not None
+        named = {canonical_param_name(n): p for n, p in inner.named_parameters() if not _is_lora_name(n)}
+        if swap_names is not None:
+            unknown = [n for n in swap_names if n not in named]
+            if unknown:
+                raise KeyError(f"swap_names not found among the model's parameters: {unknown[:5]}")
+            selected = list(swap_names)
+        elif self.is_lora:
+            selected = [n for n, p in named.items() if p.requires_grad]
+        else:
+            selected = list(named)
+        if snapshot_state is not None:
+            extra = [n for n in snapshot_state if n in named and n not in selected]
+            selected += extra if self.is_lora else []
+            missing = [n for n in selected if n not in snapshot_state]
+            if missing:
+                raise KeyError(f"snapshot_state lacks {len(missing)} parameters needed for θ0, e.g. {missing[:5]}")
+        self._params = {n: named[n] for n in selected}
+        self._theta0: dict[str, torch.Tensor] = {}
+        pin = storage == "cpu_swap" and torch.cuda.is_available()
+        for n, p in self._params.items():
+            src = snapshot_state[n] if snapshot_state is not None else p.detach()
+            if tuple(src.shape) != tuple(p.shape):
+                raise ValueError(f"θ0 tensor {n}: snapshot shape {tuple(src.shape)} != model shape {tuple(p.shape)}")
+            if storage == "copy":
+                t = src.detach().to(device=p.device, dtype=p.dtype).clone()
+            else:
+                t = src.detach().to(device="cpu", dtype=p.dtype).clone()
+                if pin:
+                    t = t.pin_memory()
+            self._theta0[n] = t
+        self._active = False
+
+    @property
+    def swapped_names(self) -> list[str]:
+        return list(self._params)
+
+    def theta0_state(self) -> dict[str, torch.Tensor]:
+        return dict(self._theta0)
+
+    @contextlib.contextmanager
+    def reference_weights(self) -> Iterator[nn.Module]:
+        """Inside: the live model computes with θ0 (adapters disabled under LoRA). Use with torch.no_grad()."""
+        if self._active:
+            raise RuntimeError("reference_weights() is already active")
+        self._active = True
+        saved = {}
+        modes = {m: m.training for m in self.model.modules()} if self.eval_mode else {}
+        adapter_ctx = self.peft_model.disable_adapter() if self.is_lora else contextlib.nullcontext()
+        try:
+            with torch.no_grad():
+                for n, p in self._params.items():
+                    saved[n] = p.data
+                    p.data = self._theta0[n].to(device=p.device, non_blocking=True) if self.storage == "cpu_swap" \
+                        else self._theta0[n]
+            if self.eval_mode:
+                self.model.eval()
+            with adapter_ctx:
+                yield self.model
+        finally:
+            with torch.no_grad():
+                for n, data in saved.items():
+                    self._params[n].data = data
+            for m, training in modes.items():
+                m.training = training
+            self._active = False

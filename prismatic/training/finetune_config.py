@@ -1,0 +1,272 @@
+"""Configuration of `vla-scripts/finetune.py`: one dataclass (upstream flag names) and its start-up validation.
+
+Flag meanings follow upstream VLA-Adapter; the additions (`seed`, `wandb_mode`, `num_demos_per_task`,
+`max_consecutive_nonfinite`, `run_id`, the `craft_*` flags, `merge_lora_during_training`) are documented inline.
+`validate_config` is called before anything is built or written, so a bad flag fails in a second, not after the
+model has loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+PRESETS = ("real", "tiny")
+WANDB_MODES = ("online", "offline", "disabled")
+CRAFT_ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
+CRAFT_ANCHOR_SOURCES = ("online", "offline")
+CHECKPOINT_DIR_PATTERN = re.compile(r"^(?P<run_id>.+)--(?P<step>\d+)_chkpt$")
+COMPLETE_MARKER = "COMPLETE"
+TRAINING_STATE_FILE = "training_state.pt"
+
+
+class ConfigError(ValueError):
+    """A flag (or a combination of flags) that cannot work; the message lists every problem found."""
+
+
+@dataclass
+class FinetuneConfig:
+    # fmt: off
+    # ---- model -----------------------------------------------------------------------------------------------
+    config_file_path: Path | None = None    # policy dir to start from; resume: the `<run id>--<step>_chkpt` dir
+    vlm_path: Path | None = None            # base VLM: Prismatic native checkpoint dir or a policy folder
+    model_preset: str = "real"              # "real" | "tiny": sizes when building from a native VLM or from scratch
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    data_root_dir: Path = Path("datasets/rlds")  # folder holding `{dataset_name}/1.0.0/`
+    dataset_name: str = "libero_spatial_no_noops"
+    run_root_dir: Path = Path("runs")       # run dirs and checkpoints go here
+    num_demos_per_task: int | None = None   # few-shot: keep this many episodes per task (None = all)
+    num_workers: int = 0                    # data-loading worker processes per rank
+    image_aug: bool = True                  # random crop + colour jitter (eval then uses a center crop)
+    use_val_set: bool = False               # hold out a validation split and evaluate it every `val_freq` steps
+    val_freq: int = 10_000
+
+    # ---- optimisation ----------------------------------------------------------------------------------------
+    batch_size: int = 8                     # per-rank micro-batch size
+    grad_accumulation_steps: int = 1        # global batch = batch_size * world_size * grad_accumulation_steps
+    learning_rate: float = 5e-4
+    lr_warmup_steps: int = 0                # linear warm-up from 0.1 * lr to lr over this many steps
+    num_steps_before_decay: int = 100_000   # lr x 0.1 from this step on (MultiStepLR)
+    max_steps: int = 200_000
+    seed: int = 7
+    max_consecutive_nonfinite: int = 10     # stop after this many consecutive non-finite losses (each one is skipped)
+
+    # ---- architecture / head ---------------------------------------------------------------------------------
+    use_l1_regression: bool = True          # the only supported head (L1 regression on normalised actions)
+    use_proprio: bool = True
+    num_images_in_input: int = 2            # third-person (+ wrist)
+    use_pro_version: bool = True            # Pro bridge-attention blocks
+
+    # ---- LoRA ------------------------------------------------------------------------------------------------
+    use_lora: bool = True
+    lora_rank: int = 64                     # alpha = 2 * rank
+    lora_dropout: float = 0.0
+    merge_lora_during_training: bool = True  # checkpoints also hold the merged policy (eval-ready); adapter kept too
+    freeze_vision_backbone: bool = False    # "Freeze" baseline: no update (nor LoRA) in the two ViTs
+
+    # ---- checkpoints / resume --------------------------------------------------------------------------------
+    save_freq: int = 10_000
+    save_latest_checkpoint_only: bool = False  # delete older checkpoints of this run after each successful save
+    resume: bool = False
+    resume_step: int | None = None
+
+    # ---- logging ---------------------------------------------------------------------------------------------
+    wandb_entity: str | None = None
+    wandb_project: str = "vla-adapter"
+    wandb_mode: str = "offline"             # online | offline | disabled
+    run_id_note: str | None = None
+    run_id: str | None = None               # override the generated run id
+
+    # ---- CRaFT (logic lives in prismatic/training/craft_utils.py; see docs/CRAFT.md) ------------------------
+    use_craft: bool = False
+    craft_retention_budget: float = 0.1     # epsilon
+    craft_dual_lr: float = 0.01             # eta_lambda
+    craft_enable_projection: bool = True    # conflict-aware projection of g_act
+    craft_enable_dual: bool = True          # adaptive lambda (off: lambda fixed at craft_fixed_lambda / init)
+    craft_fixed_lambda: float | None = None
+    craft_init_lambda: float = 0.0
+    craft_raw_layer: int | None = None      # layer m of the Raw-latent anchor (None: L // 2)
+    craft_aq_layer: int | None = None       # layer M of the ActionQuery anchor (None: L)
+    craft_anchor_type: str = "concat"       # concat | raw_only | aq_only
+    craft_anchor_source: str = "online"     # online (snapshot forward) | offline (cache)
+    craft_cache_dir: Path | None = None
+    craft_delta: float = 1e-8
+    craft_snapshot_path: Path | None = None  # theta_0 for the anchors (None: the model as loaded)
+    # fmt: on
+
+    @property
+    def lora_alpha(self) -> int:
+        return 2 * self.lora_rank
+
+
+def global_batch_size(cfg: FinetuneConfig, world_size: int) -> int:
+    return cfg.batch_size * world_size * cfg.grad_accumulation_steps
+
+
+def make_run_id(cfg: FinetuneConfig, world_size: int) -> str:
+    """Upstream-style run id `{model}+{dataset}+b{global batch}+lr-{lr}[+lora-r{r}+dropout-{p}][--image_aug][--note]`"""
+    if cfg.run_id:
+        return cfg.run_id
+    source = cfg.config_file_path or cfg.vlm_path
+    model = Path(source).name if source else f"scratch-{cfg.model_preset}"
+    run_id = f"{model}+{cfg.dataset_name}+b{global_batch_size(cfg, world_size)}+lr-{cfg.learning_rate}"
+    if cfg.use_lora:
+        run_id += f"+lora-r{cfg.lora_rank}+dropout-{cfg.lora_dropout}"
+    if cfg.use_craft:
+        run_id += f"+craft-eps{cfg.craft_retention_budget}"
+    if cfg.image_aug:
+        run_id += "--image_aug"
+    if cfg.run_id_note:
+        run_id += f"--{cfg.run_id_note}"
+    return run_id
+
+
+def parse_checkpoint_dir(path: Path) -> tuple[str, int]:
+    """(run_id, step) from a `{run_id}--{step}_chkpt` folder name; ValueError if the name does not match."""
+    match = CHECKPOINT_DIR_PATTERN.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"'{path}' is not a checkpoint folder: expected a name like '<run id>--<step>_chkpt'")
+    return match.group("run_id"), int(match.group("step"))
+
+
+def validate_config(cfg: FinetuneConfig) -> list[str]:
+    """Check every flag before anything is built. Raises ConfigError listing all problems; returns warnings."""
+    errors: list[str] = []
+    warnings: list[str] = []
+
+    def positive(name: str, allow_zero: bool = False) -> None:
+        value = getattr(cfg, name)
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+        if not ok:
+            errors.append(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+    for name in ("batch_size", "grad_accumulation_steps", "learning_rate", "max_steps", "save_freq",
+                 "num_steps_before_decay", "num_images_in_input", "max_consecutive_nonfinite"):
+        positive(name)
+    for name in ("lr_warmup_steps", "num_workers"):
+        positive(name, allow_zero=True)
+    if cfg.use_val_set:
+        positive("val_freq")
+    if cfg.use_lora:
+        positive("lora_rank")
+        if not 0.0 <= cfg.lora_dropout < 1.0:
+            errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.num_demos_per_task is not None and cfg.num_demos_per_task <= 0:
+        errors.append(f"--num_demos_per_task must be > 0 (or unset for all demos), got {cfg.num_demos_per_task}")
+    if cfg.model_preset not in PRESETS:
+        errors.append(f"--model_preset must be one of {PRESETS}, got '{cfg.model_preset}'")
+    if cfg.wandb_mode not in WANDB_MODES:
+        errors.append(f"--wandb_mode must be one of {WANDB_MODES}, got '{cfg.wandb_mode}'")
+    if not cfg.use_l1_regression:
+        errors.append("--use_l1_regression False is not supported: this project implements only the L1 regression "
+                      "action head (upstream's discrete-token and diffusion heads are not ported); pass "
+                      "--use_l1_regression True")
+
+    data_dir = Path(cfg.data_root_dir)
+    if not data_dir.is_dir():
+        errors.append(f"--data_root_dir '{data_dir}' does not exist or is not a directory")
+    else:
+        errors.extend(_dataset_errors(data_dir, cfg.dataset_name))
+    for name in ("config_file_path", "vlm_path", "craft_snapshot_path"):
+        value = getattr(cfg, name)
+        if value is not None and not Path(value).exists():
+            errors.append(f"--{name} '{value}' does not exist")
+
+    if cfg.resume:
+        errors.extend(_resume_errors(cfg))
+    elif cfg.resume_step is not None:
+        warnings.append(f"--resume_step {cfg.resume_step} is ignored because --resume is False")
+
+    if cfg.use_craft:
+        errors.extend(_craft_errors(cfg, warnings))
+    if errors:
+        raise ConfigError("invalid fine-tuning configuration:\n  - " + "\n  - ".join(errors))
+    return warnings
+
+
+def _dataset_errors(data_dir: Path, dataset_name: str) -> list[str]:
+    """Every dataset of `dataset_name` (a name, a registered mixture or "a:0.7,b:0.3") must be on disk."""
+    from prismatic.data.rlds_catalog import DatasetNotFoundError, parse_dataset_spec, resolve_dataset
+
+    try:
+        names = [name for name, _ in parse_dataset_spec(dataset_name)]
+    except ValueError as exc:
+        return [f"--dataset_name '{dataset_name}': {exc}"]
+    errors = []
+    for name in names:
+        try:
+            resolve_dataset(data_dir, name)
+        except DatasetNotFoundError as exc:
+            errors.append(f"--dataset_name '{name}' under --data_root_dir '{data_dir}': {exc}")
+    return errors
+
+
+def _resume_errors(cfg: FinetuneConfig) -> list[str]:
+    if cfg.config_file_path is None:
+        return ["--resume True needs --config_file_path pointing at a '<run id>--<step>_chkpt' checkpoint folder"]
+    chkpt = Path(cfg.config_file_path)
+    if not chkpt.is_dir():
+        return []  # already reported as missing
+    errors = []
+    try:
+        _, dir_step = parse_checkpoint_dir(chkpt)
+    except ValueError as exc:
+        return [f"--resume True: {exc}"]
+    if not (chkpt / COMPLETE_MARKER).is_file():
+        errors.append(f"--resume True: '{chkpt}' has no {COMPLETE_MARKER} marker (an interrupted or partial save); "
+                      "pick an earlier checkpoint")
+    elif not (chkpt / TRAINING_STATE_FILE).is_file():
+        errors.append(f"--resume True: '{chkpt}' has no {TRAINING_STATE_FILE}")
+    if cfg.resume_step is None:
+        errors.append(f"--resume True needs --resume_step (the folder name says {dir_step})")
+    elif cfg.resume_step != dir_step:
+        errors.append(f"--resume_step {cfg.resume_step} does not match the checkpoint folder '{chkpt.name}' "
+                      f"(step {dir_step})")
+    elif cfg.resume_step >= cfg.max_steps:
+        errors.append(f"--resume_step {cfg.resume_step} >= --max_steps {cfg.max_steps}: nothing left to train")
+    return errors
+
+
+def _craft_errors(cfg: FinetuneConfig, warnings: list[str]) -> list[str]:
+    errors = []
+    if cfg.craft_anchor_type not in CRAFT_ANCHOR_TYPES:
+        errors.append(f"--craft_anchor_type must be one of {CRAFT_ANCHOR_TYPES}, got '{cfg.craft_anchor_type}'")
+    if cfg.craft_anchor_source not in CRAFT_ANCHOR_SOURCES:
+        errors.append(f"--craft_anchor_source must be one of {CRAFT_ANCHOR_SOURCES}, got '{cfg.craft_anchor_source}'")
+    if not cfg.craft_retention_budget >= 0:
+        errors.append(f"--craft_retention_budget (epsilon) must be >= 0, got {cfg.craft_retention_budget}")
+    if not cfg.craft_dual_lr >= 0:
+        errors.append(f"--craft_dual_lr must be >= 0, got {cfg.craft_dual_lr}")
+    if not cfg.craft_delta > 0:
+        errors.append(f"--craft_delta must be > 0, got {cfg.craft_delta}")
+    if not cfg.craft_init_lambda >= 0:
+        errors.append(f"--craft_init_lambda must be >= 0, got {cfg.craft_init_lambda}")
+    for name in ("craft_raw_layer", "craft_aq_layer"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            errors.append(f"--{name} must be >= 0 (a hidden-state index), got {value}")
+    if cfg.craft_fixed_lambda is not None:
+        if cfg.craft_enable_dual:
+            errors.append("--craft_fixed_lambda is set but --craft_enable_dual is True: a fixed lambda needs "
+                          "--craft_enable_dual False")
+        elif not cfg.craft_fixed_lambda >= 0:
+            errors.append(f"--craft_fixed_lambda must be >= 0, got {cfg.craft_fixed_lambda}")
+    if cfg.craft_anchor_source == "offline":
+        if cfg.craft_cache_dir is None:
+            errors.append("--craft_anchor_source offline needs --craft_cache_dir (build it with "
+                          "vla-scripts/build_craft_cache.py), or use --craft_anchor_source online")
+        elif not Path(cfg.craft_cache_dir).is_dir():
+            errors.append(f"--craft_cache_dir '{cfg.craft_cache_dir}' does not exist")
+        if cfg.image_aug:
+            warnings.append("--image_aug True with --craft_anchor_source offline: the cache holds features of the "
+                            "un-augmented view while training sees augmented images; the online anchor source is "
+                            "the consistent choice with augmentation")
+    elif cfg.craft_cache_dir is not None:
+        warnings.append("--craft_cache_dir is ignored with --craft_anchor_source online")
+    if not cfg.craft_enable_dual and not cfg.craft_enable_projection and (cfg.craft_fixed_lambda or 0.0) == 0.0 \
+            and cfg.craft_init_lambda == 0.0:
+        warnings.append("CRaFT with projection off, dual off and lambda 0 is the plain step plus a retention forward")
+    return errors

@@ -1,0 +1,79 @@
+"""Training metrics to wandb (upstream keys) and, with the same numbers, to `{run_dir}/metrics.jsonl`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _jsonable(value):
+    value = float(value) if not isinstance(value, (bool, int, str)) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep it readable ("nan", "inf")
+    return value
+
+
+class MetricsLogger:
+    """Rank-0 logger; on other ranks every call is a no-op. `wandb_mode` is online | offline | disabled."""
+
+    def __init__(self, run_dir: Path, run_id: str, config: dict, *, enabled: bool, wandb_mode: str,
+                 wandb_project: str, wandb_entity: str | None, resume_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self._wandb_run = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:  # records past the start step belong to a run that is being replaced
+            truncate_after(self.path, resume_step)
+        if wandb_mode != "disabled":
+            import wandb
+
+            self._wandb_run = wandb.init(project=wandb_project, entity=wandb_entity, name=run_id, id=_wandb_id(run_id),
+                                         config=config, dir=str(run_dir), mode=wandb_mode, resume="allow")
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: float(v) for k, v in metrics.items()}, step=int(step))
+
+    def close(self) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def _wandb_id(run_id: str) -> str:
+    # wandb ids may not contain '/', and long ids are rejected; keep it stable so a resumed run continues its curve
+    import hashlib
+
+    return hashlib.sha1(run_id.encode()).hexdigest()[:16]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All records of a metrics.jsonl file (empty list if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records with step > `step` (left by a run that went past the checkpoint being resumed)."""
+    records = read_metrics(path)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) == len(records):
+        return
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)

@@ -1,0 +1,161 @@
+"""One optimizer step of VLA-Adapter fine-tuning, nanoGPT style: loss, gradients, update.
+
+The step is split so that the gradient computation is a single replaceable function:
+
+    stats = plain_gradients(model, micro_batches, ...)   # fills p.grad; CRaFT swaps in its own function here
+    update = apply_update(...)                           # finite check, grad norm, optimizer + scheduler step
+
+`plain_gradients` runs one forward/backward per micro-batch with the loss divided by the number of micro-batches
+(so k micro-batches of b equal one batch of k*b) and DDP's all-reduce only on the last one (`no_sync` before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from prismatic.training.distributed import DistEnv, all_reduce_mean
+
+TRAIN_KEYS = {
+    "loss": "VLA Train/Loss",
+    "curr_l1": "VLA Train/Curr Action L1 Loss",
+    "next_l1": "VLA Train/Next Actions L1 Loss",
+    "lr": "VLA Train/Learning Rate",
+    "grad_norm": "VLA Train/Gradient Norm",
+}
+VAL_KEYS = {"loss": "VLA Val/Loss", "curr_l1": "VLA Val/Curr Action L1 Loss", "next_l1": "VLA Val/Next Actions L1 Loss"}
+MODEL_INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask", "proprio")
+
+
+def action_l1_losses(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, current-action L1, next-actions L1) for chunks (B, K, A); loss = mean L1 over the whole chunk."""
+    if pred.shape != target.shape:
+        raise ValueError(f"predicted actions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape")
+    err = (pred.float() - target.float()).abs()
+    return err.mean(), err[:, 0].mean(), err[:, 1:].mean()
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed for the sample at global stream `position` (independent of world size)."""
+    return int(np.random.SeedSequence([seed, position]).generate_state(2, dtype=np.uint32).astype(np.uint64)
+               .dot(np.array([1, 1 << 31], dtype=np.uint64)))
+
+
+def head_noise(seed: int, positions: Sequence[int], shape_per_sample: tuple[int, ...], std: float,
+               device: torch.device) -> torch.Tensor:
+    """N(0, std) start noise of the action head, one generator per sample: (B, *shape_per_sample)."""
+    out = torch.empty(len(positions), *shape_per_sample)
+    for i, position in enumerate(positions):
+        gen = torch.Generator().manual_seed(sample_seed(seed, int(position)))
+        out[i].normal_(0.0, std, generator=gen)
+    return out.to(device)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on GPU (upstream), plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class MicroBatch:
+    """A collated micro-batch on the device plus the head's start noise (None: no noise, e.g. validation)."""
+
+    batch: dict
+    noise: torch.Tensor | None
+
+
+def forward_losses(model: torch.nn.Module, micro: MicroBatch, device: torch.device):
+    """Forward (under autocast) and the three L1 numbers; returns (loss, curr_l1, next_l1, policy_output)."""
+    with autocast_context(device):
+        out = model(micro.batch, noise=micro.noise)
+    loss, curr, nxt = action_l1_losses(out.actions, micro.batch["actions"])
+    return loss, curr, nxt, out
+
+
+def plain_gradients(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device) -> dict:
+    """VLA-Adapter's gradient: backward of mean L1 / k per micro-batch, DDP sync on the last one only.
+
+    Returns the local (this rank's) mean over micro-batches of loss / curr_l1 / next_l1 as float tensors.
+    """
+    k = len(micro_batches)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for j, micro in enumerate(micro_batches):
+        sync = j == k - 1
+        ctx = model.no_sync() if isinstance(model, DDP) and not sync else contextlib.nullcontext()
+        with ctx:
+            loss, curr, nxt, _ = forward_losses(model, micro, device)
+            (loss / k).backward()
+        sums += torch.stack([loss.detach(), curr.detach(), nxt.detach()]).double().cpu()
+    return {"loss": sums[0] / k, "curr_l1": sums[1] / k, "next_l1": sums[2] / k}
+
+
+def grad_global_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    """L2 norm over all gradients (already rank-averaged by DDP); params without a grad count as zero."""
+    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def global_step_stats(local: dict, env: DistEnv) -> dict:
+    """Rank-average the per-step loss numbers (identical on every rank afterwards)."""
+    stacked = torch.stack([torch.as_tensor(local[k], dtype=torch.float64) for k in ("loss", "curr_l1", "next_l1")])
+    mean = all_reduce_mean(stacked.to(env.device if env.device.type == "cuda" else "cpu"), env).cpu()
+    return {"loss": float(mean[0]), "curr_l1": float(mean[1]), "next_l1": float(mean[2])}
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scheduler, params: Sequence[torch.nn.Parameter],
+                 stats: dict) -> tuple[bool, float]:
+    """Optimizer + scheduler step unless the loss or the gradient is non-finite (then the update is skipped).
+
+    The check uses rank-averaged numbers, so every rank takes the same branch. Returns (applied, grad_norm).
+    The scheduler always steps: the lr follows the step index, skipped steps included.
+    """
+    grad_norm = grad_global_norm(params)
+    finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped first update makes torch warn about the call order: intended here
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        scheduler.step()
+    return finite, grad_norm
+
+
+@torch.no_grad()
+def validation_losses(policy: torch.nn.Module, batches, device: torch.device, env: DistEnv) -> dict:
+    """Sample-weighted mean loss numbers over this rank's validation batches, summed over ranks (eval mode, no noise).
+
+    Runs the bare policy (not the DDP wrapper): ranks may hold different numbers of batches.
+    """
+    was_training = policy.training
+    policy.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next (sample-weighted), samples
+    try:
+        for batch in batches:
+            loss, curr, nxt, _ = forward_losses(policy, MicroBatch(to_device(batch, device), None), device)
+            n = batch["actions"].shape[0]
+            sums += torch.tensor([loss.item() * n, curr.item() * n, nxt.item() * n, n], dtype=torch.float64)
+    finally:
+        policy.train(was_training)
+    if env.distributed:
+        sums = sums.to(env.device)
+        torch.distributed.all_reduce(sums)
+        sums = sums.cpu()
+    if sums[3] == 0:
+        raise ValueError("the validation set produced no sample")
+    return {"loss": float(sums[0] / sums[3]), "curr_l1": float(sums[1] / sums[3]), "next_l1": float(sums[2] / sums[3])}

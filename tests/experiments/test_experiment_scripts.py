@@ -1,0 +1,485 @@
+"""The experiment scripts: DRY_RUN output (parsed, counted, checked flag by flag against a recipe recomputed here from
+the LIBERO facts), resume-safe skipping, stop on first failure, guarded related-work entries, and a full orchestration
+run with a fake trainer/evaluator whose outputs the log parser then aggregates."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = {
+    "table1": REPO / "craft_experiments/01_main_results/run_table1_experiments.sh",
+    "fewshot": REPO / "craft_experiments/02_stability_efficiency/run_fewshot_experiments.sh",
+    "ablations": REPO / "craft_experiments/03_ablations/run_ablation_experiments.sh",
+}
+FAKE_TOOLS = Path(__file__).with_name("fake_tools.py")
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
+# VLA_ADAPTER_FACTS §5: (episodes, steps) per suite; a training frame needs 7 future actions.
+FACTS = {"libero_spatial": (432, 52970), "libero_object": (454, 66984), "libero_goal": (428, 52042),
+         "libero_10": (379, 101469)}
+
+
+def expected_steps(suite: str, global_batch: int, epochs: int = 20, save_freq: int = 5000, shots: int | None = None
+                   ) -> int:
+    episodes, steps = FACTS[suite]
+    frames = steps - 7 * episodes
+    if shots is not None:
+        frames = frames * min(shots * 10, episodes) // episodes
+    raw = math.ceil(epochs * frames / global_batch)
+    return math.ceil(raw / save_freq) * save_freq
+
+
+# Variables the scripts read: cleared so that the caller's shell cannot change the grid under test.
+CONTROL_PREFIXES = ("SMOKE", "DRY_RUN", "SUITES", "SEEDS", "NUM_GPUS", "MAX_STEPS", "METHODS", "ABLATIONS", "WANDB_",
+                    "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "LORA_RANK", "SAVE_", "WARMUP_", "DECAY_", "IMAGE_AUG",
+                    "DATA_ROOT", "VLM_PATH", "CONFIG_FILE_PATH", "OUTPUT_ROOT", "PYTHON", "TORCHRUN", "CRAFT_",
+                    "EVAL_", "SHOTS", "FIXED_LAMBDAS", "EPSILON_SWEEP", "RAW_LAYER_SWEEP", "RELATED_BASELINES",
+                    "AUTO_RESUME", "NUM_WORKERS", "GRAD_ACCUMULATION_STEPS", "FAKE_")
+
+
+def run_script(name: str, tmp_path: Path, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(CONTROL_PREFIXES)}
+    full_env["OUTPUT_ROOT"] = str(tmp_path / "out")
+    full_env.update(env)
+    return subprocess.run(["bash", str(SCRIPTS[name])], cwd=cwd or SCRIPTS[name].parent, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def parse_commands(stdout: str, prefix: str = "[DRY_RUN]") -> list[tuple[str, list[str]]]:
+    """(kind, argv) for every printed command line `<prefix>[kind] argv...`."""
+    out = []
+    for line in stdout.splitlines():
+        for kind in ("train", "eval", "cache"):
+            if line.startswith(f"{prefix}[{kind}] "):
+                out.append((kind, shlex.split(line[len(prefix) + len(kind) + 3:])))
+    return out
+
+
+def flags_of(argv: list[str]) -> dict[str, str]:
+    start = next(i for i, a in enumerate(argv) if a.startswith("--") and a != "--standalone")
+    if argv[0].endswith("torchrun"):
+        start = next(i for i, a in enumerate(argv) if a.endswith(".py")) + 1
+    tokens = argv[start:]
+    assert len(tokens) % 2 == 0, f"odd flag list {tokens}"
+    pairs = list(zip(tokens[::2], tokens[1::2], strict=True))
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), f"a flag is given twice: {keys}"
+    assert all(k.startswith("--") for k in keys)
+    return {k[2:]: v for k, v in pairs}
+
+
+def dry_run(name: str, tmp_path: Path, **env: str) -> tuple[list[tuple[str, dict]], subprocess.CompletedProcess]:
+    proc = run_script(name, tmp_path, DRY_RUN="1", **env)
+    assert proc.returncode == 0, proc.stderr
+    return [(kind, flags_of(argv)) for kind, argv in parse_commands(proc.stdout)], proc
+
+
+RECIPE = {"batch_size": "8", "learning_rate": "5e-4", "lora_rank": "64", "image_aug": "True", "use_proprio": "True",
+          "num_images_in_input": "2", "use_pro_version": "True", "use_lora": "True", "use_l1_regression": "True",
+          "model_preset": "real", "grad_accumulation_steps": "1", "wandb_project": "vla-craft-training"}
+
+
+def test_table1_dry_run_grid_and_recipe(tmp_path):
+    commands, proc = dry_run("table1", tmp_path)
+    trains = [f for kind, f in commands if kind == "train"]
+    evals = [f for kind, f in commands if kind == "eval"]
+    assert len(trains) == 4 * 2 * 3 and len(evals) == 4 * 2 * 3
+    grid = {(f["dataset_name"], f["use_craft"], f["seed"]) for f in trains}
+    assert grid == set(itertools.product([f"{s}_no_noops" for s in SUITES], ["False", "True"], ["7", "42", "123"]))
+    run_root = str(tmp_path / "out" / "table1")
+    for f in trains:
+        for key, value in RECIPE.items():
+            assert f[key] == value, (key, f)
+        suite = f["dataset_name"].removesuffix("_no_noops")
+        steps = expected_steps(suite, global_batch=8)
+        assert int(f["max_steps"]) == steps
+        assert int(f["lr_warmup_steps"]) == steps // 10
+        assert int(f["num_steps_before_decay"]) == steps * 80 // 100
+        assert f["run_root_dir"] == run_root
+        if f["use_craft"] == "True":
+            assert (f["craft_retention_budget"], f["craft_dual_lr"]) == ("0.1", "0.01")
+            assert f["craft_enable_projection"] == f["craft_enable_dual"] == "True"
+        else:
+            assert not any(k.startswith("craft_") for k in f)
+    # every training is followed by the evaluation of its final checkpoint, with the upstream protocol
+    kinds = [kind for kind, _ in commands]
+    assert kinds == ["train", "eval"] * 24
+    for (_, train), (_, ev) in zip(commands[::2], commands[1::2], strict=True):
+        assert ev["pretrained_checkpoint"] == f"{run_root}/{train['run_id']}--{train['max_steps']}_chkpt"
+        assert ev["task_suite_name"] == train["dataset_name"].removesuffix("_no_noops")
+        assert ev["local_log_dir"] == f"{run_root}/{train['run_id']}/eval"
+        assert (ev["num_trials_per_task"], ev["seed"], ev["num_images_in_input"]) == ("50", "7", "2")
+        assert ev["use_proprio"] == ev["center_crop"] == "True"
+    assert len({f["run_id"] for f in trains}) == 24
+    assert not (tmp_path / "out").exists(), "DRY_RUN must not create anything"
+
+
+def test_table1_multi_gpu_uses_torchrun_and_scales_steps(tmp_path):
+    proc = run_script("table1", tmp_path, DRY_RUN="1", NUM_GPUS="4", SUITES="libero_10", SEEDS="7",
+                      WANDB_ENTITY="lab", WANDB_PROJECT="p1", BATCH_SIZE="16")
+    assert proc.returncode == 0, proc.stderr
+    trains = [argv for kind, argv in parse_commands(proc.stdout) if kind == "train"]
+    assert len(trains) == 2
+    for argv in trains:
+        assert Path(argv[0]).name == "torchrun"
+        assert argv[1:6] == ["--standalone", "--nnodes", "1", "--nproc_per_node", "4"]
+        assert argv[6] == "vla-scripts/finetune.py"
+        f = flags_of(argv)
+        assert int(f["max_steps"]) == expected_steps("libero_10", global_batch=16 * 4)
+        assert (f["wandb_entity"], f["wandb_project"], f["batch_size"]) == ("lab", "p1", "16")
+
+
+def test_env_paths_are_resolved_from_the_invocation_directory(tmp_path):
+    proc = run_script("table1", tmp_path, cwd=tmp_path, DRY_RUN="1", SUITES="libero_goal", SEEDS="1",
+                      DATA_ROOT="data/rlds", VLM_PATH="vlm", OUTPUT_ROOT="o", MAX_STEPS_LIBERO_GOAL="10000")
+    assert proc.returncode == 0, proc.stderr
+    f = flags_of(parse_commands(proc.stdout)[0][1])
+    assert f["data_root_dir"] == str(tmp_path / "data/rlds") and f["vlm_path"] == str(tmp_path / "vlm")
+    assert f["run_root_dir"] == str(tmp_path / "o/table1") and f["max_steps"] == "10000"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NUM_GPUS": "two"}, "NUM_GPUS"),
+    ({"SUITES": "libero_spatial libero_99"}, "unknown suite 'libero_99'"),
+    ({"IMAGE_AUG": "yes"}, "IMAGE_AUG must be True or False"),
+    ({"MAX_STEPS": "12x"}, "MAX_STEPS must be a non-negative integer"),
+    ({"SMOKE_SKIP_EVAL": "1"}, "only allowed together with SMOKE=1"),
+    ({"SEEDS": " "}, "SEEDS is empty"),
+])
+def test_bad_environment_is_refused(tmp_path, env, message):
+    proc = run_script("table1", tmp_path, DRY_RUN="1", **env)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "[DRY_RUN][train]" not in proc.stdout
+
+
+def test_fewshot_dry_run(tmp_path):
+    commands, _ = dry_run("fewshot", tmp_path)
+    trains = [f for kind, f in commands if kind == "train"]
+    assert len(trains) == 4 * 2 * 2 * 3 and sum(kind == "eval" for kind, _ in commands) == 48
+    grid = {(f["dataset_name"], f["num_demos_per_task"], f["use_craft"], f["seed"]) for f in trains}
+    assert grid == set(itertools.product([f"{s}_no_noops" for s in SUITES], ["5", "10"], ["False", "True"],
+                                         ["7", "42", "123"]))
+    for f in trains:
+        suite = f["dataset_name"].removesuffix("_no_noops")
+        assert int(f["max_steps"]) == expected_steps(suite, 8, shots=int(f["num_demos_per_task"]))
+
+
+def test_ablation_dry_run(tmp_path):
+    commands, proc = dry_run("ablations", tmp_path)
+    trains = [f for kind, f in commands if kind == "train"]
+    caches = [(i, f) for i, (kind, f) in enumerate(commands) if kind == "cache"]
+    seeds = {"7", "42", "123"}
+    assert all(f["dataset_name"] == "libero_spatial_no_noops" for f in trains)
+
+    def select(**want):
+        return [f for f in trains if all(f.get(k) == v for k, v in want.items())]
+
+    craft = select(use_craft="True")
+    plain = [f for f in trains if f["use_craft"] == "False"]
+    # plain SFT: baseline, align, freeze; one run per seed each
+    assert {f["seed"] for f in plain if "retention_method" not in f and "freeze_vision_backbone" not in f} == seeds
+    assert len(select(retention_method="align")) == 3 and len(select(freeze_vision_backbone="True")) == 3
+    assert len(plain) == 9
+    assert len(select(craft_enable_projection="False")) == 3
+    fixed = select(craft_enable_dual="False")
+    assert sorted(f["craft_fixed_lambda"] for f in fixed) == sorted(["0", "0.1", "1"] * 3)
+    assert {f["craft_anchor_type"] for f in craft} == {"concat", "raw_only", "aq_only"}
+    assert len(select(craft_anchor_type="raw_only")) == len(select(craft_anchor_type="aq_only")) == 3
+    eps = [f["craft_retention_budget"] for f in craft]
+    assert sorted(set(eps)) == ["0.02", "0.05", "0.1", "0.2", "0.5"]
+    assert all(eps.count(e) == 3 for e in ["0.02", "0.05", "0.2", "0.5"])
+    assert sorted(f["craft_raw_layer"] for f in craft if "craft_raw_layer" in f) == sorted(["6", "18"] * 3)
+    # reference CRaFT (all defaults) once per seed; total = 1 + 1 + 3 + 2 + 4 + 2 + 1 variants of CRaFT
+    assert len(craft) == 14 * 3
+    offline = select(craft_anchor_source="offline")
+    assert len(offline) == 3 and len(caches) == 1
+    cache_index, cache = caches[0]
+    first_offline = next(i for i, (kind, f) in enumerate(commands) if f.get("craft_anchor_source") == "offline")
+    assert cache_index < first_offline
+    assert {f["craft_cache_dir"] for f in offline} == {cache["output_dir"]}
+    assert cache["dataset_name"] == "libero_spatial_no_noops" and cache["craft_anchor_type"] == "concat"
+    assert sum(kind == "eval" for kind, _ in commands) == len(trains) == 17 * 3
+    assert proc.stdout.count("[guarded]") == 6
+
+
+def test_ablation_groups_can_be_selected(tmp_path):
+    commands, _ = dry_run("ablations", tmp_path, ABLATIONS="epsilon", EPSILON_SWEEP="0.1 0.3", SEEDS="1",
+                          SUITES="libero_goal libero_10")
+    trains = [f for kind, f in commands if kind == "train"]
+    assert [(f["dataset_name"], f["craft_retention_budget"]) for f in trains] == [
+        ("libero_goal_no_noops", "0.3"), ("libero_10_no_noops", "0.3")]  # 0.1 is the reference run
+    proc = run_script("ablations", tmp_path, DRY_RUN="1", ABLATIONS="projection nonsense")
+    assert proc.returncode != 0 and "unknown group 'nonsense'" in proc.stderr
+
+
+def test_smoke_dry_run_uses_tiny_settings(tmp_path):
+    env = {"SMOKE": "1", "SMOKE_DATA_ROOT": str(tmp_path / "tiny_data"), "SMOKE_VLM_PATH": str(tmp_path / "vlm")}
+    commands, proc = dry_run("ablations", tmp_path, **env)
+    trains = [f for kind, f in commands if kind == "train"]
+    evals = [f for kind, f in commands if kind == "eval"]
+    assert len(trains) == len(evals) == 17 * 3
+    for f in trains:
+        assert (f["model_preset"], f["max_steps"], f["save_freq"], f["wandb_mode"]) == ("tiny", "4", "4", "disabled")
+        assert f["data_root_dir"] == str(tmp_path / "tiny_data") and f["vlm_path"] == str(tmp_path / "vlm")
+    assert sorted({f["craft_raw_layer"] for f in trains if "craft_raw_layer" in f}) == ["1", "3"]
+    for f in evals:
+        assert (f["task_ids"], f["max_steps_override"], f["num_trials_per_task"]) == ("[0]", "20", "1")
+    skip = run_script("table1", tmp_path, DRY_RUN="1", SMOKE_SKIP_EVAL="1", **env)
+    assert skip.returncode == 0
+    kinds = [kind for kind, _ in parse_commands(skip.stdout)]
+    assert kinds == ["train"] * 24
+    assert skip.stderr.count("SMOKE_SKIP_EVAL=1") >= 24 and "EVALUATION IS SKIPPED" in skip.stderr
+    missing = run_script("table1", tmp_path, SMOKE="1")
+    assert missing.returncode != 0 and "SMOKE_DATA_ROOT" in missing.stderr
+    scratch, _ = dry_run("table1", tmp_path, SMOKE="1", SMOKE_DATA_ROOT="d", SUITES="libero_10", SEEDS="1")
+    assert all("vlm_path" not in f for _, f in scratch)  # no SMOKE_VLM_PATH: the tiny model is built from scratch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real (non-dry) runs against a fake trainer / evaluator
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_env(tmp_path):
+    wrapper = tmp_path / "fake_python"
+    wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_TOOLS))} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return {"PYTHON": str(wrapper), "FAKE_LOG": str(tmp_path / "calls.jsonl"), "WANDB_MODE": "disabled"}
+
+
+def calls(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "calls.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_real_run_skips_finished_work_and_feeds_the_log_parser(tmp_path, fake_env):
+    env = {**fake_env, "SUITES": "libero_spatial libero_goal", "SEEDS": "1 2 3", "MAX_STEPS": "10000"}
+    first = run_script("table1", tmp_path, **env)
+    assert first.returncode == 0, first.stderr
+    made = calls(tmp_path)
+    assert [Path(c["script"]).name for c in made] == ["finetune.py", "run_libero_eval.py"] * 12
+    run_root = tmp_path / "out" / "table1"
+    assert (run_root / "logs" / "t1-libero_spatial-craft-s2.train.log").is_file()
+
+    second = run_script("table1", tmp_path, **env)
+    assert second.returncode == 0, second.stderr
+    assert len(calls(tmp_path)) == 24, "finished trainings and evaluations must be skipped"
+    assert second.stdout.count("[skip-train]") == 12 and second.stdout.count("[skip-eval]") == 12
+
+    # a missing summary.json re-runs only that evaluation
+    (run_root / "t1-libero_goal-baseline-s3" / "eval" / "summary.json").unlink()
+    third = run_script("table1", tmp_path, **env)
+    assert third.returncode == 0, third.stderr
+    assert [Path(c["script"]).name for c in calls(tmp_path)[24:]] == ["run_libero_eval.py"]
+
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+    from fake_tools import fake_success
+
+    results = log_parser.collect([run_root])
+    assert not results.issues
+    rows = {(r["method"], r["suite"]): r for r in results.aggregate}
+    assert set(rows) == set(itertools.product(["baseline", "craft"], ["libero_spatial", "libero_goal"]))
+    for (method, suite), row in rows.items():
+        values = [10.0 * fake_success(f"t1-{suite}-{method}-s{s}--10000_chkpt") for s in (1, 2, 3)]
+        assert row["success_pct_mean"] == pytest.approx(np.mean(values))
+        assert row["success_pct_std"] == pytest.approx(np.std(values, ddof=1))
+        assert row["final_action_loss_mean"] == pytest.approx(np.mean([1 / 10001 + 0.01 * s for s in (1, 2, 3)]))
+
+
+def test_first_failure_stops_the_script_and_shows_the_command(tmp_path, fake_env):
+    env = {**fake_env, "SUITES": "libero_object", "SEEDS": "1 2", "MAX_STEPS": "5000",
+           "FAKE_FAIL_ON": "t1-libero_object-craft-s1"}
+    proc = run_script("table1", tmp_path, **env)
+    assert proc.returncode == 3
+    assert "FAILED (exit 3) [train]" in proc.stderr
+    failing = proc.stderr.split("failing command:", 1)[1].splitlines()[0]
+    assert flags_of(shlex.split(failing))["run_id"] == "t1-libero_object-craft-s1"
+    made = [flags_of(c["args"]) for c in calls(tmp_path)]
+    assert [f.get("run_id", f.get("local_log_dir")) for f in made][-1] == "t1-libero_object-craft-s1"
+    assert len(made) == 3  # baseline s1 train + eval, then the failing craft s1 training; nothing after it
+
+
+def test_interrupted_training_resumes_from_latest_complete_checkpoint(tmp_path, fake_env):
+    run_root = tmp_path / "out" / "table1"
+    run_id = "t1-libero_spatial-baseline-s1"
+    for step, complete in ((5000, True), (10000, True), (15000, False)):
+        chkpt = run_root / f"{run_id}--{step}_chkpt"
+        chkpt.mkdir(parents=True)
+        if complete:
+            (chkpt / "COMPLETE").write_text("{}")
+    (run_root / run_id).mkdir()
+    commands, _ = dry_run("table1", tmp_path, SUITES="libero_spatial", SEEDS="1", METHODS="baseline",
+                          MAX_STEPS="20000")
+    f = commands[0][1]
+    assert (f["resume"], f["resume_step"]) == ("True", "10000")
+    assert f["config_file_path"] == str(run_root / f"{run_id}--10000_chkpt")
+    # a run folder without any complete checkpoint is moved aside, not appended to
+    other = run_root / "t1-libero_spatial-baseline-s2"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"step": 0}\n')
+    proc = run_script("table1", tmp_path, SUITES="libero_spatial", SEEDS="2", METHODS="baseline", MAX_STEPS="5000",
+                      **fake_env)
+    assert proc.returncode == 0, proc.stderr
+    moved = [p for p in run_root.iterdir() if p.name.startswith("t1-libero_spatial-baseline-s2.partial-")]
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    assert "resume" not in flags_of(calls(tmp_path)[0]["args"])
+
+
+def test_related_baselines_run_only_when_finetune_supports_them(tmp_path, fake_env):
+    env = {**fake_env, "ABLATIONS": "related", "SEEDS": "1", "MAX_STEPS": "5000"}
+    proc = run_script("ablations", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert calls(tmp_path) == [] and proc.stderr.count("SKIPPING") == 2
+    proc = run_script("ablations", tmp_path, FAKE_SUPPORTS="--retention_method", **env)
+    assert proc.returncode == 0, proc.stderr
+    made = [flags_of(c["args"]) for c in calls(tmp_path) if c["script"].endswith("finetune.py")]
+    assert [f["retention_method"] for f in made] == ["align"] and proc.stderr.count("SKIPPING") == 1
+
+
+def test_offline_cache_is_built_once_then_reused(tmp_path, fake_env):
+    env = {**fake_env, "ABLATIONS": "anchor_source", "SEEDS": "1 2", "MAX_STEPS": "5000"}
+    assert run_script("ablations", tmp_path, **env).returncode == 0
+    scripts = [Path(c["script"]).name for c in calls(tmp_path)]
+    assert scripts == ["build_craft_cache.py"] + ["finetune.py", "run_libero_eval.py"] * 2
+    env["SEEDS"] = "1 2 3"
+    proc = run_script("ablations", tmp_path, **env)
+    assert proc.returncode == 0 and "[skip-cache]" in proc.stdout
+    assert [Path(c["script"]).name for c in calls(tmp_path)][5:] == ["finetune.py", "run_libero_eval.py"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SMOKE: the real tools on the tiny preset
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["table1", "fewshot", "ablations"])
+def test_smoke_runs_end_to_end(tmp_path, name):
+    """SMOKE=1 with the real finetune.py / run_libero_eval.py (/ build_craft_cache.py) on one suite and one seed.
+    ~2 min per run on a quiet 2-core machine (most of it the LIBERO episode); the ablation grid is thinned to one
+    value per sweep. Data: SMOKE_DATA_ROOT (and SMOKE_VLM_PATH) if set, else a synthetic tiny dataset written here."""
+    # Integration guard (the lead removes it once finetune.py lands): the real trainer must exist.
+    if not (REPO / "vla-scripts/finetune.py").is_file():
+        pytest.skip("vla-scripts/finetune.py does not exist yet: the SMOKE grid needs the real trainer")
+    if name == "ablations" and not (REPO / "vla-scripts/build_craft_cache.py").is_file():
+        pytest.skip("vla-scripts/build_craft_cache.py does not exist yet: the offline-anchor ablation needs it")
+    env = {"SMOKE": "1", "SUITES": "libero_spatial", "SEEDS": "7", "FIXED_LAMBDAS": "0.1", "EPSILON_SWEEP": "0.05",
+           "SMOKE_RAW_LAYER_SWEEP": "1"}
+    if os.environ.get("SMOKE_VLM_PATH"):
+        env["SMOKE_VLM_PATH"] = os.environ["SMOKE_VLM_PATH"]
+    else:  # offline anchors need a fixed θ0; a scratch tiny model depends on the run's seed
+        env["ABLATIONS"] = "reference projection dual anchor_type epsilon layer related"
+    if os.environ.get("SMOKE_DATA_ROOT"):
+        env["SMOKE_DATA_ROOT"] = os.environ["SMOKE_DATA_ROOT"]
+    else:
+        sys.path.insert(0, str(REPO))
+        from prismatic.data.synthetic_libero import make_synthetic_libero_dataset
+
+        make_synthetic_libero_dataset(tmp_path / "data", "libero_spatial_no_noops", num_tasks=2, episodes_per_task=2,
+                                      steps=12, seed=0)
+        env["SMOKE_DATA_ROOT"] = str(tmp_path / "data")
+    try:
+        import libero  # noqa: F401
+    except ImportError:
+        env["SMOKE_SKIP_EVAL"] = "1"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(CONTROL_PREFIXES)}
+    full_env.update(OUTPUT_ROOT=str(tmp_path / "out"), **env)
+    proc = subprocess.run(["bash", str(SCRIPTS[name])], env=full_env, capture_output=True, text=True, timeout=7200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    if "SMOKE_SKIP_EVAL" in env:
+        assert "EVALUATION IS SKIPPED" in proc.stderr
+    run_root = tmp_path / "out" / name
+    trains = [flags_of(argv) for kind, argv in parse_commands(proc.stdout, prefix="") if kind == "train"]
+    expected_runs = {"table1": 2, "fewshot": 4, "ablations": 2 + 1 + 1 + 2 + 1 + 1 + 2}[name]
+    if name == "ablations" and "ABLATIONS" not in env:
+        expected_runs += 1  # craft-offline
+    guarded = proc.stderr.count("SKIPPING")
+    assert len(trains) + guarded == expected_runs
+    for f in trains:
+        assert (run_root / f"{f['run_id']}--4_chkpt" / "COMPLETE").is_file()
+        if "SMOKE_SKIP_EVAL" not in env:
+            assert (run_root / f["run_id"] / "eval" / "summary.json").is_file()
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+
+    results = log_parser.collect([run_root])
+    rows = {r["run"]: r for r in results.run_rows}
+    assert sorted(rows) == sorted(f["run_id"] for f in trains)
+    for f in trains:
+        row = rows[f["run_id"]]
+        assert math.isfinite(row["final_action_loss"])
+        if f["use_craft"] == "True":  # CRaFT runs must log CRaFT's metrics
+            assert math.isfinite(row["final_retention_loss"]) and math.isfinite(row["final_lambda"])
+        if "SMOKE_SKIP_EVAL" not in env:
+            assert 0.0 <= row["success_pct"] <= 100.0
+    # a second invocation finds everything finished
+    again = subprocess.run(["bash", str(SCRIPTS[name])], env=full_env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and not parse_commands(again.stdout, prefix="")
+
+
+def _load_module(name: str, path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_printed_command_parses_with_the_real_configs(tmp_path):
+    """The flags the scripts emit are accepted by finetune.py's and run_libero_eval.py's draccus configs (the
+    guarded related-work flags excepted until finetune.py has them)."""
+    if not (REPO / "LIBERO/run_libero_eval.py").is_file():
+        pytest.skip("LIBERO/run_libero_eval.py does not exist yet")
+    draccus = pytest.importorskip("draccus")
+    sys.path.insert(0, str(REPO))
+    finetune_config = pytest.importorskip("prismatic.training.finetune_config")
+    eval_module = _load_module("run_libero_eval_for_test", REPO / "LIBERO/run_libero_eval.py")
+    known = {f.name for f in __import__("dataclasses").fields(finetune_config.FinetuneConfig)}
+    checked = 0
+    for name in SCRIPTS:
+        for env in ({}, {"SMOKE": "1", "SMOKE_DATA_ROOT": "d", "SMOKE_VLM_PATH": "v"}):
+            proc = run_script(name, tmp_path, DRY_RUN="1", SEEDS="7", **env)
+            assert proc.returncode == 0, proc.stderr
+            for kind, argv in parse_commands(proc.stdout):
+                args = argv[argv.index(next(a for a in argv if a.endswith(".py"))) + 1:]
+                if kind == "train":
+                    flags = flags_of(argv)
+                    if set(flags) - known <= {"retention_method", "freeze_vision_backbone"} and set(flags) - known:
+                        continue  # guarded entry
+                    cfg = draccus.parse(config_class=finetune_config.FinetuneConfig, args=args)
+                    assert cfg.run_id == flags["run_id"] and cfg.max_steps == int(flags["max_steps"])
+                    assert cfg.use_craft == (flags["use_craft"] == "True")
+                elif kind == "eval":
+                    cfg = draccus.parse(config_class=eval_module.EvalConfig, args=args)
+                    assert cfg.local_log_dir.endswith("/eval") and cfg.center_crop is True
+                checked += 1
+    assert checked == 2 * (16 + 32 + (15 + 17 + 1))  # 2 modes x (table1 + fewshot + ablations incl. cache)
+
+
+def test_log_parser_labels_every_ablation_variant_as_the_script_names_it(tmp_path, fake_env):
+    """The method label the parser derives from each resolved config equals the variant in the script's run id."""
+    env = {**fake_env, "SEEDS": "1", "MAX_STEPS": "5000",
+           "FAKE_SUPPORTS": "--retention_method --freeze_vision_backbone"}
+    proc = run_script("ablations", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+
+    results = log_parser.collect([tmp_path / "out" / "ablations"])
+    assert not results.issues
+    assert len(results.run_rows) == 17
+    for row in results.run_rows:
+        assert row["run"] == f"abl-libero_spatial-{row['method']}-s1"

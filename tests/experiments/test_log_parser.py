@@ -1,0 +1,395 @@
+"""log_parser: aggregation checked against numpy on run directories written here with known numbers; CSV, Markdown
+and LaTeX contents; plots that decode and are not blank; bad input reported, never averaged; wandb source."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+import log_parser as lp  # noqa: E402
+
+SEEDS = (7, 42, 123)
+MAX_STEPS = 100
+LOG_STEPS = list(range(0, MAX_STEPS + 1, 10))
+
+
+def make_config(run_root: Path, run_id: str, suite: str, seed: int, use_craft: bool, **extra) -> dict:
+    config = {"run_root_dir": str(run_root), "run_id": run_id, "dataset_name": f"{suite}_no_noops", "seed": seed,
+              "max_steps": MAX_STEPS, "model_preset": "real", "use_craft": use_craft, "num_demos_per_task": None,
+              "craft_retention_budget": 0.1, "craft_dual_lr": 0.01, "craft_enable_projection": True,
+              "craft_enable_dual": True, "craft_fixed_lambda": None, "craft_init_lambda": 0.0, "craft_raw_layer": None,
+              "craft_aq_layer": None, "craft_anchor_type": "concat", "craft_anchor_source": "online"}
+    config.update(extra)
+    return config
+
+
+def write_run(run_root: Path, run_id: str, config: dict | None, metrics: list[dict] | None, success: tuple | None,
+              checkpoint: bool = True, raw_metrics: str | None = None) -> Path:
+    run_dir = run_root / run_id
+    run_dir.mkdir(parents=True)
+    if config is not None:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    if raw_metrics is not None:
+        (run_dir / "metrics.jsonl").write_text(raw_metrics)
+    elif metrics is not None:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    if success is not None:
+        suite, successes, episodes = success
+        (run_dir / "eval").mkdir()
+        (run_dir / "eval" / "summary.json").write_text(json.dumps(
+            {"task_suite_name": suite, "num_episodes": episodes, "num_successes": successes,
+             "success_rate": successes / episodes, "per_task": {}}))
+    if checkpoint:
+        chkpt = run_root / f"{run_id}--{MAX_STEPS}_chkpt"
+        chkpt.mkdir()
+        (chkpt / "COMPLETE").write_text("{}")
+    return run_dir
+
+
+def metric_series(rng: np.random.Generator, craft: bool) -> list[dict]:
+    records = []
+    for step in LOG_STEPS:
+        record = {"step": step, "VLA Train/Loss": float(rng.uniform(0.01, 1.0)),
+                  "VLA Train/Learning Rate": 5e-4}
+        if craft:
+            record.update({"CRaFT/Retention Loss": float(rng.uniform(0.0, 0.3)),
+                           "CRaFT/Lambda": float(rng.uniform(0.0, 2.0)),
+                           "CRaFT/Conflict Ratio": float(rng.uniform(0.0, 0.6))})
+        records.append(record)
+    return records
+
+
+@pytest.fixture
+def grid(tmp_path):
+    """2 suites x {baseline, craft} x 3 seeds, numbers drawn at random; returns (runs_dir, expected per group)."""
+    rng = np.random.default_rng(0)
+    run_root = tmp_path / "runs" / "table1"
+    expected: dict[tuple, dict[str, list[float]]] = {}
+    for suite in ("libero_goal", "libero_spatial"):
+        for method in ("baseline", "craft"):
+            for seed in SEEDS:
+                craft = method == "craft"
+                run_id = f"t1-{suite}-{method}-s{seed}"
+                metrics = metric_series(rng, craft)
+                episodes = 500
+                successes = int(rng.integers(300, 500))
+                write_run(run_root, run_id, make_config(run_root, run_id, suite, seed, craft), metrics,
+                          (suite, successes, episodes))
+                exp = expected.setdefault((method, suite), {k: [] for k in lp.METRIC_KEYS})
+                exp["success_pct"].append(100.0 * successes / episodes)
+                exp["final_action_loss"].append(metrics[-1]["VLA Train/Loss"])
+                if craft:
+                    exp["final_retention_loss"].append(metrics[-1]["CRaFT/Retention Loss"])
+                    exp["final_lambda"].append(metrics[-1]["CRaFT/Lambda"])
+                    exp["mean_conflict_ratio"].append(np.mean([r["CRaFT/Conflict Ratio"] for r in metrics]))
+    return run_root, expected
+
+
+def read_summary_csv(path: Path) -> dict[tuple, dict[str, str]]:
+    with open(path) as f:
+        return {(row["method"], row["suite"]): row for row in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_aggregates_match_numpy_in_csv_and_latex(grid, tmp_path, ddof):
+    run_root, expected = grid
+    out = tmp_path / f"results{ddof}"
+    code = lp.main(["--runs_dir", str(run_root), "--output_dir", str(out), "--generate_latex_table",
+                    "--ddof", str(ddof), "--no_plots"])
+    assert code == 0
+    rows = read_summary_csv(out / "summary.csv")
+    assert set(rows) == set(expected)
+    latex = (out / "table_metrics.tex").read_text()
+    success_tex = (out / "table_success.tex").read_text()
+    for key, exp in expected.items():
+        row = rows[key]
+        assert row["experiment"] == "table1" and row["runs"] == "3" and row["seeds"] == "123 42 7"
+        for metric in lp.METRICS:
+            values = np.array(exp[metric.key])
+            assert int(row[f"{metric.key}_n"]) == values.size
+            if values.size == 0:
+                assert row[f"{metric.key}_mean"] == "" and row[f"{metric.key}_std"] == ""
+                continue
+            mean, std = values.mean(), values.std(ddof=ddof)
+            assert float(row[f"{metric.key}_mean"]) == pytest.approx(mean, rel=1e-12)
+            assert float(row[f"{metric.key}_std"]) == pytest.approx(std, rel=1e-12)
+            cell = f"{format(mean, metric.fmt)} $\\pm$ {format(std, metric.fmt)}"
+            assert cell in latex
+            if metric.key == "success_pct":
+                assert cell in success_tex
+    # LaTeX is booktabs and escapes underscores
+    for tex in (latex, success_tex):
+        assert tex.count("\\toprule") == tex.count("\\midrule") == tex.count("\\bottomrule") == 1
+        assert "libero\\_goal" in tex or "Goal" in tex
+    assert "libero_goal" not in latex.replace("libero\\_goal", "")
+    # the Table-1 row of each method: suites in canonical order (Spatial before Goal) and their average
+    for method in ("baseline", "craft"):
+        line = next(ln for ln in success_tex.splitlines() if ln.startswith(f"table1 & {method} &"))
+        spatial = np.mean(expected[(method, "libero_spatial")]["success_pct"])
+        goal = np.mean(expected[(method, "libero_goal")]["success_pct"])
+        assert line.index(format(spatial, ".1f")) < line.index(format(goal, ".1f"))
+        assert line.rstrip(" \\").endswith(format((spatial + goal) / 2, ".1f"))
+    md = (out / "summary.md").read_text()
+    craft_goal = np.mean(expected[("craft", "libero_goal")]["success_pct"])
+    assert f"| table1 | craft | libero_goal | all | 3 | {craft_goal:.1f}" in md
+    # per-run CSV: one row per run with its own numbers
+    with open(out / "runs.csv") as f:
+        per_run = list(csv.DictReader(f))
+    assert len(per_run) == 12
+
+
+def test_final_window_averages_the_last_values(grid, tmp_path):
+    run_root, _ = grid
+    results = lp.collect([run_root], final_window=3)
+    run_dir = run_root / "t1-libero_goal-craft-s42"
+    records = lp.read_metrics_jsonl(run_dir / "metrics.jsonl")
+    row = next(r for r in results.run_rows if r["run"] == run_dir.name)
+    assert row["final_retention_loss"] == pytest.approx(np.mean([r["CRaFT/Retention Loss"] for r in records[-3:]]))
+    assert row["final_action_loss"] == pytest.approx(np.mean([r["VLA Train/Loss"] for r in records[-3:]]))
+
+
+def test_plots_are_written_and_not_blank(grid, tmp_path):
+    run_root, _ = grid
+    results = lp.collect([run_root])
+    paths = lp.plot_training_curves(results.records, tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["table1_libero_goal_full.png", "table1_libero_spatial_full.png"]
+    import matplotlib.image as mpimg
+
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = mpimg.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+        colours = np.unique(image[..., :3].reshape(-1, 3), axis=0)
+        assert len(colours) > 50, "a plot with almost no colours drew nothing"
+
+
+def test_plot_draws_epsilon_line(tmp_path):
+    run_root = tmp_path / "abl"
+    metrics = [{"step": s, "VLA Train/Loss": 1.0, "CRaFT/Retention Loss": 0.5, "CRaFT/Lambda": 0.0,
+                "CRaFT/Conflict Ratio": 0.1} for s in LOG_STEPS]
+    write_run(run_root, "r", make_config(run_root, "r", "libero_10", 1, True, craft_retention_budget=0.25), metrics,
+              None)
+    results = lp.collect([run_root])
+    assert [r["method"] for r in results.run_rows] == ["craft-eps0.25"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    with mock.patch("matplotlib.axes.Axes.axhline", autospec=True, side_effect=lambda *a, **k: None) as axhline:
+        lp.plot_training_curves(results.records, tmp_path / "plots")
+    assert sorted(call.args[1] for call in axhline.call_args_list) == [0.25, lp.STRONG_CONFLICT]
+
+
+def test_method_labels_from_config(tmp_path):
+    base = make_config(tmp_path, "x", "libero_goal", 1, True)
+    cases = [
+        ({"use_craft": False}, "baseline"),
+        ({}, "craft"),
+        ({"craft_enable_projection": False}, "craft-noproj"),
+        ({"craft_enable_dual": False, "craft_fixed_lambda": 0.1}, "craft-fixlam0.1"),
+        ({"craft_enable_dual": False}, "craft-fixlam0"),
+        ({"craft_anchor_type": "raw_only"}, "craft-anchor_raw_only"),
+        ({"craft_retention_budget": 0.05}, "craft-eps0.05"),
+        ({"craft_raw_layer": 6}, "craft-m6"),
+        ({"craft_raw_layer": 12, "craft_aq_layer": 24}, "craft"),  # the real preset's defaults
+        ({"model_preset": "tiny", "craft_raw_layer": 1}, "craft-m1"),
+        ({"craft_anchor_source": "offline"}, "craft-offline"),
+        ({"use_craft": False, "retention_method": "align"}, "align"),
+        ({"use_craft": False, "freeze_vision_backbone": True}, "freeze"),
+        ({"use_craft": "True", "craft_enable_projection": "False"}, "craft-noproj"),
+    ]
+    for change, label in cases:
+        assert lp.method_label({**base, **change}) == label, change
+
+
+def test_draccus_dumped_config_is_read(tmp_path):
+    finetune_config = pytest.importorskip("prismatic.training.finetune_config")
+    draccus = pytest.importorskip("draccus")
+    cfg = finetune_config.FinetuneConfig(run_root_dir=tmp_path / "fewshot", dataset_name="libero_object_no_noops",
+                                         num_demos_per_task=5, use_craft=True, craft_enable_projection=False,
+                                         max_steps=MAX_STEPS, seed=3)
+    run_dir = write_run(tmp_path / "fewshot", "r", None, [{"step": MAX_STEPS, "VLA Train/Loss": 0.5}],
+                        ("libero_object", 1, 2))
+    with open(run_dir / "config.yaml", "w") as f:
+        draccus.dump(cfg, f)
+    row = lp.collect([tmp_path / "fewshot"]).run_rows[0]
+    assert (row["experiment"], row["method"], row["suite"], row["shots"], row["seed"]) == \
+        ("fewshot", "craft-noproj", "libero_object", "5", 3)
+    assert row["success_pct"] == 50.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------------
+def test_bad_runs_are_reported_and_left_out(tmp_path):
+    rng = np.random.default_rng(1)
+    run_root = tmp_path / "table1"
+    good = {}
+    for seed in SEEDS:
+        run_id = f"good-s{seed}"
+        metrics = metric_series(rng, True)
+        successes = int(rng.integers(0, 50))
+        write_run(run_root, run_id, make_config(run_root, run_id, "libero_goal", seed, True), metrics,
+                  ("libero_goal", successes, 50))
+        good[seed] = (metrics, successes)
+    # same group (craft / libero_goal), each broken in one way
+    truncated = "".join(json.dumps(r) + "\n" for r in metric_series(rng, True)) + '{"step": 110, "VLA Tr'
+    write_run(run_root, "truncated", make_config(run_root, "truncated", "libero_goal", 1, True), None,
+              ("libero_goal", 50, 50), raw_metrics=truncated)
+    write_run(run_root, "no-metrics", make_config(run_root, "no-metrics", "libero_goal", 2, True), None,
+              ("libero_goal", 50, 50))
+    write_run(run_root, "no-summary", make_config(run_root, "no-summary", "libero_goal", 3, True),
+              metric_series(rng, True), None)
+    write_run(run_root, "unfinished", make_config(run_root, "unfinished", "libero_goal", 4, True),
+              metric_series(rng, True)[:5], ("libero_goal", 50, 50), checkpoint=False)
+    write_run(run_root, "no-config", None, metric_series(rng, True), ("libero_goal", 50, 50))
+    write_run(run_root, "empty-metrics", make_config(run_root, "empty-metrics", "libero_goal", 5, True), None,
+              ("libero_goal", 50, 50), raw_metrics="\n")
+    nan_final = metric_series(rng, True)
+    nan_final[-1]["CRaFT/Lambda"] = "nan"
+    write_run(run_root, "nan-lambda", make_config(run_root, "nan-lambda", "libero_goal", 6, True), nan_final, None)
+    (run_root / "empty").mkdir()
+    (run_root / "orphan--100_chkpt").mkdir()
+
+    results = lp.collect([run_root])
+    text = "\n".join(str(i) for i in results.issues)
+    assert "truncated" in text and "truncated/metrics.jsonl line 12 is not valid JSON" in text
+    assert "[warning] no-metrics: no metrics.jsonl" in text
+    assert "[warning] no-summary: no eval/summary.json" in text
+    assert "[error] unfinished: training unfinished: last logged step 40 of max_steps 100" in text
+    assert "[error] no-config: no config.yaml" in text
+    assert "[warning] empty-metrics: training metrics left out" in text and "is empty" in text
+    assert "[error] empty: empty run directory" in text
+    assert "[error] orphan: checkpoints" in text
+    assert "[warning] nan-lambda: final 'CRaFT/Lambda' is not finite" in text
+
+    (row,) = results.aggregate
+    assert row["runs"] == 3 + 5  # good x3, truncated, no-metrics, no-summary, empty-metrics, nan-lambda
+    # success: good runs + truncated + no-metrics + empty-metrics (each 100 %); never no-summary / nan-lambda
+    success = [100.0 * good[s][1] / 50 for s in SEEDS] + [100.0] * 3
+    assert row["success_pct_n"] == 6 and row["success_pct_mean"] == pytest.approx(np.mean(success))
+    # training metrics only from runs with a readable metrics file
+    assert row["final_action_loss_n"] == 5 and row["final_lambda_n"] == 4
+    lambdas = [good[s][0][-1]["CRaFT/Lambda"] for s in SEEDS] + \
+        [lp.read_metrics_jsonl(run_root / "no-summary" / "metrics.jsonl")[-1]["CRaFT/Lambda"]]
+    assert row["final_lambda_mean"] == pytest.approx(np.mean(lambdas))
+    assert row["final_lambda_std"] == pytest.approx(np.std(lambdas, ddof=1))
+
+    out = tmp_path / "out"
+    assert lp.main(["--runs_dir", str(run_root), "--output_dir", str(out), "--no_plots"]) == 0
+    issues_txt = (out / "issues.txt").read_text()
+    assert issues_txt.count("\n") == len(results.issues) and "unfinished" in issues_txt
+    assert "(n=6)" in (out / "summary.md").read_text()
+    assert lp.main(["--runs_dir", str(run_root), "--output_dir", str(out), "--no_plots", "--strict"]) == 1
+    included = lp.collect([run_root], include_incomplete=True)
+    assert included.aggregate[0]["runs"] == 9
+
+
+def test_inconsistent_summary_and_backwards_steps(tmp_path):
+    run_root = tmp_path / "x"
+    run_dir = write_run(run_root, "r", make_config(run_root, "r", "libero_goal", 1, False),
+                        [{"step": 0, "VLA Train/Loss": 1.0}, {"step": 100, "VLA Train/Loss": 1.0},
+                         {"step": 50, "VLA Train/Loss": 1.0}], ("libero_goal", 3, 10))
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    summary["success_rate"] = 0.9
+    (run_dir / "eval" / "summary.json").write_text(json.dumps(summary))
+    text = "\n".join(str(i) for i in lp.collect([run_root]).issues)
+    assert "steps go backwards" in text and "success_rate 0.9 != num_successes 3 / num_episodes 10" in text
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lp.collect([tmp_path / "missing"])
+
+
+def test_suite_mismatch_between_training_and_eval_is_reported(tmp_path):
+    run_root = tmp_path / "x"
+    write_run(run_root, "r", make_config(run_root, "r", "libero_goal", 1, False),
+              [{"step": MAX_STEPS, "VLA Train/Loss": 1.0}], ("libero_10", 3, 10))
+    results = lp.collect([run_root])
+    assert math.isnan(results.run_rows[0]["success_pct"])
+    assert any("evaluated on 'libero_10' but trained on 'libero_goal'" in i.message for i in results.issues)
+
+
+def test_duplicate_seed_in_a_group_is_reported(tmp_path):
+    run_root = tmp_path / "x"
+    for name in ("a", "b"):
+        write_run(run_root, name, make_config(run_root, name, "libero_goal", 1, False),
+                  [{"step": MAX_STEPS, "VLA Train/Loss": 1.0}], ("libero_goal", 3, 10))
+    assert any("seed(s) [1] appear in several runs" in i.message for i in lp.collect([run_root]).issues)
+
+
+def test_cli_without_usable_runs_fails(tmp_path):
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, str(REPO / "craft_experiments/common_utils/log_parser.py"), "--runs_dir",
+                           str(tmp_path / "runs"), "--output_dir", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "PROBLEM [error] empty: empty run directory" in proc.stderr and "no usable run" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# wandb
+# ---------------------------------------------------------------------------------------------------------------------
+class FakeRun:
+    def __init__(self, name, config, history, summary):
+        self.name, self.id, self.config, self._history, self.summary = name, name, config, history, summary
+
+    def scan_history(self):
+        return iter(self._history)
+
+
+def test_wandb_runs_are_read_through_the_api(tmp_path):
+    rng = np.random.default_rng(2)
+    runs, finals = [], []
+    for seed in SEEDS:
+        history = [{"_step": s, "VLA Train/Loss": float(rng.uniform()), "CRaFT/Lambda": float(rng.uniform()),
+                    "_runtime": 1.0} for s in LOG_STEPS]
+        config = {k: {"value": v} for k, v in make_config(Path("runs/table1"), f"w{seed}", "libero_10", seed,
+                                                          True).items()}
+        runs.append(FakeRun(f"w{seed}", config, history, {"success_rate": seed / 200}))
+        finals.append(history[-1]["CRaFT/Lambda"])
+    seen = {}
+
+    class Api:
+        def runs(self, path):
+            seen["path"] = path
+            return runs
+
+    results = lp.collect(wandb_project="vla-craft-training", wandb_entity="lab", api_factory=Api)
+    assert seen["path"] == "lab/vla-craft-training"
+    (row,) = results.aggregate
+    assert (row["experiment"], row["method"], row["suite"]) == ("table1", "craft", "libero_10")
+    assert row["final_lambda_mean"] == pytest.approx(np.mean(finals))
+    assert row["success_pct_mean"] == pytest.approx(np.mean([100 * s / 200 for s in SEEDS]))
+
+
+def test_wandb_unreachable_gives_a_clear_error():
+    def offline_api():
+        raise ConnectionError("Max retries exceeded with url: https://api.wandb.ai/graphql")
+
+    with pytest.raises(RuntimeError, match="could not read wandb project 'p'.*Offline or not logged in.*--runs_dir"):
+        lp.load_wandb_runs("p", api_factory=offline_api)
+
+
+def test_local_run_is_not_counted_twice_when_also_in_wandb(tmp_path):
+    run_root = tmp_path / "table1"
+    write_run(run_root, "w7", make_config(run_root, "w7", "libero_10", 7, False),
+              [{"step": MAX_STEPS, "VLA Train/Loss": 0.25}], ("libero_10", 1, 4))
+    history = [{"_step": MAX_STEPS, "VLA Train/Loss": 0.75}]
+    wandb_runs = [FakeRun("w7", make_config(run_root, "w7", "libero_10", 7, False), history, {}),
+                  FakeRun("w8", make_config(run_root, "w8", "libero_10", 8, False), history, {})]
+
+    class Api:
+        def runs(self, path):
+            return wandb_runs
+
+    results = lp.collect([run_root], wandb_project="p", api_factory=Api)
+    assert sorted((r["run"], r["final_action_loss"]) for r in results.run_rows) == [("w7", 0.25), ("w8", 0.75)]

@@ -1,0 +1,157 @@
+"""Observation pre-processing and action post-processing against independent computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.spatial.transform import Rotation
+
+from LIBERO.action_processing import SETTLE_ACTION, chunk_to_env_actions, gripper_to_env
+from LIBERO.obs_processing import (
+    extract_proprio,
+    policy_images,
+    prepare_image,
+    quat_to_axis_angle,
+    rotate_180,
+)
+from LIBERO.policy_runner import PolicyRunner
+
+
+def test_rotate_180_matches_rot90_twice():
+    img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    out = rotate_180(img)
+    np.testing.assert_array_equal(out, np.rot90(img, 2, axes=(0, 1)))
+    assert out[0, 0].tolist() == img[-1, -1].tolist() and out.flags["C_CONTIGUOUS"]
+
+
+def test_prepare_image_is_rotation_then_lanczos_224():
+    img = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(np.ascontiguousarray(np.rot90(img, 2))).resize((224, 224),
+                                                                                       Image.Resampling.LANCZOS))
+    out = prepare_image(img)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_quat_to_axis_angle_matches_scipy_rotation(seed):
+    q = np.random.default_rng(seed).normal(size=4)
+    q /= np.linalg.norm(q)  # (x, y, z, w), scipy's scalar-last convention too
+    ours = quat_to_axis_angle(q)
+    angle = np.linalg.norm(ours)
+    np.testing.assert_allclose(angle, 2 * np.arccos(np.clip(q[3], -1, 1)), atol=1e-9)  # no canonicalisation
+    np.testing.assert_allclose(Rotation.from_rotvec(ours).as_matrix(), Rotation.from_quat(q).as_matrix(), atol=1e-9)
+    if q[3] >= 0:
+        np.testing.assert_allclose(ours, Rotation.from_quat(q).as_rotvec(), atol=1e-9)
+
+
+def test_quat_to_axis_angle_identity_is_zero():
+    np.testing.assert_array_equal(quat_to_axis_angle(np.array([0.0, 0.0, 0.0, 1.0])), np.zeros(3))
+    with pytest.raises(ValueError, match=r"\(4,\) quaternion"):
+        quat_to_axis_angle(np.zeros(3))
+
+
+def test_extract_proprio_layout():
+    q = np.array([0.1, -0.2, 0.3, 0.9])
+    q /= np.linalg.norm(q)
+    obs = {"robot0_eef_pos": np.array([1.0, 2.0, 3.0]), "robot0_eef_quat": q,
+           "robot0_gripper_qpos": np.array([0.03, -0.02])}
+    out = extract_proprio(obs)
+    expected = np.concatenate([[1.0, 2.0, 3.0], Rotation.from_quat(q).as_rotvec(), [0.03, -0.02]])
+    assert out.dtype == np.float32 and out.shape == (8,)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    with pytest.raises(KeyError, match="robot0_gripper_qpos"):
+        extract_proprio({k: v for k, v in obs.items() if k != "robot0_gripper_qpos"})
+
+
+def test_policy_images_order_and_count():
+    rng = np.random.default_rng(2)
+    obs = {"agentview_image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+           "robot0_eye_in_hand_image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)}
+    two = policy_images(obs, 2, size=32)
+    ref = [np.asarray(Image.fromarray(np.ascontiguousarray(obs[k][::-1, ::-1])).resize((32, 32),
+                                                                                     Image.Resampling.LANCZOS))
+           for k in ("agentview_image", "robot0_eye_in_hand_image")]
+    np.testing.assert_array_equal(two[0], ref[0])
+    np.testing.assert_array_equal(two[1], ref[1])
+    assert len(policy_images(obs, 1, size=32)) == 1
+    with pytest.raises(ValueError, match="num_images_in_input must be 1"):
+        policy_images(obs, 3)
+
+
+def _upstream_style_gripper(g: np.ndarray) -> np.ndarray:
+    """Independent reference: rescale [0,1] -> [-1,1], sign (tie -> +1 = open in model space), flip sign."""
+    s = np.sign(2.0 * g - 1.0)
+    s[s == 0] = 1.0
+    return -s
+
+
+def test_gripper_mapping_known_values():
+    g = np.array([1.0, 0.9, 0.51, 0.5, 0.49, 0.1, 0.0, -0.3, 1.4])
+    expected = np.array([-1, -1, -1, -1, 1, 1, 1, 1, -1], dtype=np.float64)  # -1 open, +1 close
+    np.testing.assert_array_equal(gripper_to_env(g), expected)
+    np.testing.assert_array_equal(gripper_to_env(g), _upstream_style_gripper(g))
+    assert SETTLE_ACTION.tolist() == [0, 0, 0, 0, 0, 0, -1]  # settle: no motion, gripper open
+
+
+def test_chunk_to_env_actions_keeps_arm_dims():
+    chunk = np.random.default_rng(3).uniform(-1, 1, (8, 7))
+    chunk[:, 6] = np.linspace(0, 1, 8)
+    out = chunk_to_env_actions(chunk)
+    np.testing.assert_array_equal(out[:, :6], chunk[:, :6])
+    np.testing.assert_array_equal(out[:, 6], _upstream_style_gripper(chunk[:, 6]))
+    with pytest.raises(ValueError, match=r"shape \(K, 7\)"):
+        chunk_to_env_actions(np.zeros((8, 6)))
+    bad = chunk.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        chunk_to_env_actions(bad)
+
+
+def test_policy_runner_unnormalises_with_known_bounds(tiny_policy, tiny_stats, image_factory):
+    """Full action path on the real tiny policy vs a hand computation from its normalised output."""
+    images = [prepare_image(im) for im in image_factory(2, seed=5)]
+    proprio = np.linspace(-0.2, 0.2, 8).astype(np.float32)
+    runner = PolicyRunner(tiny_policy, unnorm_key="libero_spatial_no_noops", center_crop=True, use_proprio=True,
+                          num_images=2)
+    (env_chunk,) = runner([{"images": images, "instruction": "Pick up the bowl", "proprio": proprio}])
+
+    # second code path: normalised actions straight from forward(), un-normalised by hand
+    stats = tiny_stats["libero_spatial_no_noops"]
+    inputs = tiny_policy.processor(images, "Pick up the bowl", center_crop=True)
+    p = stats["proprio"]
+    p_norm = np.clip(2 * (proprio - np.array(p["q01"])) / (np.array(p["q99"]) - np.array(p["q01"]) + 1e-8) - 1, -1, 1)
+    inputs["proprio"] = torch.tensor(p_norm, dtype=torch.float32)[None]
+    with torch.no_grad():
+        norm = tiny_policy(inputs).actions[0].double().numpy()
+    q01, q99 = np.array(stats["action"]["q01"]), np.array(stats["action"]["q99"])
+    expected = norm.copy()
+    expected[:, :6] = (norm[:, :6] + 1) / 2 * (q99[:6] - q01[:6] + 1e-8) + q01[:6]
+    expected[:, 6] = np.where(norm[:, 6] >= 0.5, -1.0, 1.0)
+    assert env_chunk.shape == (8, 7)
+    np.testing.assert_allclose(env_chunk, expected, atol=1e-5)
+    assert runner.calls == 1 and runner.received_instructions == ["Pick up the bowl"]
+
+
+@pytest.mark.parametrize("use_proprio", [True, False])
+def test_batched_rounds_equal_per_observation_predict_action(tiny_policy_factory, image_factory, use_proprio):
+    """Several envs answered in one forward == one predict_action per env (prompts of different lengths)."""
+    policy = tiny_policy_factory(0, use_proprio=use_proprio)
+    rng = np.random.default_rng(7)
+    instructions = ["open the drawer", "put the bowl on the plate next to the cookie box", "turn on the stove"]
+    requests = [{"images": [prepare_image(im) for im in image_factory(2, seed=10 + i)], "instruction": text,
+                 "proprio": rng.uniform(-0.3, 0.3, 8).astype(np.float32)} for i, text in enumerate(instructions)]
+    batched = PolicyRunner(policy, "libero_spatial_no_noops", center_crop=True, use_proprio=use_proprio,
+                           num_images=2, batch=True)
+    single = PolicyRunner(policy, "libero_spatial_no_noops", center_crop=True, use_proprio=use_proprio,
+                          num_images=2, batch=False)
+    out_b, out_s = batched(requests), single(requests)
+    assert (batched.rounds, single.rounds, batched.calls) == (1, 1, 3)
+    reference = [policy.predict_action(list(r["images"]), r["instruction"], r["proprio"] if use_proprio else None,
+                                       "libero_spatial_no_noops", True) for r in requests]
+    for b, s, ref in zip(out_b, out_s, reference, strict=True):
+        np.testing.assert_allclose(b, s, atol=1e-5)
+        np.testing.assert_allclose(b[:, :6], ref[:, :6], atol=1e-5)
+    assert not np.allclose(out_s[0][:, :6], out_s[1][:, :6])  # different observations -> different actions

@@ -1,0 +1,72 @@
+"""Sequence assembly: hand-built masks on a ragged batch, embeddings at the right places, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prismatic.models.sequence_layout import build_sequence_layout, llm_attention_kwargs
+
+P, Q, D = 3, 2, 4
+
+
+def _inputs():
+    torch.manual_seed(0)
+    lengths = [4, 2]  # prompt lengths incl. BOS
+    prompt = torch.randn(2, 4, D)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    return prompt, mask, torch.randn(2, P, D), torch.randn(Q, D), torch.randn(D), lengths
+
+
+def test_ragged_batch_masks_and_embeddings():
+    prompt, mask, patches, queries, stop, _ = _inputs()
+    layout = build_sequence_layout(prompt, mask, patches, queries, stop)
+    # T = 1 + P + (4 - 1) + Q + 1 = 10. Rows written out by hand:
+    # row 0: B V V V p p p Q Q S ; row 1: B V V V p Q Q S . .
+    rows = ["BVVVpppQQS", "BVVVpQQS__"]
+    expected = {name: torch.tensor([[c in chars for c in row] for row in rows])
+                for name, chars in (("vision_mask", "V"), ("prompt_mask", "Bp"), ("query_mask", "Q"),
+                                    ("stop_mask", "S"), ("padding_mask", "_"))}
+    for name, value in expected.items():
+        assert torch.equal(getattr(layout, name), value), name
+    assert torch.equal(layout.attention_mask, ~expected["padding_mask"])
+    assert torch.equal(layout.bos_mask[:, 0], torch.tensor([True, True])) and layout.bos_mask[:, 1:].sum() == 0
+    assert layout.vision_mask.sum(1).tolist() == [P, P] and layout.query_mask.sum(1).tolist() == [Q, Q]
+    emb = layout.inputs_embeds
+    assert emb.shape == (2, 10, D)
+    for b, row in enumerate(rows):
+        v = q = 0
+        p = 1
+        for t, c in enumerate(row):
+            want = {"B": prompt[b, 0], "S": stop, "_": torch.zeros(D)}.get(c)
+            if c == "V":
+                want, v = patches[b, v], v + 1
+            elif c == "p":
+                want, p = prompt[b, p], p + 1
+            elif c == "Q":
+                want, q = queries[q], q + 1
+            assert torch.equal(emb[b, t], want), (b, t, c)
+    assert torch.equal(layout.gather(emb, layout.query_mask), queries.expand(2, Q, D))
+    assert torch.equal(llm_attention_kwargs(layout)["attention_mask"], (~expected["padding_mask"]).long())
+
+
+def test_gradients_flow_to_every_source():
+    prompt, mask, patches, queries, stop, _ = _inputs()
+    for tensor in (prompt, patches, queries, stop):
+        tensor.requires_grad_(True)
+    layout = build_sequence_layout(prompt, mask, patches, queries, stop)
+    layout.inputs_embeds.sum().backward()
+    assert patches.grad.eq(1).all() and queries.grad.eq(2).all() and stop.grad.eq(2).all()
+    assert torch.equal(prompt.grad[..., 0], mask.float())  # padded prompt slots unused
+
+
+def test_left_padding_rejected():
+    prompt, _, patches, queries, stop, _ = _inputs()
+    with pytest.raises(ValueError, match="right-padded"):
+        build_sequence_layout(prompt, torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool), patches,
+                              queries, stop)
+    with pytest.raises(ValueError, match="BOS"):
+        build_sequence_layout(prompt, torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool), patches,
+                              queries, stop)
+    with pytest.raises(ValueError, match="patch_embeds"):
+        build_sequence_layout(prompt, torch.ones(2, 4, dtype=torch.bool), patches[:1], queries, stop)
