@@ -89,43 +89,6 @@ def load_policy_checkpoint(checkpoint_dir: str | Path, device: str = "cpu"):
     return load_policy(str(checkpoint_dir), device=device)
 
 
-def predict_vla_policy_batch(policy, requests: Sequence[Mapping], unnorm_key: str, center_crop: bool,
-                             use_proprio: bool) -> list[np.ndarray]:
-    """`VLAPolicy.predict_action` for several observations in one forward (un-normalised (chunk, 7) each)."""
-    import torch
-
-    from prismatic.data.normalization import normalize_bounds_q99, unnormalize_bounds_q99
-
-    stats = policy.norm_stats[unnorm_key]
-    processor = policy.processor
-    ids, mask = processor.tokenize_batch([r["instruction"] for r in requests])
-    batch = {"pixel_values": torch.stack([processor.preprocess_images(list(r["images"]), center_crop)
-                                          for r in requests]),
-             "input_ids": ids, "attention_mask": mask}
-    if policy.proprio_projector is not None:
-        if not use_proprio:
-            raise ValueError("this policy uses proprio but use_proprio is False")
-        state = np.stack([np.asarray(r["proprio"], dtype=np.float64) for r in requests])
-        batch["proprio"] = torch.as_tensor(normalize_bounds_q99(state, stats["proprio"], "proprio"),
-                                           dtype=torch.float32)
-    was_training = policy.training
-    policy.eval()
-    try:
-        with torch.no_grad():
-            actions = policy(batch).actions.float().cpu().numpy()
-    finally:
-        policy.train(was_training)
-    return [unnormalize_bounds_q99(a, stats["action"], "action") for a in actions]
-
-
-def _is_vla_policy(policy) -> bool:
-    try:
-        from prismatic.models.policy import VLAPolicy
-    except ImportError:
-        return False
-    return isinstance(policy, VLAPolicy)
-
-
 class PolicyRunner:
     """Maps worker requests {images, instruction, proprio} to simulator action chunks (K, 7)."""
 
@@ -151,9 +114,6 @@ class PolicyRunner:
             chunks = batch_fn(images=[list(r["images"]) for r in requests],
                               instructions=[r["instruction"] for r in requests], proprios=proprios,
                               unnorm_key=self.unnorm_key, center_crop=self.center_crop)
-        elif self.batch and len(requests) > 1 and _is_vla_policy(self.policy):
-            chunks = predict_vla_policy_batch(self.policy, requests, self.unnorm_key, self.center_crop,
-                                              self.use_proprio)
         else:
             chunks = [self.policy.predict_action(images=list(r["images"]), instruction=r["instruction"],
                                                  proprio=p, unnorm_key=self.unnorm_key,

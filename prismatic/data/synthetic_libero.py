@@ -12,6 +12,7 @@ so the same image calls for different actions under different instructions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +98,27 @@ def synthetic_episode(task: tuple[str, tuple[float, float], float], steps: int, 
 def make_synthetic_libero_dataset(data_root_dir: str | Path, dataset_name: str = "synthetic_libero_no_noops",
                                   num_tasks: int = 2, episodes_per_task: int = 3, steps: int = 20, seed: int = 0,
                                   tfds_name: str | None = None, num_shards: int = 1, overwrite: bool = False,
-                                  step_jitter: int = 0) -> Path:
+                                  step_jitter: int = 0, task_indices: Sequence[int] | None = None) -> Path:
     """Write a synthetic LIBERO-like RLDS dataset; returns its version folder.
 
     Episodes are ordered task by task; `step_jitter` > 0 varies episode lengths in [steps - jitter, steps + jitter].
+    `task_indices` picks tasks out of `synthetic_tasks(16)` (default: the first `num_tasks`), so two datasets can
+    hold disjoint task sets (e.g. a pre-training set and a fine-tuning set).
     """
     if episodes_per_task < 1 or steps < 1:
         raise ValueError(f"episodes_per_task and steps must be >= 1, got {episodes_per_task}, {steps}")
     rng = np.random.default_rng(seed)
     episodes = []
-    for task in synthetic_tasks(num_tasks):
+    all_tasks = synthetic_tasks(2 * len(PLACES))
+    if task_indices is None:
+        tasks = synthetic_tasks(num_tasks)
+    else:
+        bad = [i for i in task_indices if not 0 <= i < len(all_tasks)]
+        if bad or not task_indices:
+            raise ValueError(f"task_indices must be a non-empty list of ints in [0, {len(all_tasks)}), "
+                             f"got {task_indices}")
+        tasks = [all_tasks[i] for i in task_indices]
+    for task in tasks:
         for _ in range(episodes_per_task):
             length = steps + (int(rng.integers(-step_jitter, step_jitter + 1)) if step_jitter else 0)
             episode = synthetic_episode(task, max(1, length), rng)

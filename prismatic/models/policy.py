@@ -188,26 +188,42 @@ class VLAPolicy(nn.Module):
 
     @torch.no_grad()
     def predict_action(self, images: list[np.ndarray], instruction: str, proprio: np.ndarray | None = None,
-                       unnorm_key: str | None = None, center_crop: bool = False) -> np.ndarray:
-        """Un-normalised action chunk (chunk, action_dim) float32 for one observation (no gripper post-processing)."""
+                       unnorm_key: str | None = None, center_crop: bool | None = None) -> np.ndarray:
+        """Un-normalised action chunk (chunk, action_dim) float32 for one observation (no gripper post-processing).
+
+        `center_crop=None` uses the processor's setting (on for policies trained with crop augmentation)."""
+        return self.predict_action_batch([images], [instruction], [proprio], unnorm_key, center_crop)[0]
+
+    def predict_action_batch(self, images: list[list[np.ndarray]], instructions: list[str],
+                             proprios: list[np.ndarray | None] | None = None, unnorm_key: str | None = None,
+                             center_crop: bool | None = None) -> list[np.ndarray]:
+        """`predict_action` for several observations in ONE forward (right-padded prompts): a list of (chunk, 7)."""
+        if not len(images) == len(instructions) or (proprios is not None and len(proprios) != len(images)):
+            raise ValueError(f"got {len(images)} image lists, {len(instructions)} instructions and "
+                             f"{'no' if proprios is None else len(proprios)} proprio vectors: one of each per request")
         stats = self._stats(unnorm_key)
         if "action" not in stats:
             raise KeyError(f"statistics for {unnorm_key!r} have no 'action' entry (keys: {sorted(stats)})")
-        inputs = self.processor(images, instruction, center_crop=center_crop)
+        input_ids, attention_mask = self.processor.tokenize_batch(list(instructions))
+        inputs = {"pixel_values": torch.stack([self.processor.preprocess_images(list(ims), center_crop)
+                                               for ims in images]),
+                  "input_ids": input_ids, "attention_mask": attention_mask}
         if self.proprio_projector is not None:
-            if proprio is None:
+            if proprios is None or any(p is None for p in proprios):
                 raise ValueError("this policy uses proprio: pass the robot state (proprio=...)")
             if "proprio" not in stats:
                 raise KeyError(f"statistics for {unnorm_key!r} have no 'proprio' entry (keys: {sorted(stats)})")
-            normalised = normalize_bounds_q99(np.asarray(proprio, dtype=np.float64), stats["proprio"], "proprio")
-            inputs["proprio"] = torch.as_tensor(normalised, dtype=torch.float32).reshape(1, -1)
+            state = np.stack([np.asarray(p, dtype=np.float64) for p in proprios])
+            inputs["proprio"] = torch.as_tensor(normalize_bounds_q99(state, stats["proprio"], "proprio"),
+                                                dtype=torch.float32)
         was_training = self.training
         self.eval()
         try:
-            actions = self.forward(inputs).actions[0].float().cpu().numpy()
+            with torch.no_grad():
+                actions = self.forward(inputs).actions.float().cpu().numpy()
         finally:
             self.train(was_training)
-        return unnormalize_bounds_q99(actions, stats["action"], "action")
+        return [unnormalize_bounds_q99(a, stats["action"], "action") for a in actions]
 
     def save_pretrained(self, directory: str | Path, step: int) -> None:
         """Write the checkpoint files (see module docstring). Files appear only once all were written."""
