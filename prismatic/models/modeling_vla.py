@@ -141,13 +141,15 @@ def lora_target_modules(model: nn.Module) -> list[str]:
 
 
 def apply_lora(model: OpenVLAForActionPrediction, rank: int = 32, alpha: int | None = None, dropout: float = 0.0,
-               init_lora_weights: bool | str = "gaussian"):
+               init_lora_weights: bool | str = "gaussian", target_modules: list[str] | None = None):
     """Wrap the VLA with LoRA (upstream recipe: all linear layers but the LM head, alpha = 2 * rank) and keep the
-    ActionQueries fully trainable. Returns the peft model; its `disable_adapter()` reproduces the base model."""
+    ActionQueries fully trainable. Returns the peft model; its `disable_adapter()` reproduces the base model.
+    `target_modules`: full module names to adapt instead (e.g. the list without the vision backbone)."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_target_modules(model) if target_modules is None else list(target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-                        target_modules=lora_target_modules(model), init_lora_weights=init_lora_weights)
+                        target_modules=targets, init_lora_weights=init_lora_weights)
     peft_model = get_peft_model(model, config)
     model.action_queries.weight.requires_grad_(True)
     return peft_model

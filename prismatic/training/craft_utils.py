@@ -217,6 +217,27 @@ def all_reduce_mean(value: float | torch.Tensor, group: dist.ProcessGroup | None
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+FLAT_CHUNK_ELEMENTS = 1 << 18  # float64 temporaries of the vectorised statistics: 3 x 2 MB per chunk
+
+
+def _contiguous_groups(numels: Sequence[int], chunk: int) -> list[tuple[int, int, list[int]]]:
+    """Consecutive tensors grouped so that a group spans <= chunk elements (a bigger tensor is alone):
+    (index of the first tensor, offset in the flat buffer, numels of the group's tensors)."""
+    groups: list[tuple[int, int, list[int]]] = []
+    first = offset = size = 0
+    lengths: list[int] = []
+    for i, n in enumerate(numels):
+        if lengths and size + n > chunk:
+            groups.append((first, offset, lengths))
+            offset += size
+            first, lengths, size = i, [], 0
+        lengths.append(int(n))
+        size += int(n)
+    if lengths:
+        groups.append((first, offset, lengths))
+    return groups
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -286,6 +307,9 @@ class CRaFTGradientProjector:
             off += n
         self._reached_act = self._flat[2 * n_total : 2 * n_total + n_p]
         self._reached_ret = self._flat[2 * n_total + n_p :]
+        self._n_total = n_total
+        self._groups = [(first, start, lengths, torch.tensor(lengths, device=self.device))
+                        for first, start, lengths in _contiguous_groups(self._numels_local, FLAT_CHUNK_ELEMENTS)]
         self.num_micro_batches = 0
         # running statistics (restored on resume)
         self.steps = 0
@@ -392,10 +416,20 @@ class CRaFTGradientProjector:
             self._all_reduce_buffers()
             reached_act, reached_ret = (self._reached_act > 0).tolist(), (self._reached_ret > 0).tolist()
             g_ret = [r if reached_ret[i] else None for i, r in enumerate(self._ret)]
-            sums = _partial_sums(self._act, g_ret)
+            # vectorised over the flat buffers (a few ops instead of several per tensor): the g_ret part of an
+            # unreached tensor is zero in the buffer, so it adds nothing, exactly as skipping it
+            sums = self._flat_partial_sums()
         a, stats = _scalars_and_stats(sums, [r is not None for r in g_ret], self._numels_global, lam, self.delta,
                                       self.enable_projection)
-        combined = _apply(self._act, g_ret, a)
+        if self.sharded:
+            combined = _apply(self._act, g_ret, a)
+        else:
+            n = self._n_total
+            flat = torch.add(self._flat[:n], self._flat[n : 2 * n], alpha=a)  # fresh: never the reusable buffer
+            combined, off = [], 0
+            for p, numel in zip(self.params, self._numels_local, strict=True):
+                combined.append(flat[off : off + numel].view(p.shape))
+                off += numel
         for i, (p, g) in enumerate(zip(self.params, combined, strict=True)):
             if not (reached_act[i] or reached_ret[i]):
                 continue
@@ -404,6 +438,21 @@ class CRaFTGradientProjector:
         self._update_running(stats)
         self.reset()
         return stats
+
+    def _flat_partial_sums(self) -> torch.Tensor:
+        """[dot, ||g_ret||², ||g_act||², per-tensor dots] from the flat buffers, float64, in chunks of tensors."""
+        n = self._n_total
+        out = torch.zeros(3 + len(self.params), dtype=torch.float64, device=self.device)
+        for first, start, lengths, lengths_t in self._groups:
+            stop = start + sum(lengths)
+            a64 = self._flat[start:stop].to(torch.float64)
+            r64 = self._flat[n + start : n + stop].to(torch.float64)
+            per = torch.segment_reduce(a64 * r64, "sum", lengths=lengths_t)
+            out[3 + first : 3 + first + len(lengths)] = per
+            out[1] += torch.dot(r64, r64)
+            out[2] += torch.dot(a64, a64)
+        out[0] = out[3:].sum()
+        return out
 
     @staticmethod
     def _write_grad(p: nn.Parameter, g: torch.Tensor) -> None:

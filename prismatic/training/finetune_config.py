@@ -17,6 +17,7 @@ PRESETS = ("real", "tiny")
 WANDB_MODES = ("online", "offline", "disabled")
 CRAFT_ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
 CRAFT_ANCHOR_SOURCES = ("online", "offline")
+RETENTION_METHODS = ("none", "craft", "align", "consft")
 CHECKPOINT_DIR_PATTERN = re.compile(r"^(?P<run_id>.+)--(?P<step>\d+)_chkpt$")
 COMPLETE_MARKER = "COMPLETE"
 TRAINING_STATE_FILE = "training_state.pt"
@@ -95,6 +96,14 @@ class FinetuneConfig:
     craft_cache_dir: Path | None = None
     craft_delta: float = 1e-8
     craft_snapshot_path: Path | None = None  # theta_0 for the anchors (None: the model as loaded)
+
+    # ---- related-work baselines (docs/BASELINES.md) -----------------------------------------------------------
+    retention_method: str = "none"          # none | craft | align | consft (--use_craft True is craft)
+    align_weight: float = 0.2               # w in L_act + w * L_align
+    align_layer: int | None = None          # LLM layer of the aligned vision-token states (None: L // 2)
+    align_teacher: str = "self"             # "self" (theta_0 vision backbone) or a timm model id
+    consft_tau: float = 0.1                 # confidence temperature, in per-sample L1 units (> 0)
+    consft_clip: float = 0.2                # trust region rho of the per-sample weights, in [0, 1)
     # fmt: on
 
     @property
@@ -117,6 +126,8 @@ def make_run_id(cfg: FinetuneConfig, world_size: int) -> str:
         run_id += f"+lora-r{cfg.lora_rank}+dropout-{cfg.lora_dropout}"
     if cfg.use_craft:
         run_id += f"+craft-eps{cfg.craft_retention_budget}"
+    elif cfg.retention_method in ("align", "consft"):
+        run_id += f"+{cfg.retention_method}"
     if cfg.image_aug:
         run_id += "--image_aug"
     if cfg.run_id_note:
@@ -180,11 +191,38 @@ def validate_config(cfg: FinetuneConfig) -> list[str]:
     elif cfg.resume_step is not None:
         warnings.append(f"--resume_step {cfg.resume_step} is ignored because --resume is False")
 
+    errors.extend(_retention_method_errors(cfg))
     if cfg.use_craft:
         errors.extend(_craft_errors(cfg, warnings))
     if errors:
         raise ConfigError("invalid fine-tuning configuration:\n  - " + "\n  - ".join(errors))
     return warnings
+
+
+def _retention_method_errors(cfg: FinetuneConfig) -> list[str]:
+    """--retention_method and --use_craft name one method; resolves them in place (craft <=> use_craft True) so the
+    saved config.yaml states the method both ways."""
+    method = cfg.retention_method
+    if method not in RETENTION_METHODS:
+        return [f"--retention_method must be one of {RETENTION_METHODS}, got '{method}'"]
+    if cfg.use_craft and method not in ("none", "craft"):
+        return [f"--use_craft True conflicts with --retention_method {method}: pick one method (--use_craft True is "
+                "--retention_method craft)"]
+    if method == "craft" or cfg.use_craft:
+        cfg.use_craft, cfg.retention_method = True, "craft"
+    errors = []
+    if method == "align":
+        if not (isinstance(cfg.align_weight, (int, float)) and math.isfinite(cfg.align_weight)
+                and cfg.align_weight >= 0):
+            errors.append(f"--align_weight must be a finite number >= 0, got {cfg.align_weight!r}")
+        if cfg.align_layer is not None and cfg.align_layer < 0:
+            errors.append(f"--align_layer must be >= 0 (a hidden-state index), got {cfg.align_layer}")
+    if method == "consft":
+        if not (math.isfinite(cfg.consft_tau) and cfg.consft_tau > 0):
+            errors.append(f"--consft_tau must be > 0, got {cfg.consft_tau}")
+        if not (math.isfinite(cfg.consft_clip) and 0 <= cfg.consft_clip < 1):
+            errors.append(f"--consft_clip must be in [0, 1), got {cfg.consft_clip}")
+    return errors
 
 
 def _dataset_errors(data_dir: Path, dataset_name: str) -> list[str]:

@@ -4,9 +4,11 @@ Per optimizer step s (G = batch_size * world_size * grad_accumulation_steps samp
 [s*G, (s+1)*G), micro-batch j of rank r = s*G + j*b*W + r*b + [0, b)):
 
     micro_batches = next(stream)                        # k micro-batches + per-sample head noise
-    local = compute_gradients(model, micro_batches)     # plain_gradients; CRaFT swaps in its own (`if cfg.use_craft:`)
+    local = compute_gradients(model, micro_batches)     # plain_gradients; CRaFT swaps in its own (`if cfg.use_craft:`,
+                                                        # prismatic/training/craft_step.py), Align / ConSFT theirs
     stats = global_step_stats(local)                    # rank-averaged loss numbers
     applied, grad_norm = apply_update(optimizer, ...)   # skip on non-finite loss/grad; scheduler always steps
+    craft.finish_step()                                 # CRaFT only: dual update of lambda after the step
     log / validate / checkpoint                         # rank 0 writes; SIGTERM/SIGINT -> save and return
 
 Everything that decides the result (data order, augmentation, head noise) is a function of (seed, stream
@@ -178,9 +180,20 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
     # Plain VLA-Adapter: one backward per micro-batch. CRaFT replaces it here (two autograd.grad + projection) and
     # keeps its state (lambda, statistics) in `craft`: any object with state_dict() / load_state_dict().
     craft = None
+    related = None  # --retention_method align | consft: another drop-in with its own state
     compute_gradients = plain_gradients
     if cfg.use_craft:
-        raise NotImplementedError("--use_craft True: the CRaFT gradient path is not wired into the loop yet")
+        from prismatic.training.craft_step import CRaFTStep
+
+        craft = CRaFTStep(cfg, policy, env, data.train_set,
+                          saved_state=resume_state.get("craft") if resume_state is not None else None)
+        compute_gradients = craft.compute_gradients
+    elif cfg.retention_method in ("align", "consft"):
+        from prismatic.training.related_methods import AlignMethod, ConSFTMethod
+
+        saved = resume_state.get("related") if resume_state is not None else None
+        related = AlignMethod(cfg, policy, env, saved) if cfg.retention_method == "align" else ConSFTMethod(cfg, env)
+        compute_gradients = related.compute_gradients
 
     consecutive_nonfinite = total_nonfinite = 0
     if resume_state is not None:
@@ -217,6 +230,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
             "nonfinite": {"consecutive": consecutive_nonfinite, "total": total_nonfinite},
             "world_size": env.world_size,
             "craft": craft.state_dict() if craft is not None else None,
+            **({"related": related.state_dict()} if related is not None else {}),
         }
         if env.is_main:
             policy_setup.save_training_checkpoint(cfg, policy, run_root_dir=Path(cfg.run_root_dir), run_id=run_id,
@@ -239,6 +253,8 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
             stats = global_step_stats(local, env)
             lr = optimizer.param_groups[0]["lr"]
             applied, grad_norm = apply_update(optimizer, scheduler, params, stats)
+            if craft is not None:
+                craft.finish_step()  # λ update AFTER the optimizer step, from the rank-averaged L_ret
             done = step + 1  # optimizer steps taken (checkpoint / metrics index)
             if applied:
                 consecutive_nonfinite = 0

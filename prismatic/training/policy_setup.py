@@ -88,10 +88,17 @@ def _check_policy_config(loaded: PolicyConfig, wanted: PolicyConfig, source) -> 
                          f"--num_images_in_input): {'; '.join(diffs)}")
 
 
-def add_lora(policy: VLAPolicy, rank: int, dropout: float) -> VLAPolicy:
+def add_lora(policy: VLAPolicy, rank: int, dropout: float, without_vision: bool = False) -> VLAPolicy:
     """Upstream recipe: LoRA (rank, alpha 2*rank, gaussian init) on every linear of the VLA but the LM head;
-    action_queries, action head and proprio projector fully trained."""
-    policy.vla = apply_lora(policy.vla, rank=rank, alpha=2 * rank, dropout=dropout, init_lora_weights="gaussian")
+    action_queries, action head and proprio projector fully trained. `without_vision`: no adapter in the two ViTs
+    (the Freeze baseline under LoRA)."""
+    targets = None
+    if without_vision:
+        from prismatic.training.vision_freeze import lora_targets_without_vision
+
+        targets = lora_targets_without_vision(lora_target_modules(policy.vla))
+    policy.vla = apply_lora(policy.vla, rank=rank, alpha=2 * rank, dropout=dropout, init_lora_weights="gaussian",
+                            target_modules=targets)
     for module in (policy.action_head, policy.proprio_projector):
         if module is not None:
             module.requires_grad_(True)
@@ -131,7 +138,7 @@ def build_policy(cfg: FinetuneConfig, env: DistEnv) -> VLAPolicy:
     else:
         policy = build_base_policy({k: getattr(cfg, k) for k in BASE_KEYS})
         if cfg.use_lora:
-            add_lora(policy, cfg.lora_rank, cfg.lora_dropout)
+            add_lora(policy, cfg.lora_rank, cfg.lora_dropout, without_vision=cfg.freeze_vision_backbone)
         else:
             policy.requires_grad_(True)
         if cfg.freeze_vision_backbone:
@@ -163,7 +170,7 @@ def load_training_checkpoint_policy(chkpt: Path, cfg: FinetuneConfig | None = No
     if base_fingerprint(policy) != meta["base_fingerprint"]:
         raise ValueError(f"the base model rebuilt from {meta['base']} differs from the one checkpoint {chkpt} was "
                          "trained on (fingerprint mismatch): restore the original --vlm_path / --config_file_path")
-    add_lora(policy, meta["lora_rank"], meta["lora_dropout"])
+    add_lora(policy, meta["lora_rank"], meta["lora_dropout"], without_vision=meta.get("freeze_vision_backbone", False))
     if meta.get("freeze_vision_backbone", False):
         freeze_vision_backbone(policy)
     load_trainable_state(policy, load_file(str(lora_dir / TRAINABLE_STATE_FILE)), str(lora_dir))

@@ -440,7 +440,7 @@ def _load_module(name: str, path: Path):
 
 def test_every_printed_command_parses_with_the_real_configs(tmp_path):
     """The flags the scripts emit are accepted by finetune.py's and run_libero_eval.py's draccus configs (the
-    guarded related-work flags excepted until finetune.py has them)."""
+    related-work flags included)."""
     if not (REPO / "LIBERO/run_libero_eval.py").is_file():
         pytest.skip("LIBERO/run_libero_eval.py does not exist yet")
     draccus = pytest.importorskip("draccus")
@@ -457,8 +457,7 @@ def test_every_printed_command_parses_with_the_real_configs(tmp_path):
                 args = argv[argv.index(next(a for a in argv if a.endswith(".py"))) + 1:]
                 if kind == "train":
                     flags = flags_of(argv)
-                    if set(flags) - known <= {"retention_method", "freeze_vision_backbone"} and set(flags) - known:
-                        continue  # guarded entry
+                    assert set(flags) <= known, set(flags) - known  # every flag, the related-work ones included
                     cfg = draccus.parse(config_class=finetune_config.FinetuneConfig, args=args)
                     assert cfg.run_id == flags["run_id"] and cfg.max_steps == int(flags["max_steps"])
                     assert cfg.use_craft == (flags["use_craft"] == "True")
@@ -466,7 +465,9 @@ def test_every_printed_command_parses_with_the_real_configs(tmp_path):
                     cfg = draccus.parse(config_class=eval_module.EvalConfig, args=args)
                     assert cfg.local_log_dir.endswith("/eval") and cfg.center_crop is True
                 checked += 1
-    assert checked == 2 * (16 + 32 + (15 + 17 + 1))  # 2 modes x (table1 + fewshot + ablations incl. cache)
+    # 2 modes x (table1 + fewshot + ablations incl. cache and the align train + eval now that finetune.py has
+    # --retention_method)
+    assert checked == 2 * (16 + 32 + (15 + 17 + 1 + 2))
 
 
 def test_log_parser_labels_every_ablation_variant_as_the_script_names_it(tmp_path, fake_env):

@@ -1,0 +1,291 @@
+"""CRaFT in the fine-tuning loop: the replacement of `train_step.plain_gradients` and the state it carries.
+
+`CRaFTStep(cfg, policy, env, train_set, saved_state)` builds the components of `craft_utils.py` from the flags:
+
+    extractor  CRaFTFeatureExtractor(policy.vla, --craft_raw_layer, --craft_aq_layer, --craft_anchor_type)
+    projector  CRaFTGradientProjector(every trainable parameter of the policy, --craft_delta, --craft_enable_projection)
+    dual       CRaFTDualOptimizer(--craft_retention_budget, --craft_dual_lr, --craft_init_lambda, --craft_enable_dual,
+               --craft_fixed_lambda)
+    anchors    online: CRaFTWeightManager(policy.vla) -- θ0 = the model as loaded or --craft_snapshot_path;
+               offline: CraftCacheReader(--craft_cache_dir), manifest checked against this run at start-up.
+
+One optimizer step (`compute_gradients`, then the loop's unchanged `apply_update`, then `finish_step`):
+
+    per micro-batch j of k:   anchors (θ0 no-grad forward of the bare VLA, or cache lookup)
+                              ONE forward of the trained model (under no_sync with DDP) with the extractor's hooks
+                              L_act unchanged (forward_losses), L_ret = retention_loss(features, anchors)
+                              projector.accumulate(L_act / k, L_ret / k)          (autograd.grad: no DDP hook fires)
+    projector.step(λ)         all-reduce of [g_act | g_ret] over ranks, g = g_act + (λ - c) g_ret written into .grad
+    apply_update              as the plain step (finite check, AdamW, scheduler; no clipping, as the plain path)
+    finish_step               λ <- max(0, λ + η (all_reduce_mean(L_ret) - ε))
+
+Non-finite losses or features are errors here (the projection cannot be computed from them), unlike the plain
+step which skips such an update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from prismatic.training.craft_cache import (
+    CraftCacheReader,
+    build_manifest,
+    hash_file_list,
+    hash_json,
+    hash_state_dict,
+)
+from prismatic.training.craft_utils import (
+    CRaFTDualOptimizer,
+    CRaFTFeatureExtractor,
+    CRaFTGradientProjector,
+    CRaFTWeightManager,
+    _is_lora_name,
+    all_reduce_mean,
+    canonical_param_name,
+    retention_loss,
+)
+from prismatic.training.train_step import MicroBatch, autocast_context, forward_losses
+
+STATE_VERSION = 1
+METRIC_KEYS = {
+    "retention_loss": "CRaFT/Retention Loss",
+    "lambda": "CRaFT/Lambda",
+    "conflict_ratio_params": "CRaFT/Conflict Ratio",
+    "conflict_ratio_tensors": "CRaFT/Conflict Ratio (tensors)",
+    "dot": "CRaFT/Grad Dot",
+    "cosine": "CRaFT/Grad Cosine",
+    "projection_fired": "CRaFT/Projection Fired",
+    "grad_norm_act": "CRaFT/Act Grad Norm",
+    "grad_norm_ret": "CRaFT/Ret Grad Norm",
+    "slack": "CRaFT/Constraint Slack",
+    "projection_coef": "CRaFT/Projection Coef",
+    "projection_fired_rate": "CRaFT/Projection Fired Rate",
+    "conflict_indicator_mean": "CRaFT/Conflict Indicator Mean",
+}
+_CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype")
+
+
+# ---- identity of θ0, of the dataset and of the cache ---------------------------------------------------------
+def theta0_vla_state(vla: nn.Module) -> dict[str, torch.Tensor]:
+    """Every non-LoRA parameter of the VLA in the plain VLA naming (θ0 when called before training)."""
+    inner = vla.module if isinstance(vla, DDP) else vla
+    return {canonical_param_name(n): p.detach() for n, p in inner.named_parameters() if not _is_lora_name(n)}
+
+
+def vla_config_hash(vla: nn.Module) -> str:
+    from prismatic.models.modeling_vla import unwrap_vla
+
+    config = unwrap_vla(vla).config.to_dict()
+    return hash_json(_strip_config(config))
+
+
+def _strip_config(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _strip_config(v) for k, v in value.items() if k not in _CONFIG_KEYS_IGNORED}
+    return value
+
+
+def model_identity(theta0: Mapping[str, torch.Tensor], vla: nn.Module) -> dict[str, str]:
+    return {"weights_sha256": hash_state_dict(theta0), "config_sha256": vla_config_hash(vla)}
+
+
+def dataset_identity(train_set: Any, dataset_name: str) -> dict[str, str]:
+    """Name (the --dataset_name spec), version folder(s) and a hash of the shard files of every source dataset."""
+    from prismatic.data.rlds_catalog import resolve_dataset
+
+    layouts = [resolve_dataset(train_set.data_root_dir, s.name) for s in train_set.sources]
+    files = [f for layout in layouts for f in layout.shard_files]
+    return {"name": str(dataset_name), "version": ",".join(f"{lay.name}:{lay.directory.name}" for lay in layouts),
+            "files_sha256": hash_file_list(files)}
+
+
+def expected_cache_manifest(*, identity: Mapping[str, str], extractor: CRaFTFeatureExtractor, hidden_size: int,
+                            train_set: Any, dataset_name: str, num_images: int,
+                            checkpoint_path: str | None = None) -> dict[str, Any]:
+    """The manifest a cache must carry to serve this run (the cache builder writes exactly this)."""
+    ds = dataset_identity(train_set, dataset_name)
+    manifest = build_manifest(
+        weights_hash=identity["weights_sha256"], config_hash=identity["config_sha256"],
+        raw_layer=extractor.raw_layer, aq_layer=extractor.aq_layer, anchor_type=extractor.anchor_type,
+        feature_dim=extractor.feature_dim(hidden_size), dataset_name=ds["name"], dataset_version=ds["version"],
+        dataset_files_hash=ds["files_sha256"], image_size=int(train_set.image_size),
+        center_crop=bool(train_set.image_aug), checkpoint_path=checkpoint_path)
+    manifest["image_transform"]["num_images"] = int(num_images)
+    return manifest
+
+
+def all_sample_ids(train_set: Any) -> list[str]:
+    """The sample id of every frame of the training split (cheap: no image is read)."""
+    return [f"{s.name}/{int(e):06d}/{int(t):04d}" for s in train_set.sources
+            for e, t in zip(s.frame_episode, s.frame_step, strict=True)]
+
+
+def load_snapshot_state(path: Path, model_preset: str) -> dict[str, torch.Tensor]:
+    """θ0 from a policy / VLA folder (--craft_snapshot_path) as a plain-VLA state (parameters only)."""
+    from prismatic.models.configuration_vla import make_vla_config
+    from prismatic.models.loaders import load_policy
+
+    policy = load_policy(path, vla_config=make_vla_config(model_preset))
+    return {n: p.detach().float() for n, p in policy.vla.named_parameters()}
+
+
+# ---- the step ------------------------------------------------------------------------------------------------
+class CRaFTStep:
+    """Builds CRaFT from the flags; `compute_gradients` is the drop-in of `plain_gradients`.
+
+    `saved_state`: training_state.pt["craft"] of a resumed run. It restores θ0 of online LoRA anchors (the saved
+    copies of the trained non-LoRA tensors, e.g. action_queries) and the θ0 identity of offline anchors, so that the
+    resumed run anchors to the same θ0 as the original one; `load_state_dict` then restores λ and the statistics.
+    """
+
+    def __init__(self, cfg: Any, policy: nn.Module, env: Any, train_set: Any,
+                 saved_state: Mapping[str, Any] | None = None) -> None:
+        from prismatic.models.modeling_vla import unwrap_vla
+
+        self.cfg, self.policy, self.env = cfg, policy, env
+        self.source = cfg.craft_anchor_source
+        vla = policy.vla
+        base = unwrap_vla(vla)
+        self.is_lora = base is not vla
+        self.extractor = CRaFTFeatureExtractor(vla, raw_layer=cfg.craft_raw_layer, aq_layer=cfg.craft_aq_layer,
+                                               anchor_type=cfg.craft_anchor_type)
+        self.hidden_size = int(base.config.hidden_size)
+        named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+        self.projector = CRaFTGradientProjector(named, delta=cfg.craft_delta,
+                                                enable_projection=cfg.craft_enable_projection)
+        self.dual = CRaFTDualOptimizer(epsilon=cfg.craft_retention_budget, dual_lr=cfg.craft_dual_lr,
+                                       init_lambda=cfg.craft_init_lambda, enable_dual=cfg.craft_enable_dual,
+                                       fixed_lambda=cfg.craft_fixed_lambda)
+        saved = dict(saved_state or {})
+        if saved and saved.get("anchor_source", self.source) != self.source:
+            raise ValueError(f"the checkpoint's CRaFT run used --craft_anchor_source {saved['anchor_source']}, "
+                             f"this one {self.source}: θ0 / the cache would differ; keep the same source")
+        snapshot = None
+        self.snapshot_sha256 = None
+        if cfg.craft_snapshot_path is not None:
+            snapshot = load_snapshot_state(Path(cfg.craft_snapshot_path), cfg.model_preset)
+            self.snapshot_sha256 = hash_state_dict(snapshot)
+            if saved.get("snapshot_sha256") not in (None, self.snapshot_sha256):
+                raise ValueError(f"--craft_snapshot_path {cfg.craft_snapshot_path} is not the θ0 snapshot this run "
+                                 "started with (weights hash differs)")
+        elif saved and saved.get("snapshot_sha256") is not None:
+            raise ValueError("the resumed CRaFT run anchored to a snapshot: pass the same --craft_snapshot_path")
+
+        self.weights: CRaFTWeightManager | None = None
+        self.cache: CraftCacheReader | None = None
+        self.identity: dict[str, str] | None = None
+        if self.source == "online":
+            self.weights = self._build_weight_manager(vla, snapshot, saved)
+        else:
+            self.identity = self._theta0_identity(vla, snapshot, saved)
+            self.cache = CraftCacheReader(cfg.craft_cache_dir)
+            expected = expected_cache_manifest(identity=self.identity, extractor=self.extractor,
+                                               hidden_size=self.hidden_size, train_set=train_set,
+                                               dataset_name=cfg.dataset_name, num_images=cfg.num_images_in_input)
+            self.cache.check_manifest(expected)
+            missing = [s for s in all_sample_ids(train_set) if s not in self.cache]
+            if missing:
+                raise KeyError(f"the CRaFT cache {cfg.craft_cache_dir} lacks {len(missing)} training samples, e.g. "
+                               f"{missing[:3]}: rebuild it with vla-scripts/build_craft_cache.py (samples are never "
+                               "skipped)")
+        self._pending_ret: float | None = None
+
+    # -- θ0 ----------------------------------------------------------------------------------------------------
+    def _build_weight_manager(self, vla: nn.Module, snapshot: dict | None, saved: Mapping[str, Any]):
+        if snapshot is not None:
+            return CRaFTWeightManager(vla, storage="copy", snapshot_state=snapshot)
+        if self.cfg.resume:
+            if not self.is_lora:
+                raise ValueError("resuming a full fine-tuning CRaFT run with online anchors needs θ0: pass "
+                                 "--craft_snapshot_path <the model the run started from>")
+            theta0 = saved.get("theta0")
+            if theta0 is None:
+                raise KeyError("the checkpoint's CRaFT state has no θ0 copies ('theta0'): cannot rebuild the anchors")
+            return CRaFTWeightManager(vla, storage="copy", snapshot_state=theta0)
+        return CRaFTWeightManager(vla, storage="copy")  # θ0 = the model as loaded
+
+    def _theta0_identity(self, vla: nn.Module, snapshot: dict | None, saved: Mapping[str, Any]) -> dict[str, str]:
+        if snapshot is not None:
+            return {"weights_sha256": self.snapshot_sha256, "config_sha256": vla_config_hash(vla)}
+        if self.cfg.resume:
+            if saved.get("model_identity") is None:
+                raise KeyError("the checkpoint's CRaFT state has no θ0 identity ('model_identity')")
+            return dict(saved["model_identity"])
+        return model_identity(theta0_vla_state(vla), vla)
+
+    # -- the gradient ------------------------------------------------------------------------------------------
+    def _anchors(self, micro: MicroBatch, device: torch.device) -> torch.Tensor:
+        batch = micro.batch
+        if self.cache is not None:
+            return self.cache.lookup(batch["sample_ids"], batch["content_hashes"]).to(device)
+        vla = self.policy.vla
+        with torch.no_grad(), self.weights.reference_weights(), self.extractor.capture():
+            with autocast_context(device):
+                out = vla(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
+                          attention_mask=batch["attention_mask"].to(device))
+            return self.extractor.features(out.layout)
+
+    def compute_gradients(self, model: nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device) -> dict:
+        """Drop-in for `plain_gradients`: leaves g = g_act + (λ - c) g_ret in `.grad`, returns the loss numbers."""
+        k = len(micro_batches)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next, L_ret
+        for micro in micro_batches:
+            anchors = self._anchors(micro, device)
+            sync_off = model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
+            with sync_off:
+                with self.extractor.capture():
+                    loss, curr, nxt, out = forward_losses(model, micro, device)
+                feats = self.extractor.features(out.vla_output.layout)
+                loss_ret = retention_loss(feats, anchors)
+                self.projector.accumulate(loss / k, loss_ret / k)
+            sums += torch.stack([loss.detach(), curr.detach(), nxt.detach(), loss_ret.detach()]).double().cpu()
+        means = sums / k
+        stats = self.projector.step(self.dual.lam)
+        l_ret = all_reduce_mean(means[3])
+        self._pending_ret = l_ret
+        running = self.projector.running_stats()
+        metrics = {METRIC_KEYS["retention_loss"]: l_ret, METRIC_KEYS["slack"]: l_ret - self.dual.epsilon}
+        for key in ("lambda", "conflict_ratio_params", "conflict_ratio_tensors", "dot", "cosine", "projection_fired",
+                    "grad_norm_act", "grad_norm_ret", "projection_coef"):
+            metrics[METRIC_KEYS[key]] = float(stats[key])
+        for key in ("projection_fired_rate", "conflict_indicator_mean"):
+            metrics[METRIC_KEYS[key]] = running[key]
+        return {"loss": means[0], "curr_l1": means[1], "next_l1": means[2], "metrics": metrics}
+
+    def finish_step(self) -> float:
+        """After the optimizer step: λ <- max(0, λ + η (L_ret - ε)) with the rank-averaged L_ret. Returns λ."""
+        if self._pending_ret is None:
+            raise RuntimeError("CRaFTStep.finish_step() without a preceding compute_gradients()")
+        lam = self.dual.step(self._pending_ret)
+        self._pending_ret = None
+        return lam
+
+    # -- resume ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"version": STATE_VERSION, "dual": self.dual.state_dict(),
+                                 "projector": self.projector.state_dict(), "anchor_source": self.source,
+                                 "snapshot_sha256": self.snapshot_sha256, "model_identity": self.identity,
+                                 "raw_layer": self.extractor.raw_layer, "aq_layer": self.extractor.aq_layer,
+                                 "anchor_type": self.extractor.anchor_type}
+        if self.weights is not None and self.is_lora and self.snapshot_sha256 is None:
+            state["theta0"] = {n: t.detach().cpu().clone() for n, t in self.weights.theta0_state().items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"CRaFT state version {state.get('version')} != {STATE_VERSION}")
+        mine = {"raw_layer": self.extractor.raw_layer, "aq_layer": self.extractor.aq_layer,
+                "anchor_type": self.extractor.anchor_type}
+        diffs = [f"{k}: checkpoint {state.get(k)!r} vs flags {v!r}" for k, v in mine.items() if state.get(k) != v]
+        if diffs:
+            raise ValueError("the checkpoint's CRaFT anchors differ from the flags: " + "; ".join(diffs))
+        self.dual.load_state_dict(state["dual"])
+        self.projector.load_state_dict(state["projector"])
+
