@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vla-scripts"))  # `from finetune import train`
 
 import draccus
 import numpy as np
 import torch
 
+from finetune import TrainHooks, train
 from prismatic.training.finetune_config import FinetuneConfig
-from prismatic.training.finetune_loop import TrainHooks, train
 
 
 def _tiny_defaults() -> FinetuneConfig:

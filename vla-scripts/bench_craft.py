@@ -119,10 +119,10 @@ def _tensor_bytes(tensors) -> int:
 
 class Trainer:
     def __init__(self, name: str, cfg, env) -> None:
+        from finetune import seed_everything
         from prismatic.training import policy_setup
         from prismatic.training.data_setup import build_training_data
         from prismatic.training.finetune_config import validate_config
-        from prismatic.training.finetune_loop import seed_everything
         from prismatic.training.lr_schedule import build_lr_scheduler
         from prismatic.training.train_step import plain_gradients
 

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from any working directory
     sys.path.insert(0, str(REPO))
 
+from finetune import train
 from prismatic.data.loader import make_eval_loader
 from prismatic.data.normalization import unnormalize_bounds_q99
 from prismatic.data.rlds_dataset import RLDSFrameDataset
@@ -42,10 +43,11 @@ from prismatic.data.synthetic_libero import make_synthetic_libero_dataset
 from prismatic.models.loaders import load_policy
 from prismatic.training.craft_utils import CRaFTFeatureExtractor, retention_loss
 from prismatic.training.finetune_config import FinetuneConfig
-from prismatic.training.finetune_loop import train
 
 PRETRAIN_SET, PRETRAIN_HELDOUT = "demo_pretrain_no_noops", "demo_pretrain_heldout_no_noops"
 TARGET_SET, TARGET_HELDOUT = "demo_target_no_noops", "demo_target_heldout_no_noops"
+METHOD_TITLES = {"theta0": "theta0 (before fine-tuning)", "plain": "plain fine-tuning", "craft": "CRaFT",
+                 "craft_lambda_only": "CRaFT, lambda only (no projection)"}
 PRETRAIN_TASKS = (0, 1, 2, 3, 4, 5)  # "push the block to the <place>"
 TARGET_TASKS = (8, 9, 10, 11)  # "quickly push the block to the <place>": new tasks, new action scale
 
@@ -63,10 +65,10 @@ class DemoConfig:
     steps_per_episode: int = 24
     num_images_in_input: int = 2
     # theta0 pre-training (full fine-tuning from a random tiny VLA)
-    pretrain_steps: int = 300
+    pretrain_steps: int = 250
     pretrain_lr: float = 1e-3
     # fine-tuning on the new tasks (LoRA, as upstream)
-    finetune_steps: int = 200
+    finetune_steps: int = 160
     batch_size: int = 8
     learning_rate: float = 1e-3
     lora_rank: int = 8
@@ -75,7 +77,7 @@ class DemoConfig:
     craft_dual_lr: float = 5.0             # eta_lambda: L_ret is small here, so lambda needs a large step to move
     # evaluation
     eval_frames: int = 256                 # held-out frames per set (cap)
-    libero_rollout: str = "auto"           # auto (if the extra is installed) | yes | no
+    libero_rollout: str = "auto"           # auto (if the extra is installed) | always | never
     libero_max_steps: int = 24
     # fmt: on
 
@@ -155,6 +157,10 @@ def finetune_configs(cfg: DemoConfig, data_root: Path, run_root: Path, theta0: P
         "plain": replace(common, run_id="demo-plain", use_craft=False),
         "craft": replace(common, run_id="demo-craft", use_craft=True,
                          craft_retention_budget=cfg.craft_retention_budget, craft_dual_lr=cfg.craft_dual_lr),
+        # ablation: the dual variable alone (no projection), to show lambda enforcing the budget by itself
+        "craft_lambda_only": replace(common, run_id="demo-craft_lambda_only", use_craft=True,
+                                     craft_enable_projection=False, craft_retention_budget=cfg.craft_retention_budget,
+                                     craft_dual_lr=cfg.craft_dual_lr),
     }
 
 
@@ -204,6 +210,11 @@ def last_value(metrics: list[dict], key: str) -> float:
     return float(values[-1]) if values else math.nan
 
 
+def max_value(metrics: list[dict], key: str) -> float:
+    values = [m[key] for m in metrics if key in m]
+    return float(np.max(values)) if values else math.nan
+
+
 def mean_value(metrics: list[dict], key: str) -> float:
     values = [m[key] for m in metrics if key in m]
     return float(np.mean(values)) if values else math.nan
@@ -219,6 +230,7 @@ COLUMNS = (("method", "Method", "s"),
            ("epsilon", "epsilon", ".4f"),
            ("within_budget", "L_ret <= eps", "s"),
            ("final_lambda", "Final lambda", ".3f"),
+           ("max_lambda", "Max lambda", ".3f"),
            ("mean_conflict_ratio", "Mean conflict ratio", ".3f"),
            ("steps_per_s", "Steps/s", ".2f"))
 
@@ -258,10 +270,10 @@ def training_curves(run_root: Path, out: Path) -> list[Path]:
 
 def libero_rollout(cfg: DemoConfig, chkpt: Path, out: Path) -> dict | None:
     wanted = cfg.libero_rollout
-    if wanted not in ("auto", "yes", "no"):
-        raise ValueError(f"--libero_rollout must be auto, yes or no, got '{wanted}'")
+    if wanted not in ("auto", "always", "never"):  # not yes/no: YAML-style parsing turns those into booleans
+        raise ValueError(f"--libero_rollout must be auto, always or never, got '{wanted}'")
     installed = importlib.util.find_spec("libero") is not None
-    if wanted == "no" or (wanted == "auto" and not installed):
+    if wanted == "never" or (wanted == "auto" and not installed):
         print("[demo] LIBERO rollout skipped" + ("" if installed else " (the `libero` extra is not installed)"))
         return None
     sys.path.insert(0, str(REPO / "LIBERO"))
@@ -269,7 +281,8 @@ def libero_rollout(cfg: DemoConfig, chkpt: Path, out: Path) -> dict | None:
 
     eval_cfg = EvalConfig(pretrained_checkpoint=str(chkpt), task_suite_name="libero_spatial", task_ids=[0],
                           num_trials_per_task=1, max_steps_override=cfg.libero_max_steps, save_videos=True,
-                          local_log_dir=str(out / "libero_rollout"), num_envs=0, seed=cfg.seed)
+                          local_log_dir=str(out / "libero_rollout"), num_envs=0, seed=cfg.seed,
+                          center_crop=False)  # the demo trains without crop augmentation
     print("[demo] one short headless LIBERO rollout of the CRaFT policy (a tiny policy trained on synthetic data: "
           "it is expected to FAIL the task; the rollout shows the full closed loop works)")
     summary = run_evaluation(eval_cfg)
@@ -310,16 +323,18 @@ def main(cfg: DemoConfig) -> list[dict]:
         metrics = read_metrics(run_root / f"demo-{name}")
         seconds_per_step = runs[name][1] if name in runs else theta0_seconds_per_step
         stats_key = PRETRAIN_SET if name == "theta0" else TARGET_SET
+        is_craft = name.startswith("craft")
         rows.append({
-            "method": {"theta0": "theta0 (before fine-tuning)", "plain": "plain fine-tuning", "craft": "CRaFT"}[name],
+            "method": METHOD_TITLES[name],
             "heldout_l1_target": heldout_l1(policy, data_root, TARGET_HELDOUT, stats_key, cfg),
             "heldout_l1_pretrain": heldout_l1(policy, data_root, PRETRAIN_HELDOUT, stats_key, cfg),
             "final_l_ret": 0.0 if name == "theta0" else retention_against_theta0(theta0, policy, data_root, cfg),
             "epsilon": cfg.craft_retention_budget,
             "within_budget": "",
-            "final_lambda": last_value(metrics, "CRaFT/Lambda") if name == "craft" else math.nan,
-            "mean_conflict_ratio": mean_value(metrics, "CRaFT/Conflict Ratio") if name == "craft" else math.nan,
-            "train_retention_loss_last": last_value(metrics, "CRaFT/Retention Loss") if name == "craft" else math.nan,
+            "final_lambda": last_value(metrics, "CRaFT/Lambda") if is_craft else math.nan,
+            "max_lambda": max_value(metrics, "CRaFT/Lambda") if is_craft else math.nan,
+            "mean_conflict_ratio": mean_value(metrics, "CRaFT/Conflict Ratio") if is_craft else math.nan,
+            "max_train_retention_loss": max_value(metrics, "CRaFT/Retention Loss") if is_craft else math.nan,
             "steps_per_s": 1.0 / seconds_per_step if seconds_per_step > 0 else math.nan,
         })
     for row in rows:

@@ -6,20 +6,326 @@
     python vla-scripts/finetune.py --config_file_path runs/<run id>--10000_chkpt --resume True --resume_step 10000 ...
     python vla-scripts/finetune.py --config_path my_run.yaml                     # flags from YAML (CLI overrides)
 
-Flags: prismatic/training/finetune_config.py (FinetuneConfig). The loop: prismatic/training/finetune_loop.py.
-SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, exit code 0.
+Flags: prismatic/training/finetune_config.py (FinetuneConfig, with start-up validation). SIGTERM / SIGINT: the current
+step finishes, a checkpoint is saved, exit code 0. `train(cfg)` below is the whole loop (importable: tests, demo and
+benchmarks call it with `from finetune import train`, `vla-scripts/` on sys.path).
+
+Per optimizer step s (G = batch_size * world_size * grad_accumulation_steps samples, stream positions
+[s*G, (s+1)*G), micro-batch j of rank r = s*G + j*b*W + r*b + [0, b)):
+
+    micro_batches = next(stream)                        # k micro-batches + per-sample head noise
+    local = compute_gradients(model, micro_batches)     # plain_gradients; CRaFT swaps in its own (`if cfg.use_craft:`,
+                                                        # prismatic/training/craft_step.py), Align / ConSFT theirs
+    stats = global_step_stats(local)                    # rank-averaged loss numbers
+    applied, grad_norm = apply_update(optimizer, ...)   # skip on non-finite loss/grad; scheduler always steps
+    craft.finish_step()                                 # CRaFT only: dual update of lambda after the step
+    log / validate / checkpoint                         # rank 0 writes; SIGTERM/SIGINT -> save and return
+
+Everything that decides the result (data order, augmentation, head noise) is a function of (seed, stream
+position), so 1 rank x batch 2b and 2 ranks x batch b see the same samples with the same noise.
 """
 
+from __future__ import annotations
+
 import os
+import random
+import signal
 import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import draccus
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prismatic.training.finetune_config import ConfigError, FinetuneConfig
-from prismatic.training.finetune_loop import train
+from prismatic.training import checkpointing as ckpt
+from prismatic.training import policy_setup
+from prismatic.training.data_setup import TrainStream, build_training_data
+from prismatic.training.distributed import DistEnv, any_rank, barrier, gather_objects, init_distributed
+from prismatic.training.finetune_config import (
+    ConfigError,
+    FinetuneConfig,
+    global_batch_size,
+    make_run_id,
+    parse_checkpoint_dir,
+    validate_config,
+)
+from prismatic.training.lr_schedule import build_lr_scheduler
+from prismatic.training.metrics_log import MetricsLogger
+from prismatic.training.train_step import (
+    TRAIN_KEYS,
+    VAL_KEYS,
+    apply_update,
+    global_step_stats,
+    plain_gradients,
+    validation_losses,
+)
+
+CONFIG_FILE = "config.yaml"
+HISTORY_LENGTH = 10_000  # steps of metrics kept in memory for the caller (the file keeps all)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: Path
+    final_step: int
+    last_checkpoint: Path | None
+    stopped_by_signal: bool = False
+    history: list[dict] = field(default_factory=list)  # metrics of the last HISTORY_LENGTH steps (all in metrics.jsonl)
+    policy: object = None  # the trained VLAPolicy of this rank (LoRA unmerged), for tests and benchmarks
+
+
+@dataclass
+class TrainHooks:
+    """Test/benchmark hooks. `on_step_end(step, metrics)` runs after every step on every rank."""
+
+    on_step_end: Callable[[int, dict], None] | None = None
+
+
+class StopRequest:
+    """The first SIGTERM/SIGINT sets a flag: the loop finishes the current step, saves a checkpoint and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handler(self, signum, _frame) -> None:
+        self.requested = True
+        for sig, handler in self._previous.items():  # a second signal acts as usual (e.g. Ctrl-C interrupts)
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> StopRequest:
+        if _in_main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def save_resolved_config(cfg: FinetuneConfig, run_dir: Path) -> None:
+    tmp = run_dir / f".{CONFIG_FILE}.tmp"
+    with open(tmp, "w") as f:
+        draccus.dump(cfg, f)
+    os.replace(tmp, run_dir / CONFIG_FILE)
+
+
+def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None) -> TrainResult:
+    """Run fine-tuning as configured; returns where things were written. Raises ConfigError on bad flags."""
+    warnings = validate_config(cfg)
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    env = init_distributed()
+    if env.is_main:
+        for message in warnings:
+            print(f"[finetune] warning: {message}")
+    try:
+        return _train(cfg, env, hooks or TrainHooks())
+    finally:
+        if env.distributed and owns_group:  # a process group created by the caller stays the caller's
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
+    # ---- run identity, resume state ---------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    resume_state = None
+    if cfg.resume:
+        run_id, _ = parse_checkpoint_dir(Path(cfg.config_file_path))
+        resume_state = ckpt.load_training_state(Path(cfg.config_file_path))
+        if resume_state["step"] != cfg.resume_step:
+            raise ValueError(f"{cfg.config_file_path}: training_state step {resume_state['step']} != --resume_step "
+                             f"{cfg.resume_step}")
+    else:
+        run_id = make_run_id(cfg, env.world_size)
+    run_dir = Path(cfg.run_root_dir) / run_id
+    G = global_batch_size(cfg, env.world_size)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(cfg, run_dir)
+
+    # ---- model, data ------------------------------------------------------------------------------------------
+    policy = policy_setup.build_policy(cfg, env)          # LoRA applied; on resume the checkpoint's weights
+    start_step = resume_state["step"] if resume_state else 0
+    data = build_training_data(cfg, policy, env, run_dir=run_dir,
+                               resume_from=Path(cfg.config_file_path) if cfg.resume else None)
+    policy.norm_stats = dict(data.dataset_statistics)
+    policy.to(env.device).train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    model = policy
+    if env.distributed:
+        # ONE DDP module around vla + head + proprio projector. Unused parameters exist (last ViT block, SigLIP
+        # attn_pool, final ViT norms), hence find_unused_parameters; no buffers need broadcasting.
+        model = DDP(policy, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                    find_unused_parameters=True, **_no_buffer_sync_kwargs())
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    scheduler = build_lr_scheduler(optimizer, cfg.lr_warmup_steps, cfg.num_steps_before_decay)
+    # The loader iterator draws its base seed from the global RNG: create it before the RNG state is restored.
+    stream: TrainStream = data.train_stream(start_step)
+
+    # ---- gradient rule ----------------------------------------------------------------------------------------
+    # compute_gradients(model, micro_batches, device) -> {"loss", "curr_l1", "next_l1": this rank's means,
+    # optional "metrics": {wandb key: already-global value}} and leaves the step's gradient in p.grad.
+    # Plain VLA-Adapter: one backward per micro-batch. CRaFT replaces it here (two autograd.grad + projection) and
+    # keeps its state (lambda, statistics) in `craft`: any object with state_dict() / load_state_dict().
+    craft = None
+    related = None  # --retention_method align | consft: another drop-in with its own state
+    compute_gradients = plain_gradients
+    if cfg.use_craft:
+        from prismatic.training.craft_step import CRaFTStep
+
+        craft = CRaFTStep(cfg, policy, env, data.train_set,
+                          saved_state=resume_state.get("craft") if resume_state is not None else None)
+        compute_gradients = craft.compute_gradients
+    elif cfg.retention_method in ("align", "consft"):
+        from prismatic.training.related_methods import AlignMethod, ConSFTMethod
+
+        saved = resume_state.get("related") if resume_state is not None else None
+        related = AlignMethod(cfg, policy, env, saved) if cfg.retention_method == "align" else ConSFTMethod(cfg, env)
+        compute_gradients = related.compute_gradients
+
+    consecutive_nonfinite = total_nonfinite = 0
+    if resume_state is not None:
+        if resume_state["data"]["global_batch_size"] != G and env.is_main:
+            print(f"[finetune] warning: global batch {G} differs from the checkpoint's "
+                  f"{resume_state['data']['global_batch_size']}: the stream continues at position {start_step * G}, "
+                  "not where the interrupted run would have")
+        saved_schedule = resume_state["scheduler"]["lr_lambdas"][0]
+        if saved_schedule != {"warmup_steps": cfg.lr_warmup_steps, "decay_step": cfg.num_steps_before_decay} \
+                and env.is_main:
+            print(f"[finetune] warning: the checkpoint's lr schedule {saved_schedule} is kept; --lr_warmup_steps / "
+                  "--num_steps_before_decay / --learning_rate given now do not change a resumed run")
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        consecutive_nonfinite = resume_state["nonfinite"]["consecutive"]
+        total_nonfinite = resume_state["nonfinite"]["total"]
+        ranks_rng = resume_state["rng"]
+        ckpt.restore_rng_state(ranks_rng[env.rank] if env.rank < len(ranks_rng) else ranks_rng[0])
+        if craft is not None and resume_state.get("craft") is not None:
+            craft.load_state_dict(resume_state["craft"])
+
+    logger = MetricsLogger(run_dir, run_id, asdict(cfg) | {"world_size": env.world_size, "global_batch_size": G},
+                           enabled=env.is_main, wandb_mode=cfg.wandb_mode, wandb_project=cfg.wandb_project,
+                           wandb_entity=cfg.wandb_entity, resume_step=start_step)  # drops records past start
+
+    def save(step: int) -> Path:
+        rng = ckpt.capture_rng_state()
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": gather_objects(rng, env),
+            "data": data.position_state(step),
+            "nonfinite": {"consecutive": consecutive_nonfinite, "total": total_nonfinite},
+            "world_size": env.world_size,
+            "craft": craft.state_dict() if craft is not None else None,
+            **({"related": related.state_dict()} if related is not None else {}),
+        }
+        if env.is_main:
+            policy_setup.save_training_checkpoint(cfg, policy, run_root_dir=Path(cfg.run_root_dir), run_id=run_id,
+                                                  step=step, training_state=state)
+        barrier(env)
+        path = ckpt.checkpoint_dir(Path(cfg.run_root_dir), run_id, step)  # the same answer on every rank
+        ckpt.restore_rng_state(rng)  # writing (e.g. building the merged VLA) must not shift the training RNG
+        return path
+
+    # ---- loop -------------------------------------------------------------------------------------------------
+    history: deque[dict] = deque(maxlen=HISTORY_LENGTH)
+    last_checkpoint = None
+    stopped = False
+    progress = _progress_bar(env, start_step, cfg.max_steps)
+    t_last = time.perf_counter()
+    with StopRequest() as stop:
+        for step in range(start_step, cfg.max_steps):
+            micro_batches = next(stream)
+            local = compute_gradients(model, micro_batches, env.device)
+            stats = global_step_stats(local, env)
+            lr = optimizer.param_groups[0]["lr"]
+            applied, grad_norm = apply_update(optimizer, scheduler, params, stats)
+            if craft is not None:
+                craft.finish_step()  # λ update AFTER the optimizer step, from the rank-averaged L_ret
+            done = step + 1  # optimizer steps taken (checkpoint / metrics index)
+            if applied:
+                consecutive_nonfinite = 0
+            else:
+                consecutive_nonfinite += 1
+                total_nonfinite += 1
+            metrics = {TRAIN_KEYS["loss"]: stats["loss"], TRAIN_KEYS["curr_l1"]: stats["curr_l1"],
+                       TRAIN_KEYS["next_l1"]: stats["next_l1"], TRAIN_KEYS["lr"]: lr,
+                       TRAIN_KEYS["grad_norm"]: grad_norm, "VLA Train/Non-finite Steps": total_nonfinite,
+                       **local.get("metrics", {})}
+            if cfg.use_val_set and done % cfg.val_freq == 0:
+                val = validation_losses(policy, data.val_batches(), env.device, env)
+                metrics.update({VAL_KEYS[k]: v for k, v in val.items()})
+            logger.log(done, metrics)
+            history.append({"step": done, **metrics})
+            if progress is not None:
+                now = time.perf_counter()
+                progress.set_postfix(loss=f"{stats['loss']:.4f}", steps_per_s=f"{1.0 / max(now - t_last, 1e-9):.2f}")
+                t_last = now
+                progress.update(1)
+            if hooks.on_step_end is not None:
+                hooks.on_step_end(done, metrics)
+            if consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient (last "
+                    f"at step {done}, loss {stats['loss']}, grad norm {grad_norm}); each was skipped. Stopping: lower "
+                    "--learning_rate, check the data for NaN/inf, or raise --max_consecutive_nonfinite")
+            stop_now = any_rank(stop.requested, env)
+            if done % cfg.save_freq == 0 or done == cfg.max_steps or stop_now:
+                last_checkpoint = save(done)
+            if stop_now:
+                stopped = True
+                if env.is_main:
+                    print(f"[finetune] stop requested: saved step {done} to {last_checkpoint}; exiting")
+                break
+    if progress is not None:
+        progress.close()
+    logger.close()
+    final = history[-1]["step"] if history else start_step
+    return TrainResult(run_id=run_id, run_dir=run_dir, final_step=final, last_checkpoint=last_checkpoint,
+                       stopped_by_signal=stopped, history=list(history), policy=policy)
+
+
+def _no_buffer_sync_kwargs() -> dict:
+    # torch >= 2.14 renames broadcast_buffers to forward_sync_buffers (buffers here are constants, e.g. RoPE tables)
+    import inspect
+
+    params = inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def _progress_bar(env: DistEnv, start: int, total: int):
+    if not env.is_main:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="finetune", dynamic_ncols=True, leave=False)
 
 
 @draccus.wrap()

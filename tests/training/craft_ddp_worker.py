@@ -12,14 +12,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "vla-scripts"))  # `from finetune import train`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from ddp_worker import worker_config
 
 import prismatic.training.policy_setup as ps
+from finetune import TrainHooks, train
 from prismatic.training.distributed import init_distributed
-from prismatic.training.finetune_loop import TrainHooks, train
 from prismatic.training.policy_setup import trainable_state
 
 CRAFT_FLAGS = dict(use_craft=True, craft_retention_budget=1e-3, craft_dual_lr=0.05, craft_init_lambda=0.01)

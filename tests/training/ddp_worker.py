@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "vla-scripts"))  # `from finetune import train`
 
 import torch
 
+from finetune import train
 from prismatic.training.distributed import init_distributed
 from prismatic.training.finetune_config import FinetuneConfig
-from prismatic.training.finetune_loop import train
 from prismatic.training.policy_setup import trainable_state
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prismatic.training.finetune_loop import train
+from finetune import train
 from prismatic.training.policy_setup import trainable_state
 
 HERE = Path(__file__).resolve().parent

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from finetune import seed_everything, train
 from prismatic.training import checkpointing as ckpt
 from prismatic.training import policy_setup
 from prismatic.training.craft_cache import CacheManifestMismatch, CraftCacheReader, CraftCacheWriter
@@ -17,7 +18,6 @@ from prismatic.training.craft_step import CRaFTStep
 from prismatic.training.data_setup import build_training_data
 from prismatic.training.distributed import init_distributed
 from prismatic.training.finetune_config import ConfigError, validate_config
-from prismatic.training.finetune_loop import seed_everything, train
 from prismatic.training.lr_schedule import build_lr_scheduler
 from prismatic.training.metrics_log import read_metrics
 from prismatic.training.train_step import plain_gradients

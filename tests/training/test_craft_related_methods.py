@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_craft_loop import _setup
 
+from finetune import train
 from prismatic.training import checkpointing as ckpt
 from prismatic.training.align_loss import AlignRetention
-from prismatic.training.finetune_loop import train
 
 
 def _first_step_forward(cfg, name):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune import train
 from prismatic.training.distributed import init_distributed
-from prismatic.training.finetune_loop import train
 from prismatic.training.policy_setup import build_policy, trainable_state
 
 HERE = Path(__file__).resolve().parent

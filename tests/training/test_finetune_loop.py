@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune import NonFiniteLossError, TrainHooks, train
 from prismatic.data.collator import VLACollator
 from prismatic.data.loader import make_eval_loader
 from prismatic.models.loaders import load_policy
@@ -22,7 +23,6 @@ from prismatic.training import train_step as train_step_module
 from prismatic.training.data_setup import build_training_data
 from prismatic.training.distributed import init_distributed
 from prismatic.training.finetune_config import ConfigError, FinetuneConfig
-from prismatic.training.finetune_loop import NonFiniteLossError, TrainHooks, train
 from prismatic.training.metrics_log import read_metrics
 from prismatic.training.train_step import plain_gradients, validation_losses
 

@@ -6,12 +6,12 @@ import json
 
 import torch
 
+from finetune import train
 from prismatic.models.configuration_vla import make_vla_config
 from prismatic.models.modeling_vla import OpenVLAForActionPrediction
 from prismatic.models.tokenizer_tiny import train_tiny_tokenizer
 from prismatic.training import policy_setup
 from prismatic.training.distributed import init_distributed
-from prismatic.training.finetune_loop import train
 
 
 def _write_native_vlm(path, vla) -> None:
