@@ -328,8 +328,8 @@ def _progress_bar(env: DistEnv, start: int, total: int):
     return tqdm(total=total, initial=start, desc="finetune", dynamic_ncols=True, leave=False)
 
 
-@draccus.wrap()
-def finetune(cfg: FinetuneConfig) -> None:
+def main() -> None:
+    cfg = draccus.parse(config_class=FinetuneConfig)  # also reads --config_path x.yaml (CLI flags override it)
     try:
         result = train(cfg)
     except ConfigError as exc:
@@ -341,4 +341,4 @@ def finetune(cfg: FinetuneConfig) -> None:
 
 
 if __name__ == "__main__":
-    finetune()
+    main()
