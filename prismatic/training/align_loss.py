@@ -294,24 +294,12 @@ def align_gradients(model: nn.Module, micro_batches, device: torch.device, align
     before). Returns this rank's means over micro-batches: `loss`, `curr_l1`, `next_l1` (the unchanged L1 numbers,
     comparable across methods) and `align_loss` (L_align), `total_loss`, all float64 tensors.
     """
-    import contextlib  # local imports: train_step may import this module to dispatch on --retention_method
+    from prismatic.training.train_step import autocast_context, plain_gradients  # local: no import cycle
 
-    from torch.nn.parallel import DistributedDataParallel
+    def objective(l1: torch.Tensor, out, micro) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with autocast_context(device):
+            l_align = align.loss(out.vla_output, micro.batch["pixel_values"])
+        total = l1 + align.weight * l_align
+        return total, {"align_loss": l_align, "total_loss": total}
 
-    from prismatic.training.train_step import autocast_context, forward_losses
-
-    k = len(micro_batches)
-    sums = torch.zeros(5, dtype=torch.float64)
-    for j, micro in enumerate(micro_batches):
-        last = j == k - 1
-        ctx = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
-        with ctx:
-            loss, curr, nxt, out = forward_losses(model, micro, device)
-            with autocast_context(device):
-                l_align = align.loss(out.vla_output, micro.batch["pixel_values"])
-            total = loss + align.weight * l_align
-            (total / k).backward()
-        sums += torch.stack([t.detach().double().cpu() for t in (loss, curr, nxt, l_align, total)])
-    means = sums / k
-    return {"loss": means[0], "curr_l1": means[1], "next_l1": means[2], "align_loss": means[3],
-            "total_loss": means[4]}
+    return plain_gradients(model, micro_batches, device, objective)

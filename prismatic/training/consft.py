@@ -67,27 +67,18 @@ def consft_gradients(model: torch.nn.Module, micro_batches, device: torch.device
     micro-batches), `consft_loss` (mean), `weight_mean` (mean), `weight_min` / `weight_max` (min / max),
     `clipped_fraction` (mean), all float64 tensors.
     """
-    import contextlib  # local imports: train_step may import this module to dispatch on --retention_method
+    from prismatic.training.train_step import plain_gradients  # local: no import cycle
 
-    from torch.nn.parallel import DistributedDataParallel
+    extremes: list[tuple[float, float]] = []  # (min, max) weight of each micro-batch
 
-    from prismatic.training.train_step import forward_losses
-
-    k = len(micro_batches)
-    sums = torch.zeros(6, dtype=torch.float64)
-    w_min, w_max = math.inf, -math.inf
-    for j, micro in enumerate(micro_batches):
-        last = j == k - 1
-        ctx = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
-        with ctx:
-            loss, curr, nxt, out = forward_losses(model, micro, device)
-            weighted, weights = consft_weighted_l1(out.actions, micro.batch["actions"], tau, clip)
-            (weighted / k).backward()
+    def objective(l1: torch.Tensor, out, micro) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        weighted, weights = consft_weighted_l1(out.actions, micro.batch["actions"], tau, clip)
         stats = consft_stats(weights, clip)
-        w_min, w_max = min(w_min, stats["ConSFT/Weight Min"]), max(w_max, stats["ConSFT/Weight Max"])
-        sums += torch.tensor([loss.item(), curr.item(), nxt.item(), weighted.item(), stats["ConSFT/Weight Mean"],
-                              stats["ConSFT/Clipped Fraction"]], dtype=torch.float64)
-    means = sums / k
-    return {"loss": means[0], "curr_l1": means[1], "next_l1": means[2], "consft_loss": means[3],
-            "weight_mean": means[4], "weight_min": torch.tensor(w_min, dtype=torch.float64),
-            "weight_max": torch.tensor(w_max, dtype=torch.float64), "clipped_fraction": means[5]}
+        extremes.append((stats["ConSFT/Weight Min"], stats["ConSFT/Weight Max"]))
+        return weighted, {"consft_loss": weighted, "weight_mean": torch.tensor(stats["ConSFT/Weight Mean"]),
+                          "clipped_fraction": torch.tensor(stats["ConSFT/Clipped Fraction"])}
+
+    result = plain_gradients(model, micro_batches, device, objective)
+    result["weight_min"] = torch.tensor(min(lo for lo, _ in extremes), dtype=torch.float64)
+    result["weight_max"] = torch.tensor(max(hi for _, hi in extremes), dtype=torch.float64)
+    return result

@@ -15,8 +15,9 @@ import contextlib
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,21 +87,32 @@ def forward_losses(model: torch.nn.Module, micro: MicroBatch, device: torch.devi
     return loss, curr, nxt, out
 
 
-def plain_gradients(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device) -> dict:
+Objective = Callable[[torch.Tensor, Any, "MicroBatch"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def plain_gradients(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device,
+                    objective: Objective | None = None) -> dict:
     """VLA-Adapter's gradient: backward of mean L1 / k per micro-batch, DDP sync on the last one only.
 
     Returns the local (this rank's) mean over micro-batches of loss / curr_l1 / next_l1 as float tensors.
+    `objective(l1_loss, policy_output, micro) -> (loss to back-propagate, extras)` replaces what is back-propagated
+    (the related-work baselines Align and ConSFT); its scalar extras are averaged over micro-batches and returned too.
     """
     k = len(micro_batches)
     sums = torch.zeros(3, dtype=torch.float64)
+    extra_sums: dict[str, torch.Tensor] = {}
     for j, micro in enumerate(micro_batches):
         sync = j == k - 1
         ctx = model.no_sync() if isinstance(model, DDP) and not sync else contextlib.nullcontext()
         with ctx:
-            loss, curr, nxt, _ = forward_losses(model, micro, device)
-            (loss / k).backward()
+            loss, curr, nxt, out = forward_losses(model, micro, device)
+            target, extras = (loss, {}) if objective is None else objective(loss, out, micro)
+            (target / k).backward()
         sums += torch.stack([loss.detach(), curr.detach(), nxt.detach()]).double().cpu()
-    return {"loss": sums[0] / k, "curr_l1": sums[1] / k, "next_l1": sums[2] / k}
+        for key, value in extras.items():
+            extra_sums[key] = extra_sums.get(key, 0.0) + torch.as_tensor(value).detach().double().cpu()
+    return {"loss": sums[0] / k, "curr_l1": sums[1] / k, "next_l1": sums[2] / k,
+            **{key: value / k for key, value in extra_sums.items()}}
 
 
 def grad_global_norm(params: Sequence[torch.nn.Parameter]) -> float:
