@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prismatic.training import checkpointing as ckpt
 from prismatic.training import policy_setup
+from prismatic.training.craft_cache import CacheManifestMismatch
 from prismatic.training.data_setup import TrainStream, build_training_data
 from prismatic.training.distributed import DistEnv, any_rank, barrier, gather_objects, init_distributed
 from prismatic.training.finetune_config import (
@@ -332,7 +333,7 @@ def main() -> None:
     cfg = draccus.parse(config_class=FinetuneConfig)  # also reads --config_path x.yaml (CLI flags override it)
     try:
         result = train(cfg)
-    except ConfigError as exc:
+    except (ConfigError, CacheManifestMismatch) as exc:  # bad flags / a cache of another model: no traceback
         print(f"[finetune] {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:
