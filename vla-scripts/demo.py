@@ -43,6 +43,7 @@ from prismatic.data.synthetic_libero import make_synthetic_libero_dataset
 from prismatic.models.loaders import load_policy
 from prismatic.training.craft_utils import CRaFTFeatureExtractor, retention_loss
 from prismatic.training.finetune_config import FinetuneConfig
+from prismatic.training.metrics_log import read_metrics
 
 PRETRAIN_SET, PRETRAIN_HELDOUT = "demo_pretrain_no_noops", "demo_pretrain_heldout_no_noops"
 TARGET_SET, TARGET_HELDOUT = "demo_target_no_noops", "demo_target_heldout_no_noops"
@@ -164,13 +165,16 @@ def finetune_configs(cfg: DemoConfig, data_root: Path, run_root: Path, theta0: P
     }
 
 
-def heldout_l1(policy, data_root: Path, dataset_name: str, train_stats_key: str, cfg: DemoConfig) -> float:
+def eval_dataset(data_root: Path, dataset_name: str, tokenizer, cfg: DemoConfig,
+                 statistics: dict | None = None) -> RLDSFrameDataset:
+    """Un-augmented frames of `dataset_name`; `statistics` ({dataset_name: stats}) normalise it like a policy's data."""
+    return RLDSFrameDataset(data_root, dataset_name, tokenizer, num_images_in_input=cfg.num_images_in_input,
+                            use_proprio=True, image_aug=False, seed=cfg.seed, statistics=statistics)
+
+
+def heldout_l1(policy, dataset: RLDSFrameDataset, stats: dict, cfg: DemoConfig) -> float:
     """Mean |a_pred - a| over held-out frames and the 8x7 chunk, in raw action units (comparable across models
-    trained with different normalisation statistics)."""
-    stats = policy.norm_stats[train_stats_key]
-    dataset = RLDSFrameDataset(data_root, dataset_name, policy.processor.tokenizer,
-                               num_images_in_input=cfg.num_images_in_input, use_proprio=True, image_aug=False,
-                               seed=cfg.seed, statistics={dataset_name: stats})
+    trained with different normalisation statistics). `dataset` is normalised with `stats`, the policy's own."""
     errors = []
     with torch.no_grad():
         for batch in make_eval_loader(dataset, batch_size=8, max_frames=cfg.eval_frames):
@@ -181,43 +185,31 @@ def heldout_l1(policy, data_root: Path, dataset_name: str, train_stats_key: str,
     return float(np.concatenate(errors).mean())
 
 
-def retention_against_theta0(theta0, policy, data_root: Path, cfg: DemoConfig) -> float:
-    """L_ret of `policy` against theta0 on the un-augmented training frames of B, with CRaFT's default layers and
-    anchor type: the quantity CRaFT constrains, measured identically for every method."""
-    dataset = RLDSFrameDataset(data_root, TARGET_SET, policy.processor.tokenizer,
-                               num_images_in_input=cfg.num_images_in_input, use_proprio=True, image_aug=False,
-                               seed=cfg.seed)
-    ref_ext, cur_ext = CRaFTFeatureExtractor(theta0.vla), CRaFTFeatureExtractor(policy.vla)
-    losses, weights = [], []
+def bridge_features(policy, dataset: RLDSFrameDataset, cfg: DemoConfig) -> list[torch.Tensor]:
+    """CRaFT's pooled bridge features (default layers and anchor type), one (B, F) tensor per eval batch."""
+    extractor = CRaFTFeatureExtractor(policy.vla)
+    features = []
     with torch.no_grad():
         for batch in make_eval_loader(dataset, batch_size=8, max_frames=cfg.eval_frames):
-            with ref_ext.capture():
-                ref_out = theta0(batch).vla_output
-            with cur_ext.capture():
-                cur_out = policy(batch).vla_output
-            losses.append(float(retention_loss(cur_ext.features(cur_out.layout), ref_ext.features(ref_out.layout))))
-            weights.append(len(batch["sample_ids"]))
-    return float(np.average(losses, weights=weights))
+            with extractor.capture():
+                out = policy(batch).vla_output
+            features.append(extractor.features(out.layout))
+    return features
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def retention_against(reference: list[torch.Tensor], features: list[torch.Tensor]) -> float:
+    """L_ret of `features` against theta0's `reference` (same frames, same batches): the quantity CRaFT constrains,
+    measured identically for every method."""
+    losses = [float(retention_loss(f, r)) for f, r in zip(features, reference, strict=True)]
+    return float(np.average(losses, weights=[len(r) for r in reference]))
 
 
-def last_value(metrics: list[dict], key: str) -> float:
+def reduce_metric(metrics: list[dict], key: str, how: str) -> float:
+    """'last' | 'max' | 'mean' of a logged key over the run (nan when the run never logged it)."""
     values = [m[key] for m in metrics if key in m]
-    return float(values[-1]) if values else math.nan
-
-
-def max_value(metrics: list[dict], key: str) -> float:
-    values = [m[key] for m in metrics if key in m]
-    return float(np.max(values)) if values else math.nan
-
-
-def mean_value(metrics: list[dict], key: str) -> float:
-    values = [m[key] for m in metrics if key in m]
-    return float(np.mean(values)) if values else math.nan
+    if not values:
+        return math.nan
+    return float({"last": values[-1], "max": np.max(values), "mean": np.mean(values)}[how])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -317,28 +309,37 @@ def main(cfg: DemoConfig) -> list[dict]:
 
     print("[demo] 4/6 held-out evaluation")
     theta0 = load_policy(theta0_path).eval()
+    tokenizer = theta0.processor.tokenizer
+    # L_ret is measured on the un-augmented training frames of B; theta0's side is computed once.
+    train_frames = eval_dataset(data_root, TARGET_SET, tokenizer, cfg)
+    reference = bridge_features(theta0, train_frames, cfg)
+    heldout_sets: dict[tuple[str, str], RLDSFrameDataset] = {}  # (dataset, stats key): the fine-tuned runs share one
     rows = []
     for name, path in tqdm([("theta0", theta0_path)] + [(n, runs[n][0]) for n in runs], desc="evaluate"):
         policy = theta0 if name == "theta0" else load_policy(path).eval()
-        metrics = read_metrics(run_root / f"demo-{name}")
+        metrics = read_metrics(run_root / f"demo-{name}" / "metrics.jsonl")
         seconds_per_step = runs[name][1] if name in runs else theta0_seconds_per_step
         stats_key = PRETRAIN_SET if name == "theta0" else TARGET_SET
-        is_craft = name.startswith("craft")
-        rows.append({
+        stats = policy.norm_stats[stats_key]
+        heldout = {}
+        for column, dataset_name in (("heldout_l1_target", TARGET_HELDOUT), ("heldout_l1_pretrain", PRETRAIN_HELDOUT)):
+            key = (dataset_name, stats_key)
+            if key not in heldout_sets:
+                heldout_sets[key] = eval_dataset(data_root, dataset_name, tokenizer, cfg, {dataset_name: stats})
+            heldout[column] = heldout_l1(policy, heldout_sets[key], stats, cfg)
+        l_ret = 0.0 if name == "theta0" else retention_against(reference, bridge_features(policy, train_frames, cfg))
+        rows.append({  # CRaFT keys exist only in CRaFT runs' metrics: nan elsewhere
             "method": METHOD_TITLES[name],
-            "heldout_l1_target": heldout_l1(policy, data_root, TARGET_HELDOUT, stats_key, cfg),
-            "heldout_l1_pretrain": heldout_l1(policy, data_root, PRETRAIN_HELDOUT, stats_key, cfg),
-            "final_l_ret": 0.0 if name == "theta0" else retention_against_theta0(theta0, policy, data_root, cfg),
+            **heldout,
+            "final_l_ret": l_ret,
             "epsilon": cfg.craft_retention_budget,
-            "within_budget": "",
-            "final_lambda": last_value(metrics, "CRaFT/Lambda") if is_craft else math.nan,
-            "max_lambda": max_value(metrics, "CRaFT/Lambda") if is_craft else math.nan,
-            "mean_conflict_ratio": mean_value(metrics, "CRaFT/Conflict Ratio") if is_craft else math.nan,
-            "max_train_retention_loss": max_value(metrics, "CRaFT/Retention Loss") if is_craft else math.nan,
+            "within_budget": "yes" if l_ret <= cfg.craft_retention_budget * 1.10 else "no",
+            "final_lambda": reduce_metric(metrics, "CRaFT/Lambda", "last"),
+            "max_lambda": reduce_metric(metrics, "CRaFT/Lambda", "max"),
+            "mean_conflict_ratio": reduce_metric(metrics, "CRaFT/Conflict Ratio", "mean"),
+            "max_train_retention_loss": reduce_metric(metrics, "CRaFT/Retention Loss", "max"),
             "steps_per_s": 1.0 / seconds_per_step if seconds_per_step > 0 else math.nan,
         })
-    for row in rows:
-        row["within_budget"] = "yes" if row["final_l_ret"] <= row["epsilon"] * 1.10 else "no"
 
     print("[demo] 5/6 report")
     table = write_report(rows, out)
