@@ -29,13 +29,13 @@ import torch
 from prismatic.data.collator import VLACollator
 from prismatic.data.rlds_dataset import RLDSFrameDataset
 from prismatic.models.loaders import load_policy
+from prismatic.models.precision import DTYPE_CHOICES, resolve_dtype
 from prismatic.models.prompting import tokenize_prompt
 from prismatic.training.drift_metrics import GROUPS, layerwise_drift, pooled_layer_features
 
 SCHEMA_VERSION = 1
 JSON_NAME = "drift.json"
 PNG_NAME = "drift.png"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -56,7 +56,7 @@ class DriftConfig:
     finetuned_step: int | None = None
     tokenizer_path: Path | None = None      # for bare VLA / Prismatic folders without tokenizer files
     device: str | None = None               # default: cuda if available, else cpu
-    dtype: str = "float32"                  # float32 | bfloat16 (features are pooled in float32 either way)
+    dtype: str = "auto"                     # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16; pooled in fp32
 
 
 def validate(cfg: DriftConfig) -> None:
@@ -71,8 +71,8 @@ def validate(cfg: DriftConfig) -> None:
         errors.append(f"--probe_test_fraction must be in (0, 1), got {cfg.probe_test_fraction}")
     if not cfg.probe_l2 >= 0:
         errors.append(f"--probe_l2 must be >= 0, got {cfg.probe_l2}")
-    if cfg.dtype not in DTYPES:
-        errors.append(f"--dtype must be one of {sorted(DTYPES)}, got '{cfg.dtype}'")
+    if cfg.dtype not in DTYPE_CHOICES:
+        errors.append(f"--dtype must be one of {list(DTYPE_CHOICES)}, got '{cfg.dtype}'")
     if errors:
         raise ValueError("invalid measure_drift configuration:\n  - " + "\n  - ".join(errors))
 
@@ -85,7 +85,8 @@ def select_frames(num_frames: int, num_samples: int, seed: int) -> np.ndarray:
 
 
 def _load(path: Path, step: int | None, cfg: DriftConfig, device: torch.device):
-    policy = load_policy(path, step=step, tokenizer_path=cfg.tokenizer_path, device=device, dtype=DTYPES[cfg.dtype])
+    policy = load_policy(path, step=step, tokenizer_path=cfg.tokenizer_path, device=device,
+                         dtype=resolve_dtype(cfg.dtype, device))
     return policy.eval()
 
 

@@ -1,6 +1,7 @@
 """Training image augmentation (upstream's recipe), driven by an explicit numpy Generator.
 
-Order: random resized crop (area 0.9, aspect 1, resized back to 224) -> brightness (+U[-0.2, 0.2]) -> contrast
+Order: random resized crop (area 0.9, aspect 1, resampled bilinearly back to 224 as TF's crop_and_resize, the same
+sampler as the evaluation center crop) -> brightness (+U[-0.2, 0.2]) -> contrast
 (x[0.8, 1.2] around the per-channel mean) -> saturation (x[0.8, 1.2]) -> hue (+U[-0.05, 0.05] turns), on [0, 1]
 floats, clipped after each step. The caller seeds the Generator from the sample's stream position, so the same sample
 gets the same pixels whatever rank or worker produces it.
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prismatic.data.image_ops import CROP_AREA_SCALE, IMAGE_SIZE, crop_and_resize, crop_box
+from prismatic.data.image_ops import CROP_AREA_SCALE, IMAGE_SIZE, crop_resize_bilinear
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,7 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, config: Augmentat
                   size: int = IMAGE_SIZE) -> np.ndarray:
     """Randomly crop and colour-jitter a uint8 (H, W, 3) image; returns uint8 (size, size, 3)."""
     top, left, bright, contrast, sat, hue = rng.random(6)
-    h, w = image.shape[:2]
-    image = crop_and_resize(image, crop_box(h, w, config.crop_area, float(top), float(left)), size)
+    image = crop_resize_bilinear(image, config.crop_area, float(top), float(left), size)
     # Brightness and contrast are per-channel maps of the uint8 value: apply them as 256-entry lookup tables.
     # The contrast pivot (per-channel mean after brightness) comes from the channel histograms.
     levels = np.arange(256, dtype=np.float64) / 255.0

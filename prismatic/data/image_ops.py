@@ -1,52 +1,86 @@
-"""Image geometry shared by training, caching and inference: resize and the evaluation center crop.
+"""Image geometry shared by training, caching and inference: resize, JPEG round trip and the evaluation center crop.
 
 Training augmentation (random crop + colour jitter) lives with the data pipeline; everything a deployed policy
 must reproduce exactly lives here, so the evaluation path and the training path cannot drift apart.
+
+Evaluation path of upstream VLA-Adapter (a frame that is not already 224 px): JPEG encode/decode at quality 95
+(LIBERO's RLDS frames were JPEG too), resize, then for models trained with crop augmentation a center crop of area
+0.9 resampled bilinearly the way TensorFlow's `crop_and_resize` does. `jpeg_roundtrip` and `center_crop` equal
+TensorFlow's results exactly (tests/data/test_image_ops_tf.py runs TensorFlow side by side).
 """
 
 from __future__ import annotations
 
-import math
+import io
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 IMAGE_SIZE = 224
 CROP_AREA_SCALE = 0.9  # upstream's random-resized-crop scale; eval uses the same area as a center crop
+JPEG_QUALITY = 95  # TensorFlow's encode_jpeg default, used by upstream's evaluation
 
 
-def resize_image(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Antialiased Lanczos resize of a uint8 (H, W, 3) image to (size, size, 3)."""
+def jpeg_roundtrip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
+    """Encode a uint8 (H, W, 3) image as JPEG and decode it again, bit-identical to TensorFlow's
+    `decode_image(encode_jpeg(image))` (libjpeg 4:2:0 encode; integer-fast IDCT, smooth upsampling on decode)."""
+    image = _check_uint8_rgb(image)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+    return simplejpeg.decode_jpeg(buffer.getvalue(), fastdct=True, fastupsample=False)
+
+
+def _check_uint8_rgb(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (H, W, 3) image, got shape {image.shape} dtype {image.dtype}")
+    return image
+
+
+def resize_image(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Antialiased Lanczos resize of a uint8 (H, W, 3) image to (size, size, 3) (within 1 level of TF lanczos3)."""
+    image = _check_uint8_rgb(image)
     if image.shape[:2] == (size, size):
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
 
 
-def crop_box(height: int, width: int, area_scale: float, top_frac: float = 0.5, left_frac: float = 0.5
-             ) -> tuple[int, int, int, int]:
-    """(top, left, crop_h, crop_w) of a square-aspect crop covering `area_scale` of the image.
+def _bilinear_axis(n_in: int, n_out: int, start: np.float32, stop: np.float32
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (floor, ceil) and weights along one axis, in float32 as TF's crop_and_resize kernel computes
+    them: in = start * (n_in - 1) + i * (stop - start) * (n_in - 1) / (n_out - 1)."""
+    scale = np.float32((stop - start) * np.float32(n_in - 1)) / np.float32(n_out - 1)
+    coords = (start * np.float32(n_in - 1) + np.arange(n_out, dtype=np.float32) * scale).astype(np.float32)
+    low = np.floor(coords).astype(np.int64)
+    high = np.ceil(coords).astype(np.int64)
+    return low, high, (coords - low).astype(np.float32)
 
-    top_frac/left_frac in [0, 1] place the crop (0.5, 0.5 = centered); random crops draw them uniformly.
-    """
+
+def crop_resize_bilinear(image: np.ndarray, area_scale: float = CROP_AREA_SCALE, top_frac: float = 0.5,
+                         left_frac: float = 0.5, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A square box of relative side sqrt(area_scale), placed at (top_frac, left_frac) of the free margin (0.5, 0.5 =
+    centered), resampled bilinearly to (size, size) with TensorFlow `crop_and_resize` semantics on [0, 1] floats,
+    then back to uint8 (x * 255.5, truncated). The evaluation center crop and the training random crop share it."""
+    image = _check_uint8_rgb(image)
     if not 0.0 < area_scale <= 1.0:
         raise ValueError(f"area_scale must be in (0, 1], got {area_scale}")
-    side = math.sqrt(area_scale)
-    crop_h, crop_w = max(1, round(height * side)), max(1, round(width * side))
-    top = round((height - crop_h) * top_frac)
-    left = round((width - crop_w) * left_frac)
-    return top, left, crop_h, crop_w
-
-
-def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int = IMAGE_SIZE) -> np.ndarray:
-    """Crop `box` = (top, left, h, w) out of a uint8 image and resize it back to (size, size)."""
-    top, left, crop_h, crop_w = box
-    return resize_image(np.ascontiguousarray(image[top:top + crop_h, left:left + crop_w]), size)
+    height, width = image.shape[:2]
+    pixels = image.astype(np.float32) * np.float32(1.0 / 255.0)
+    side = np.float32(min(max(np.sqrt(np.float32(area_scale)), 0.0), 1.0))
+    margin = np.float32(1.0) - side
+    y_start = margin / np.float32(2.0) if top_frac == 0.5 else np.float32(margin * np.float32(top_frac))
+    x_start = margin / np.float32(2.0) if left_frac == 0.5 else np.float32(margin * np.float32(left_frac))
+    top, bottom, y_weight = _bilinear_axis(height, size, y_start, y_start + side)
+    left, right, x_weight = _bilinear_axis(width, size, x_start, x_start + side)
+    x_weight = x_weight[None, :, None]
+    upper = pixels[top][:, left] + (pixels[top][:, right] - pixels[top][:, left]) * x_weight
+    lower = pixels[bottom][:, left] + (pixels[bottom][:, right] - pixels[bottom][:, left]) * x_weight
+    out = upper + (lower - upper) * y_weight[:, None, None]
+    return (np.clip(out, 0.0, 1.0) * np.float32(255.5)).astype(np.uint8)
 
 
 def center_crop(image: np.ndarray, area_scale: float = CROP_AREA_SCALE, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Evaluation view of a model trained with crop augmentation: centered crop of `area_scale`, resized back."""
-    h, w = image.shape[:2]
-    return crop_and_resize(image, crop_box(h, w, area_scale), size)
+    """Evaluation view of a model trained with crop augmentation, exactly as upstream computes it (TF
+    `crop_and_resize` of the central box of area `area_scale`; bit-identical to TensorFlow)."""
+    return crop_resize_bilinear(image, area_scale, 0.5, 0.5, size)

@@ -32,17 +32,31 @@ ROPE_BASE = 10000.0
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+    """Rotate interleaved pairs (x0, x1) -> (-x1, x0): upstream's convention, used with half-split tables below."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((-odd, even), dim=-1).reshape_as(x)
 
 
-def apply_rope(x: torch.Tensor, base: float = ROPE_BASE) -> torch.Tensor:
-    """Rotary embedding over the last dim of (B, H, N, hd), positions 0..N-1 (half-split convention)."""
-    head_dim, length = x.shape[-1], x.shape[-2]
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim))
-    angles = torch.arange(length, device=x.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+def rope_inv_freq(head_dim: int, base: float = ROPE_BASE) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
+def rope_tables(inv_freq: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim) as upstream builds them: angles in `inv_freq`'s dtype (bf16-rounded once
+    the head is cast to bf16, positions > 256 included), laid out half-split `cat([freqs, freqs])`."""
+    positions = torch.arange(length, device=inv_freq.device, dtype=inv_freq.dtype)
+    angles = positions[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding over the last dim of (B, H, N, hd), positions 0..N-1.
+
+    Mixed convention, exactly as upstream's Pro head: half-split tables but interleaved-pair rotation. (The
+    standard half-split rotation gives outputs off by ~1 with released weights.)
+    """
+    cos, sin = rope_tables(inv_freq, x.shape[-2], x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
@@ -70,10 +84,10 @@ def gated_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torc
 
     The last group is the gated one (raw latents).
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
     scores = [q @ k.transpose(-2, -1) for k in keys]
-    scores[-1] = torch.tanh(gate).to(q.dtype) * scores[-1]
-    logits = torch.cat(scores, dim=-1) * scale
+    scores[-1] = scores[-1] * torch.tanh(gate)
+    # Divide (not multiply by the reciprocal) after the concatenation: bf16 results then equal upstream's bit for bit.
+    logits = torch.cat(scores, dim=-1) / math.sqrt(q.shape[-1])
     weights = torch.softmax(logits, dim=-1)
     return weights @ torch.cat(values, dim=-2), logits
 
@@ -94,6 +108,8 @@ class ProBridgeBlock(nn.Module):
         self.gating_factor = nn.Parameter(torch.zeros(1))
         self.ffn = _ffn(dim)
         self.film_gen = nn.Sequential(nn.Linear(dim, 2 * dim))  # present in released checkpoints, unused
+        # Non-persistent, as upstream: not in the state_dict, but cast with the head (bf16 angles under bf16).
+        self.register_buffer("inv_freq", rope_inv_freq(dim // num_heads), persistent=False)
         self.record_logits = False  # tests/diagnostics: keep the last pre-softmax scores in `last_logits`
         self.last_logits: torch.Tensor | None = None
 
@@ -101,9 +117,10 @@ class ProBridgeBlock(nn.Module):
                 proprio: torch.Tensor | None = None) -> torch.Tensor:
         adapter = _adapter_tokens(h_a, proprio)
         h = self.num_heads
-        q = apply_rope(_heads(self.q_proj(x), h))
-        keys = [apply_rope(_heads(self.k_self(x), h)), apply_rope(_heads(self.k_adapter(adapter), h)),
-                apply_rope(_heads(self.k_task(h_t), h))]
+        rope = self.inv_freq
+        q = apply_rope(_heads(self.q_proj(x), h), rope)
+        keys = [apply_rope(_heads(self.k_self(x), h), rope), apply_rope(_heads(self.k_adapter(adapter), h), rope),
+                apply_rope(_heads(self.k_task(h_t), h), rope)]
         values = [_heads(self.v_self(x), h), _heads(self.v_adapter(adapter), h), _heads(self.v_task(h_t), h)]
         out, logits = gated_attention(q, keys, values, self.gating_factor)
         self.last_logits = logits.detach() if self.record_logits else None
@@ -181,10 +198,11 @@ class L1RegressionActionHead(nn.Module):
     def forward(self, raw_latents: torch.Tensor, action_query_latents: torch.Tensor,
                 proprio_features: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """raw_latents (B, L+1, Nv, D), action_query_latents (B, L+1, Q, D), proprio_features (B, 1, D) or None,
-        noise (B, chunk, action_dim * D) or None -> actions (B, chunk, action_dim).
+        noise (chunk, action_dim * D), shared by the batch as upstream draws it, or (B, chunk, action_dim * D), or
+        None -> actions (B, chunk, action_dim).
 
-        noise=None adds N(0, noise_std) in train mode and nothing in eval mode; the training loop passes noise drawn
-        from per-sample seeds so results do not depend on the world size.
+        noise=None adds one N(0, noise_std) draw (shared by the batch) in train mode and nothing in eval mode; the
+        training loop passes a draw derived from (seed, optimizer step) so results do not depend on the world size.
         """
         for name, latents in (("raw_latents", raw_latents), ("action_query_latents", action_query_latents)):
             if latents.ndim != 4 or latents.shape[-1] != self.input_dim:
@@ -198,10 +216,11 @@ class L1RegressionActionHead(nn.Module):
                              f"got {tuple(proprio_features.shape)}")
         shape = (batch, *self.input_shape_per_sample)
         x = torch.zeros(shape, dtype=raw_latents.dtype, device=raw_latents.device)
+        if noise is None and self.training and self.noise_std > 0:
+            noise = self.noise_std * torch.randn(self.input_shape_per_sample, device=x.device)
         if noise is not None:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise must be {shape}, got {tuple(noise.shape)}")
+            if tuple(noise.shape) not in (shape, shape[1:]):
+                raise ValueError(f"noise must be {shape[1:]} (shared by the batch) or {shape}, "
+                                 f"got {tuple(noise.shape)}")
             x = x + noise.to(x.dtype)
-        elif self.training and self.noise_std > 0:
-            x = x + self.noise_std * torch.randn_like(x)
         return self.model(x, raw_latents, action_query_latents, proprio_features)

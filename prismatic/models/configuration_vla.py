@@ -43,7 +43,7 @@ REAL_TEXT_CONFIG: dict[str, Any] = {
     "bos_token_id": 151643,
     "eos_token_id": 151643,
 }
-QWEN25_ENDOFTEXT_ID = 151643  # `<|endoftext|>`: Qwen2.5's eos (and the BOS stand-in, see prompting.bos_token_id)
+QWEN25_ENDOFTEXT_ID = 151643  # `<|endoftext|>`: Qwen2.5's eos and pad (its config names it bos too; no BOS is used)
 
 # Tiny ViTs keep the real timm ids (same code paths, same parameter names) with small widths.
 TINY_VIT_KWARGS: dict[str, Any] = {"embed_dim": 64, "depth": 3, "num_heads": 2}
@@ -150,11 +150,11 @@ def _real_fields() -> dict[str, Any]:
 
 def tiny_tokenizer_ids() -> dict[str, int]:
     """vocab size and special ids of the in-process tiny tokenizer (deterministic, so the preset is too)."""
-    from prismatic.models.prompting import bos_token_id
     from prismatic.models.tokenizer_tiny import train_tiny_tokenizer
 
     tok = train_tiny_tokenizer()
-    return {"vocab_size": len(tok), "bos": bos_token_id(tok), "eos": int(tok.eos_token_id),
+    # Like Qwen2.5's config.json, bos_token_id names `<|endoftext|>`; the prompt itself carries no BOS.
+    return {"vocab_size": len(tok), "bos": int(tok.eos_token_id), "eos": int(tok.eos_token_id),
             "pad": int(tok.pad_token_id)}
 
 

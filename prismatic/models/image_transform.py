@@ -19,8 +19,33 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 CHANNELS_PER_IMAGE = 6
 
 
-def images_to_pixel_values(images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
-    """Convert uint8 images (N, H, W, 3) (or a list of (H, W, 3)) to float32 pixel values (6N, H, W)."""
+DEFAULT_NORMALIZATION = {"mean": (DINO_MEAN, SIGLIP_MEAN), "std": (DINO_STD, SIGLIP_STD)}
+
+
+def normalization_from_preprocessor_config(config: dict) -> dict[str, tuple[tuple[float, ...], ...]]:
+    """{"mean": (dino, siglip), "std": (dino, siglip)} from an HF `preprocessor_config.json` of a released folder.
+
+    Released folders store the DINO/SigLIP statistics rounded to bf16 under `tvf_normalize_params`; the deployed
+    policy must normalise with those values, not with the textbook ImageNet numbers.
+    """
+    params = config.get("tvf_normalize_params")
+    if params is None:
+        if "means" in config and "stds" in config:
+            return {"mean": tuple(tuple(map(float, m)) for m in config["means"]),
+                    "std": tuple(tuple(map(float, s)) for s in config["stds"])}
+        raise ValueError("preprocessor config has neither 'tvf_normalize_params' nor 'means'/'stds'")
+    if len(params) != 2:
+        raise ValueError(f"expected normalisation for 2 ViTs (DINO, SigLIP), got {len(params)}")
+    return {"mean": tuple(tuple(map(float, p["mean"])) for p in params),
+            "std": tuple(tuple(map(float, p["std"])) for p in params)}
+
+
+def images_to_pixel_values(images: np.ndarray | torch.Tensor | Sequence[np.ndarray],
+                           normalization: dict | None = None) -> torch.Tensor:
+    """Convert uint8 images (N, H, W, 3) (or a list of (H, W, 3)) to float32 pixel values (6N, H, W).
+
+    normalization: {"mean": (dino, siglip), "std": (dino, siglip)}; default ImageNet for DINO, 0.5 for SigLIP.
+    """
     if isinstance(images, (list, tuple)):
         images = np.stack([np.asarray(im) for im in images])
     array = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
@@ -32,8 +57,11 @@ def images_to_pixel_values(images: np.ndarray | torch.Tensor | Sequence[np.ndarr
         raise ValueError(f"expected uint8 images, got dtype {array.dtype}")
     # One fused multiply-add per normalisation: (x/255 - mean)/std == x * (1/(255 std)) - mean/std.
     x = array.permute(0, 3, 1, 2).to(torch.float32)  # (N, 3, H, W) in [0, 255]
-    mean = torch.tensor(DINO_MEAN + SIGLIP_MEAN, dtype=torch.float64)
-    std = torch.tensor(DINO_STD + SIGLIP_STD, dtype=torch.float64)
+    norm = normalization or DEFAULT_NORMALIZATION
+    mean = torch.tensor([v for group in norm["mean"] for v in group], dtype=torch.float64)
+    std = torch.tensor([v for group in norm["std"] for v in group], dtype=torch.float64)
+    if mean.numel() != CHANNELS_PER_IMAGE or std.numel() != CHANNELS_PER_IMAGE:
+        raise ValueError(f"normalisation needs 3 means and 3 stds per ViT, got {norm}")
     scale = (1.0 / (255.0 * std)).to(torch.float32).view(1, 6, 1, 1)
     bias = (-mean / std).to(torch.float32).view(1, 6, 1, 1)
     fused = torch.addcmul(bias, torch.cat([x, x], dim=1), scale)  # (N, 6, H, W)

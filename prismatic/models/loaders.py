@@ -5,6 +5,8 @@
   and use_proprio are inferred from the files.
 - `load_prismatic_vlm_checkpoint`: `config.json` ({"model": {...}}) + `checkpoints/*.pt` ({"model": {"vision_backbone",
   "projector", "llm_backbone"}}); keys renamed to the VLA's names; only `action_queries` (new, zeros) may be missing.
+  A checkpoint without `vision_backbone` (upstream's base VLM keeps the ViTs frozen and may omit them) gets timm's
+  pretrained ViT weights, as upstream does.
 - `load_policy`: dispatch on what a folder holds.
 All `torch.load` calls use weights_only=True.
 """
@@ -110,14 +112,19 @@ def load_prismatic_vlm_checkpoint(path: str | Path, vla_config: OpenVLAConfig | 
         raise ValueError(f"{checkpoint_file} is not a Prismatic checkpoint: expected {{'model': {{...}}}}")
     parts = payload["model"]
     absent = [c for c in PRISMATIC_COMPONENTS if c not in parts]
-    if absent:
+    vision_from_timm = absent == ["vision_backbone"]
+    if absent and not vision_from_timm:
         raise ValueError(f"{checkpoint_file} lacks components {absent} (has {sorted(parts)})")
     state = {}
     for component in PRISMATIC_COMPONENTS:
-        for key, value in parts[component].items():
+        for key, value in parts.get(component, {}).items():
             state[rename_prismatic_key(f"{component}.{key}")] = value
     model = OpenVLAForActionPrediction(vla_config)
-    load_vla_state_dict(model, state, f"Prismatic checkpoint {checkpoint_file}")
+    allowed = NEW_VLA_KEYS
+    if vision_from_timm:
+        model.vision_backbone.load_timm_pretrained()  # fails in one line when the weights cannot be had
+        allowed = NEW_VLA_KEYS + tuple(f"vision_backbone.{k}" for k in model.vision_backbone.state_dict())
+    load_vla_state_dict(model, state, f"Prismatic checkpoint {checkpoint_file}", allowed_missing=allowed)
     return model.eval()
 
 

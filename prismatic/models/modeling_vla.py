@@ -1,8 +1,9 @@
 """`OpenVLAForActionPrediction`: Prismatic VLM (fused ViTs -> projector -> Qwen2) + learned ActionQuery tokens.
 
 forward(pixel_values, input_ids, attention_mask) returns, for every LLM layer l = 0..L (see PROJECT_STRUCTURE.md:
-l = 0 embeddings, l = L after the final RMSNorm), the Raw Latents (hidden states at the vision positions) and the
-ActionQuery latents (hidden states at the query positions), gathered with the masks of `SequenceLayout`.
+l = 0 embeddings, l = L after the final RMSNorm), the Raw Latents and the ActionQuery latents exactly as upstream's
+head reads them (`SequenceLayout.raw_latent_mask` / `action_query_latent_mask`: one position left of the patches /
+the queries).
 No logits are computed (the LM head is never run).
 """
 
@@ -108,8 +109,8 @@ class OpenVLAForActionPrediction(PreTrainedModel):
             **llm_attention_kwargs(layout),
         )
         hidden_states = tuple(out.hidden_states)
-        raw = torch.stack([layout.gather(h, layout.vision_mask) for h in hidden_states], dim=1)
-        queries = torch.stack([layout.gather(h, layout.query_mask) for h in hidden_states], dim=1)
+        raw = torch.stack([layout.gather(h, layout.raw_latent_mask) for h in hidden_states], dim=1)
+        queries = torch.stack([layout.gather(h, layout.action_query_latent_mask) for h in hidden_states], dim=1)
         return VLAOutput(hidden_states=hidden_states, layout=layout, raw_latents=raw, action_query_latents=queries)
 
 

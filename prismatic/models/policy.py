@@ -191,7 +191,9 @@ class VLAPolicy(nn.Module):
                        unnorm_key: str | None = None, center_crop: bool | None = None) -> np.ndarray:
         """Un-normalised action chunk (chunk, action_dim) float32 for one observation (no gripper post-processing).
 
-        `center_crop=None` uses the processor's setting (on for policies trained with crop augmentation)."""
+        `center_crop=None` uses the checkpoint's recorded setting (on for policies trained with crop augmentation);
+        a value that contradicts it is refused. Precision is the policy's: load it with `dtype=torch.bfloat16` to
+        evaluate as upstream does on GPU (see `prismatic.models.precision.resolve_dtype`)."""
         return self.predict_action_batch([images], [instruction], [proprio], unnorm_key, center_crop)[0]
 
     def predict_action_batch(self, images: list[list[np.ndarray]], instructions: list[str],
@@ -201,6 +203,11 @@ class VLAPolicy(nn.Module):
         if not len(images) == len(instructions) or (proprios is not None and len(proprios) != len(images)):
             raise ValueError(f"got {len(images)} image lists, {len(instructions)} instructions and "
                              f"{'no' if proprios is None else len(proprios)} proprio vectors: one of each per request")
+        if center_crop is not None and bool(center_crop) != self.processor.center_crop:
+            raise ValueError(f"center_crop={bool(center_crop)} contradicts this checkpoint, which was "
+                             f"{'trained with' if self.processor.center_crop else 'trained without'} crop "
+                             "augmentation and is evaluated with center_crop="
+                             f"{self.processor.center_crop}; leave center_crop unset")
         stats = self._stats(unnorm_key)
         if "action" not in stats:
             raise KeyError(f"statistics for {unnorm_key!r} have no 'action' entry (keys: {sorted(stats)})")

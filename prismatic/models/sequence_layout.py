@@ -1,17 +1,24 @@
-"""THE one place that assembles the multimodal LLM input sequence and its boolean group masks.
+"""THE one place that assembles the multimodal LLM input sequence, its boolean group masks, and the positions the
+action head reads. Training, the CRaFT extractor/cache and inference all use it.
 
-Per sample b (prompt length n_b = attention_mask[b].sum(), BOS included), positions are
+Per sample b (prompt length n_b = attention_mask[b].sum(); the prompt starts with `<|im_start|>`, no BOS), positions
+are, as upstream VLA-Adapter assembles them (first prompt token, then the patches, then the rest):
 
-    0               BOS                                  (prompt_mask)
+    0               prompt token 0 (`<|im_start|>`)       (prompt_mask, first_token_mask)
     1 .. P          projected patches                     (vision_mask)
-    P+1 .. P+n_b-1  prompt tokens after BOS               (prompt_mask)
+    P+1 .. P+n_b-1  prompt tokens 1 ..                    (prompt_mask)
     P+n_b .. +Q-1   ActionQuery embeddings                (query_mask)
-    P+n_b+Q         stop token (tokenizer eos)            (stop_mask)
+    P+n_b+Q         stop token                            (stop_mask)
     rest            right padding (zero embeddings)       (padding_mask)
 
-`prompt_mask` INCLUDES the BOS token, so the five group masks partition every row; `bos_mask` marks position 0.
-Every sample has exactly P vision and Q query tokens; real tokens are contiguous from position 0 (right padding),
-so default position ids 0..T-1 are correct for every sample.
+The five group masks partition every row. Every sample has exactly P vision and Q query tokens; real tokens are
+contiguous from position 0 (right padding), so default position ids 0..T-1 are correct for every sample.
+
+What the head reads (upstream's slices in both its training script and its HF model, verified by running them):
+- Raw Latent = positions 0 .. P-1: the token before the patches plus patches 0 .. P-2 (`raw_latent_mask`);
+- ActionQuery latent = positions q0-1 .. q0+Q-2 (q0 = first query): the last prompt token plus queries 0 .. Q-2
+  (`action_query_latent_mask`).
+Both are one position left of the patches / the queries. CRaFT pools exactly these groups.
 
 Attention: the LLM keeps Qwen2's causal attention (upstream's bidirectional patch is not verified for Qwen2). The
 choice lives only in `llm_attention_kwargs`.
@@ -37,11 +44,13 @@ class SequenceLayout:
     stop_mask: torch.Tensor
     padding_mask: torch.Tensor
     attention_mask: torch.Tensor
+    raw_latent_mask: torch.Tensor
+    action_query_latent_mask: torch.Tensor
     num_vision_tokens: int
     num_query_tokens: int
 
     @property
-    def bos_mask(self) -> torch.Tensor:
+    def first_token_mask(self) -> torch.Tensor:
         mask = torch.zeros_like(self.prompt_mask)
         mask[:, 0] = True
         return mask
@@ -52,19 +61,20 @@ class SequenceLayout:
         return self.attention_mask.sum(dim=1)
 
     def gather(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Select the positions of a fixed-count group (vision or query) from (B, T, D) -> (B, count, D)."""
+        """Select the positions of a fixed-count group (e.g. vision, query, raw / ActionQuery latents) from
+        (B, T, D) -> (B, count, D), in position order."""
         count = int(mask[0].sum())
         return hidden[mask].reshape(hidden.shape[0], count, hidden.shape[-1])
 
 
 def _check_prompt_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Prompt lengths (B,), after checking the mask is right-padded with BOS present."""
+    """Prompt lengths (B,), after checking the mask is right-padded with the first token present."""
     if attention_mask.ndim != 2:
         raise ValueError(f"attention_mask must be (B, Tp), got shape {tuple(attention_mask.shape)}")
     mask = attention_mask.bool()
     lengths = mask.sum(dim=1)
     if bool((lengths < 1).any()):
-        raise ValueError("every prompt must hold at least its BOS token (attention_mask row with no True)")
+        raise ValueError("every prompt must hold at least its first token (attention_mask row with no True)")
     expected = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
     if not torch.equal(mask, expected):
         raise ValueError("attention_mask must be right-padded: True for the first n tokens of a row, False after")
@@ -78,9 +88,9 @@ def build_sequence_layout(
     query_embeds: torch.Tensor,
     stop_embed: torch.Tensor,
 ) -> SequenceLayout:
-    """Assemble `[BOS][patches][prompt after BOS][queries][stop]` + right padding.
+    """Assemble `[prompt token 0][patches][prompt tokens 1..][queries][stop]` + right padding.
 
-    prompt_embeds (B, Tp, D): embeddings of right-padded prompt ids starting with BOS; prompt_attention_mask (B, Tp);
+    prompt_embeds (B, Tp, D): embeddings of right-padded prompt ids; prompt_attention_mask (B, Tp);
     patch_embeds (B, P, D); query_embeds (Q, D) shared by all samples; stop_embed (D,).
     """
     batch, prompt_len, dim = prompt_embeds.shape
@@ -106,6 +116,8 @@ def build_sequence_layout(
     query_mask = (t >= query_start) & (t < query_start + num_queries)
     stop_mask = t == query_start + num_queries
     padding_mask = t > query_start + num_queries
+    raw_latent_mask = t < num_patches
+    action_query_latent_mask = (t >= query_start - 1) & (t < query_start + num_queries - 1)
 
     # Gather each source at clamped indices, then pick per position: differentiable w.r.t. every source.
     token_index = torch.where(t == 0, 0, t - num_patches).clamp(0, prompt_len - 1)
@@ -126,6 +138,8 @@ def build_sequence_layout(
         stop_mask=stop_mask,
         padding_mask=padding_mask,
         attention_mask=~padding_mask,
+        raw_latent_mask=raw_latent_mask,
+        action_query_latent_mask=action_query_latent_mask,
         num_vision_tokens=num_patches,
         num_query_tokens=num_queries,
     )

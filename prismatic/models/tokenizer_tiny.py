@@ -1,19 +1,24 @@
 """A byte-level BPE tokenizer trained in-process for the `tiny` preset (no hub access needed).
 
-It is saved and reloaded exactly like a real tokenizer (`save_pretrained` / `AutoTokenizer.from_pretrained`),
-so the tiny preset exercises the same loading code as the released Qwen2.5 tokenizer.
+It is built like Qwen2.5's tokenizer where that decides the prompt ids: the same pre-tokenizer split pattern,
+byte-level symbols, no BOS, `<|endoftext|>` as eos and pad, and `<|im_start|>` / `<|im_end|>` as special tokens, so
+the chat-template prompt splits into the same pieces. It is saved and reloaded exactly like a real tokenizer
+(`save_pretrained` / `AutoTokenizer.from_pretrained`), so the tiny preset exercises the real loading code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from prismatic.models.prompting import build_prompt
+from prismatic.models.prompting import CHAT_SPECIAL_TOKENS, ENDOFTEXT, build_prompt
 
-TINY_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<pad>"}
+TINY_SPECIAL_TOKENS = {"eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT}
+# Qwen2's pre-tokenizer split (a fact of its tokenizer.json): decides where "\n", spaces and words break.
+QWEN2_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # Words of LIBERO-style instructions, so the tiny vocabulary covers the prompts the tests and demo use.
 _SEED_INSTRUCTIONS = (
@@ -36,13 +41,18 @@ def train_tiny_tokenizer(vocab_size: int = 512, extra_corpus: Iterable[str] = ()
         raise ValueError(f"vocab_size must be >= 300 (256 byte symbols + specials + merges), got {vocab_size}")
     corpus = [build_prompt(text) for text in (*_SEED_INSTRUCTIONS, *extra_corpus)]
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(TINY_SPECIAL_TOKENS.values()),
+        special_tokens=list(CHAT_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **TINY_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=None, add_bos_token=False,
+                                   additional_special_tokens=list(CHAT_SPECIAL_TOKENS[1:]), **TINY_SPECIAL_TOKENS)

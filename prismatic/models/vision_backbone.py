@@ -1,4 +1,5 @@
-"""Fused DINOv2 + SigLIP vision backbone built through timm (no timm weights: they come from the checkpoint).
+"""Fused DINOv2 + SigLIP vision backbone built through timm (weights come from the checkpoint; a Prismatic base VLM
+saved without its vision weights gets timm's pretrained ones, as upstream does, via `load_timm_pretrained`).
 
 Each ViT returns the output of block `len(blocks) - 2` (second to last), patch tokens only (no cls/register tokens,
 no final norm). Per image the two feature maps are concatenated on channels; with N images the patch sequences are
@@ -42,12 +43,17 @@ def rename_layer_scale(model: nn.Module) -> int:
     return replaced
 
 
-def build_vit(timm_id: str, image_size: int, act_layer: str | None, kwargs: dict[str, Any] | None) -> nn.Module:
-    """One timm ViT without weights or classifier, at `image_size`, LayerScale params renamed."""
+class PretrainedVisionWeightsUnavailable(RuntimeError):
+    """timm could not provide the pretrained ViT weights (typically: no network and no local hub cache)."""
+
+
+def build_vit(timm_id: str, image_size: int, act_layer: str | None, kwargs: dict[str, Any] | None,
+              pretrained: bool = False) -> nn.Module:
+    """One timm ViT without classifier, at `image_size`, LayerScale params renamed (random init unless pretrained)."""
     extra = dict(kwargs or {})
     if act_layer is not None:
         extra["act_layer"] = act_layer
-    vit = timm.create_model(timm_id, pretrained=False, num_classes=0, img_size=image_size, **extra)
+    vit = timm.create_model(timm_id, pretrained=pretrained, num_classes=0, img_size=image_size, **extra)
     rename_layer_scale(vit)
     return vit
 
@@ -67,6 +73,7 @@ class FusedVisionBackbone(nn.Module):
             raise ValueError(f"the fused backbone needs 2 timm ids [dino, siglip], got {list(timm_model_ids)}")
         acts = list(timm_override_act_layers or [None, None])
         kws = list(timm_model_kwargs or [None, None])
+        self._timm_specs = list(zip(timm_model_ids, acts, kws, strict=True))
         self.image_size = int(image_size)
         self.featurizer = build_vit(timm_model_ids[0], self.image_size, acts[0], kws[0])
         self.fused_featurizer = build_vit(timm_model_ids[1], self.image_size, acts[1], kws[1])
@@ -76,6 +83,21 @@ class FusedVisionBackbone(nn.Module):
         grid = grids.pop()
         self.num_patches_per_image = int(grid[0] * grid[1])
         self.embed_dim = int(self.featurizer.embed_dim + self.fused_featurizer.embed_dim)
+
+    def load_timm_pretrained(self) -> None:
+        """Copy timm's pretrained weights into both ViTs (upstream's source of vision weights for a base VLM whose
+        checkpoint omits them). Needs the hub or its local cache; raises PretrainedVisionWeightsUnavailable."""
+        ids = [spec[0] for spec in self._timm_specs]
+        for vit, (timm_id, act, kwargs) in zip((self.featurizer, self.fused_featurizer), self._timm_specs, strict=True):
+            try:
+                source = build_vit(timm_id, self.image_size, act, kwargs, pretrained=True)
+            except Exception as exc:  # hub errors differ by version; all mean "weights not available here"
+                raise PretrainedVisionWeightsUnavailable(
+                    f"the vision weights come from timm's pretrained {ids} and could not be loaded "
+                    f"({type(exc).__name__}); pre-download them where there is network: python -c \"import timm; "
+                    f"[timm.create_model(i, pretrained=True) for i in {ids}]\", then copy the Hugging Face cache "
+                    "(~/.cache/huggingface/hub, or $HF_HOME) to this machine") from exc
+            vit.load_state_dict(source.state_dict(), strict=True)
 
     @staticmethod
     def _readout(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:

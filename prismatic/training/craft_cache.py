@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: chat-template prompt, head positions one left of patches/queries
 MANIFEST_NAME = "manifest.json"
 REQUIRED_MANIFEST_FIELDS = (
     "model_identity",
@@ -212,7 +212,9 @@ class CraftCacheReader:
             raise FileNotFoundError(f"{path} not found: {self.dir} is not a complete CRaFT anchor cache")
         self.manifest: dict[str, Any] = json.loads(path.read_text())
         if self.manifest.get("format_version") != CACHE_FORMAT_VERSION:
-            raise ValueError(f"cache format_version {self.manifest.get('format_version')} != {CACHE_FORMAT_VERSION}")
+            raise ValueError(f"cache format_version {self.manifest.get('format_version')} != {CACHE_FORMAT_VERSION}: "
+                             "it was built with another prompt / feature layout; rebuild it with "
+                             "vla-scripts/build_craft_cache.py")
         self.feature_dim = int(self.manifest["feature_dim"])
         self._index: dict[str, tuple[int, int, str]] = {}
         self._shard_files = [s["file"] for s in self.manifest["shards"]]

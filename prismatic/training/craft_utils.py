@@ -624,8 +624,9 @@ class CRaFTFeatureExtractor:
     Layer l is `hidden_states[l]` of the Qwen2 LLM (`output_hidden_states=True` convention): l = 0 the input
     embedding sequence (captured by a forward pre-hook on decoder layer 0), 1 <= l < L the output of decoder layer
     l-1 (no norm), l = L the output of the final RMSNorm `language_model.model.norm`. Defaults m = L // 2, M = L.
-    Pool = masked mean over the Raw Latent (vision) tokens (`layout.vision_mask`) at layer m and the ActionQuery
-    tokens (`layout.query_mask`) at layer M, in float32. Output (B, F): F = 2D (concat) or D (raw_only / aq_only).
+    Pool = masked mean over the Raw Latent tokens (`layout.raw_latent_mask`) at layer m and the ActionQuery latent
+    tokens (`layout.action_query_latent_mask`) at layer M, in float32: exactly the groups the action head reads.
+    Output (B, F): F = 2D (concat) or D (raw_only / aq_only).
     """
 
     def __init__(self, vla: nn.Module, raw_layer: int | None = None, aq_layer: int | None = None,
@@ -694,24 +695,24 @@ class CRaFTFeatureExtractor:
         finally:
             self._remove()
 
-    def features(self, layout: Any = None, *, vision_mask: torch.Tensor | None = None,
-                 query_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pool the captured hidden states with the layout masks (from the VLA forward output `out.layout`)."""
+    def features(self, layout: Any = None, *, raw_mask: torch.Tensor | None = None,
+                 aq_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pool the captured hidden states over the head's groups (the layout of the VLA forward, `out.layout`)."""
         if layout is not None:
-            vision_mask, query_mask = layout.vision_mask, layout.query_mask
+            raw_mask, aq_mask = layout.raw_latent_mask, layout.action_query_latent_mask
         missing = [layer for layer in self.needed_layers if layer not in self._captured]
         if missing:
             raise RuntimeError(f"no hidden states captured for layers {missing}: run the forward inside capture()")
         parts = []
         if self.anchor_type in ("concat", "raw_only"):
-            if vision_mask is None:
-                raise ValueError("vision_mask is required for anchor_type " + self.anchor_type)
-            parts.append(masked_mean(self._captured[self.raw_layer], vision_mask,
+            if raw_mask is None:
+                raise ValueError("raw_mask is required for anchor_type " + self.anchor_type)
+            parts.append(masked_mean(self._captured[self.raw_layer], raw_mask,
                                      f"Raw Latent (layer {self.raw_layer})"))
         if self.anchor_type in ("concat", "aq_only"):
-            if query_mask is None:
-                raise ValueError("query_mask is required for anchor_type " + self.anchor_type)
-            parts.append(masked_mean(self._captured[self.aq_layer], query_mask, f"ActionQuery (layer {self.aq_layer})"))
+            if aq_mask is None:
+                raise ValueError("aq_mask is required for anchor_type " + self.anchor_type)
+            parts.append(masked_mean(self._captured[self.aq_layer], aq_mask, f"ActionQuery (layer {self.aq_layer})"))
         self._captured = {}
         feats = torch.cat(parts, dim=-1)
         if not torch.isfinite(feats).all():

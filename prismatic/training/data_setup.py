@@ -14,7 +14,6 @@ from pathlib import Path
 
 from prismatic.data.loader import make_eval_loader, make_train_loader
 from prismatic.data.rlds_dataset import RLDSFrameDataset
-from prismatic.data.stream import micro_batch_positions
 from prismatic.models.policy import STATS_NAME, VLAPolicy
 from prismatic.training.distributed import DistEnv
 from prismatic.training.finetune_config import FinetuneConfig, global_batch_size
@@ -37,14 +36,11 @@ class TrainStream(Iterator[list[MicroBatch]]):
     def __next__(self) -> list[MicroBatch]:
         cfg, env, data = self.data.cfg, self.data.env, self.data
         micro = []
-        for j in range(cfg.grad_accumulation_steps):
-            batch = to_device(next(self._loader), env.device)
-            noise = None
-            if data.noise_std > 0:
-                positions = micro_batch_positions(self.step, j, cfg.batch_size, env.rank, env.world_size,
-                                                  cfg.grad_accumulation_steps)
-                noise = head_noise(cfg.seed, positions.tolist(), data.noise_shape, data.noise_std, env.device)
-            micro.append(MicroBatch(batch=batch, noise=noise))
+        noise = None
+        if data.noise_std > 0:
+            noise = head_noise(cfg.seed, self.step, data.noise_shape, data.noise_std, env.device)
+        for _ in range(cfg.grad_accumulation_steps):
+            micro.append(MicroBatch(batch=to_device(next(self._loader), env.device), noise=noise))
         self.step += 1
         return micro
 

@@ -28,12 +28,12 @@ DEGENERATE_RTOL = 1e-6  # centred features this small relative to the raw ones c
 
 # -------------------------------------------------------------------------------------------------- features
 def pooled_layer_features(vla_output) -> dict[str, torch.Tensor]:
-    """{"raw": (B, L+1, D), "aq": (B, L+1, D)} float32: masked means of every hidden state over the vision tokens and
-    over the ActionQuery tokens (masks from `vla_output.layout`, never offsets)."""
+    """{"raw": (B, L+1, D), "aq": (B, L+1, D)} float32: masked means of every hidden state over the Raw Latent and
+    the ActionQuery latent groups the head reads (masks from `vla_output.layout`, never offsets)."""
     layout = vla_output.layout
     hidden = vla_output.hidden_states
-    raw = [masked_mean(h, layout.vision_mask, f"Raw Latent (layer {i})") for i, h in enumerate(hidden)]
-    aq = [masked_mean(h, layout.query_mask, f"ActionQuery (layer {i})") for i, h in enumerate(hidden)]
+    raw = [masked_mean(h, layout.raw_latent_mask, f"Raw Latent (layer {i})") for i, h in enumerate(hidden)]
+    aq = [masked_mean(h, layout.action_query_latent_mask, f"ActionQuery (layer {i})") for i, h in enumerate(hidden)]
     return {"raw": torch.stack(raw, dim=1), "aq": torch.stack(aq, dim=1)}
 
 

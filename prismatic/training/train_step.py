@@ -50,14 +50,15 @@ def sample_seed(seed: int, position: int) -> int:
                .dot(np.array([1, 1 << 31], dtype=np.uint64)))
 
 
-def head_noise(seed: int, positions: Sequence[int], shape_per_sample: tuple[int, ...], std: float,
-               device: torch.device) -> torch.Tensor:
-    """N(0, std) start noise of the action head, one generator per sample: (B, *shape_per_sample)."""
-    out = torch.empty(len(positions), *shape_per_sample)
-    for i, position in enumerate(positions):
-        gen = torch.Generator().manual_seed(sample_seed(seed, int(position)))
-        out[i].normal_(0.0, std, generator=gen)
-    return out.to(device)
+HEAD_NOISE_STREAM = 0x4E4F495345  # separates the head-noise seeds from the data stream's seeds
+
+
+def head_noise(seed: int, step: int, shape: tuple[int, ...], std: float, device: torch.device) -> torch.Tensor:
+    """N(0, std) start noise of the action head for optimizer step `step`: ONE draw of `shape` (chunk, 7 * D) shared
+    by every sample, micro-batch and rank of the step (upstream draws one per forward, shared by the batch; tying it
+    to the step keeps 1 rank x 2b == 2 ranks x b and accumulation exact)."""
+    gen = torch.Generator().manual_seed(sample_seed(seed, HEAD_NOISE_STREAM + int(step)))
+    return torch.empty(*shape).normal_(0.0, std, generator=gen).to(device)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

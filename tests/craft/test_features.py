@@ -37,7 +37,7 @@ def _layout(seed: int = 0):
     for b in range(B):  # different group sizes/positions per sample, as with padding
         vision[b, 1 : 1 + rng.integers(2, 5)] = True
         query[b, 7 : 7 + rng.integers(1, 4)] = True
-    return SimpleNamespace(vision_mask=torch.from_numpy(vision), query_mask=torch.from_numpy(query))
+    return SimpleNamespace(raw_latent_mask=torch.from_numpy(vision), action_query_latent_mask=torch.from_numpy(query))
 
 
 def _numpy_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -59,9 +59,9 @@ def test_hooks_match_output_hidden_states(raw_layer, aq_layer, anchor_type):
     hs = [h.detach().double().numpy() for h in out.hidden_states]
     parts = []
     if anchor_type != "aq_only":
-        parts.append(_numpy_pool(hs[m], layout.vision_mask.numpy()))
+        parts.append(_numpy_pool(hs[m], layout.raw_latent_mask.numpy()))
     if anchor_type != "raw_only":
-        parts.append(_numpy_pool(hs[M], layout.query_mask.numpy()))
+        parts.append(_numpy_pool(hs[M], layout.action_query_latent_mask.numpy()))
     np.testing.assert_allclose(feats.detach().double().numpy(), np.concatenate(parts, axis=1), rtol=1e-5, atol=1e-6)
     assert feats.shape == (B, ext.feature_dim(D))
     assert feats.requires_grad  # the trained-model features carry the graph for L_ret
@@ -76,7 +76,7 @@ def test_layer_zero_hook_is_the_embedding_sequence():
     layout = _layout(3)
     emb = model.language_model.model.embed_tokens(ids).detach().numpy()
     got = ext.features(layout).detach().numpy()[:, :D]
-    np.testing.assert_allclose(got, _numpy_pool(emb, layout.vision_mask.numpy()), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, _numpy_pool(emb, layout.raw_latent_mask.numpy()), rtol=1e-6, atol=1e-6)
 
 
 def test_hooks_removed_after_capture_and_features_consumed():
@@ -113,14 +113,14 @@ def test_masked_mean_vs_numpy_and_errors():
     rng = np.random.default_rng(0)
     h = rng.standard_normal((B, T, 5)).astype(np.float32)
     layout = _layout(5)
-    got = masked_mean(torch.from_numpy(h), layout.vision_mask, "vision")
-    np.testing.assert_allclose(got.numpy(), _numpy_pool(h, layout.vision_mask.numpy()), rtol=1e-6, atol=1e-6)
-    empty = layout.vision_mask.clone()
+    got = masked_mean(torch.from_numpy(h), layout.raw_latent_mask, "vision")
+    np.testing.assert_allclose(got.numpy(), _numpy_pool(h, layout.raw_latent_mask.numpy()), rtol=1e-6, atol=1e-6)
+    empty = layout.raw_latent_mask.clone()
     empty[1] = False
     with pytest.raises(ValueError, match=r"empty token group for samples \[1\]"):
         masked_mean(torch.from_numpy(h), empty, "vision")
     with pytest.raises(ValueError, match="do not match"):
-        masked_mean(torch.from_numpy(h), layout.vision_mask[:, :-1], "vision")
+        masked_mean(torch.from_numpy(h), layout.raw_latent_mask[:, :-1], "vision")
 
 
 def test_bad_layers_and_nan():

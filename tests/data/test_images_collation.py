@@ -43,7 +43,7 @@ def test_augment_neutral_parameters_is_crop_resize():
     image = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     got = augment_image(image, FixedRng(), AugmentationConfig())
     expected = center_crop(image)
-    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # float round trip only
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # float round trip of the colour jitter only
 
 
 def test_decode_and_resize_pipeline(libero_root, tokenizer):
@@ -71,8 +71,7 @@ def test_collated_batch_dict(libero_root, tokenizer):
     assert batch["attention_mask"].dtype == torch.bool and batch["input_ids"].dtype == torch.int64
     samples = [ds[p] for p in range(5)]
     for i, sample in enumerate(samples):
-        ids = [tokenizer.bos_token_id] + tokenizer(build_prompt(sample["instruction"]),
-                                                   add_special_tokens=False)["input_ids"]
+        ids = tokenizer(build_prompt(sample["instruction"]), add_special_tokens=False)["input_ids"]
         n = len(ids)
         assert batch["input_ids"][i, :n].tolist() == ids
         assert batch["attention_mask"][i].tolist() == [True] * n + [False] * (batch["input_ids"].shape[1] - n)

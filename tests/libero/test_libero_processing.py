@@ -110,8 +110,10 @@ def test_chunk_to_env_actions_keeps_arm_dims():
         chunk_to_env_actions(bad)
 
 
-def test_policy_runner_unnormalises_with_known_bounds(tiny_policy, tiny_stats, image_factory):
+def test_policy_runner_unnormalises_with_known_bounds(tiny_policy_factory, tiny_stats, image_factory):
     """Full action path on the real tiny policy vs a hand computation from its normalised output."""
+    tiny_policy = tiny_policy_factory(0)
+    tiny_policy.processor.center_crop = True  # as recorded for a policy trained with crop augmentation
     images = [prepare_image(im) for im in image_factory(2, seed=5)]
     proprio = np.linspace(-0.2, 0.2, 8).astype(np.float32)
     runner = PolicyRunner(tiny_policy, unnorm_key="libero_spatial_no_noops", center_crop=True, use_proprio=True,
@@ -139,6 +141,7 @@ def test_policy_runner_unnormalises_with_known_bounds(tiny_policy, tiny_stats, i
 def test_batched_rounds_equal_per_observation_predict_action(tiny_policy_factory, image_factory, use_proprio):
     """Several envs answered in one forward == one predict_action per env (prompts of different lengths)."""
     policy = tiny_policy_factory(0, use_proprio=use_proprio)
+    policy.processor.center_crop = True  # as recorded for a policy trained with crop augmentation
     rng = np.random.default_rng(7)
     instructions = ["open the drawer", "put the bowl on the plate next to the cookie box", "turn on the stove"]
     requests = [{"images": [prepare_image(im) for im in image_factory(2, seed=10 + i)], "instruction": text,

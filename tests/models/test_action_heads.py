@@ -39,15 +39,14 @@ def _ln(module, x):
         module.bias.detach().double().numpy()
 
 
-def _rope(x):  # x (N, hd): rotate pairs (j, j + hd/2) by pos * 10000^(-2j/hd)
-    n, hd = x.shape
-    out = x.copy()
+def _rope(x):  # x (N, hd): upstream's mixed RoPE (facts sheet §2): dim i uses angle pos * 10000^(-2 (i mod hd/2) / hd)
+    n, hd = x.shape  # (half-split table) and is rotated with its interleaved pair partner: (x0, x1) -> (-x1, x0)
+    out = np.empty_like(x)
     for pos in range(n):
-        for j in range(hd // 2):
-            theta = pos * 10000.0 ** (-2.0 * j / hd)
-            a, b = x[pos, j], x[pos, j + hd // 2]
-            out[pos, j] = a * math.cos(theta) - b * math.sin(theta)
-            out[pos, j + hd // 2] = b * math.cos(theta) + a * math.sin(theta)
+        for i in range(hd):
+            theta = pos * 10000.0 ** (-2.0 * (i % (hd // 2)) / hd)
+            partner = -x[pos, i + 1] if i % 2 == 0 else x[pos, i - 1]
+            out[pos, i] = x[pos, i] * math.cos(theta) + partner * math.sin(theta)
     return out
 
 
@@ -165,9 +164,10 @@ def test_noise_handling():
         torch.manual_seed(0)
         drawn = head(raw, aq, proprio)
         torch.manual_seed(0)
-        expected_noise = head.noise_std * torch.randn(2, 8, 7 * D)
+        expected_noise = head.noise_std * torch.randn(8, 7 * D)  # one draw shared by the batch, as upstream
         torch.testing.assert_close(drawn, head(raw, aq, proprio, noise=expected_noise))
-    with pytest.raises(ValueError, match=r"noise must be \(2, 8, 224\)"):
+        torch.testing.assert_close(drawn, head(raw, aq, proprio, noise=expected_noise.expand(2, 8, 7 * D)))
+    with pytest.raises(ValueError, match=r"noise must be \(8, 224\)"):
         head(raw, aq, proprio, noise=torch.zeros(2, 8, 7))
     with pytest.raises(ValueError, match="layers"):
         head(raw[:, :L], aq[:, :L], proprio)

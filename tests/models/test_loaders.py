@@ -163,3 +163,55 @@ def test_upstream_folder_with_bad_weights_fails_loudly(tmp_path, tiny_policy_fac
     torch.save(head_state, head_file)
     with pytest.raises(ValueError, match=r"model\.fc2\.weight: checkpoint \(3, 64\) vs model \(7, 64\)"):
         load_upstream_policy_folder(folder)
+
+
+def test_base_vlm_without_vision_weights_takes_timm_pretrained(tmp_path, tiny_vla_factory, monkeypatch):
+    """Upstream fills a base VLM's missing ViT weights from timm's pretrained models: a stand-in `timm.create_model`
+    that returns seeded ViTs shows the weights land in the right place, the rest comes from the checkpoint."""
+    import timm
+
+    from prismatic.models import vision_backbone
+
+    source = tiny_vla_factory(5)
+    state = _prismatic_native_state(source)
+    del state["model"]["vision_backbone"]
+    run = _write_prismatic_run(tmp_path, source, state)
+    real_create = timm.create_model
+    made = {}
+
+    def seeded_pretrained(name, pretrained=False, **kwargs):
+        if pretrained:
+            torch.manual_seed(len(made) + 100)
+            made[name] = real_create(name, pretrained=False, **kwargs)
+            return made[name]
+        return real_create(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(vision_backbone.timm, "create_model", seeded_pretrained)
+    loaded = load_prismatic_vlm_checkpoint(run, vla_config=make_vla_config("tiny"))
+    ids = make_vla_config("tiny").timm_model_ids
+    assert sorted(made) == sorted(ids)
+    for attr, timm_id in (("featurizer", ids[0]), ("fused_featurizer", ids[1])):
+        ours = getattr(loaded.vision_backbone, attr).state_dict()
+        theirs = {k.replace(".gamma", ".scale_factor"): v for k, v in made[timm_id].state_dict().items()}
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(loaded.projector.fc1.weight, source.projector.fc1.weight)
+    assert torch.equal(loaded.language_model.model.norm.weight, source.language_model.model.norm.weight)
+
+
+def test_base_vlm_without_vision_weights_offline_error(tmp_path, tiny_vla_factory, monkeypatch):
+    """Offline, the real timm/hub path fails; the error names the timm ids and how to pre-download them."""
+    from prismatic.models.vision_backbone import PretrainedVisionWeightsUnavailable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    source = tiny_vla_factory(5)
+    state = _prismatic_native_state(source)
+    del state["model"]["vision_backbone"]
+    run = _write_prismatic_run(tmp_path, source, state)
+    with pytest.raises(PretrainedVisionWeightsUnavailable) as info:
+        load_prismatic_vlm_checkpoint(run, vla_config=make_vla_config("tiny"))
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in (*make_vla_config("tiny").timm_model_ids, "pretrained=True", "huggingface/hub"):
+        assert needle in message

@@ -24,15 +24,20 @@ def test_latents_are_hidden_states_at_group_positions(tiny_vla):
     assert len(out.hidden_states) == L + 1
     assert out.raw_latents.shape == (2, L + 1, P, 64) and out.action_query_latents.shape == (2, L + 1, Q, 64)
     lengths = [5, 3]
-    for b in range(2):  # offset arithmetic, as an independent check of the mask gathering
+    for b in range(2):  # offset arithmetic (upstream's slices: one position left), independent of the masks
         start_q = 1 + P + lengths[b] - 1
         for layer in range(L + 1):
             h = out.hidden_states[layer][b]
-            assert torch.equal(out.raw_latents[b, layer], h[1: 1 + P])
-            assert torch.equal(out.action_query_latents[b, layer], h[start_q: start_q + Q])
-    # layer 0 = input embeddings: query latents are the ActionQuery table, raw latents the projected patches
-    torch.testing.assert_close(out.action_query_latents[:, 0], tiny_vla.action_queries.weight.expand(2, Q, 64))
-    torch.testing.assert_close(out.raw_latents[:, 0], tiny_vla.embed_patches(pixels))
+            assert torch.equal(out.raw_latents[b, layer], h[0:P])
+            assert torch.equal(out.action_query_latents[b, layer], h[start_q - 1: start_q - 1 + Q])
+    # layer 0 = input embeddings: [last prompt token, queries 0..Q-2] and [prompt token 0, patches 0..P-2]
+    embed = tiny_vla.get_input_embeddings()
+    for b in range(2):
+        last_token = embed(ids[b, lengths[b] - 1])
+        torch.testing.assert_close(out.action_query_latents[b, 0, 0], last_token)
+        torch.testing.assert_close(out.action_query_latents[b, 0, 1:], tiny_vla.action_queries.weight[:Q - 1])
+        torch.testing.assert_close(out.raw_latents[b, 0, 0], embed(ids[b, 0]))
+    torch.testing.assert_close(out.raw_latents[:, 0, 1:], tiny_vla.embed_patches(pixels)[:, :P - 1])
 
 
 @torch.no_grad()

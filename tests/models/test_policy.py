@@ -40,13 +40,15 @@ def test_forward_batch_dict(tiny_policy, image_factory):
         assert not torch.allclose(tiny_policy(batch2).actions, out.actions)
 
 
-def test_predict_action_normalisation_by_hand(tiny_policy, image_factory, tiny_stats):
+def test_predict_action_normalisation_by_hand(tiny_policy_factory, image_factory, tiny_stats):
+    tiny_policy = tiny_policy_factory(0)
+    tiny_policy.processor.center_crop = True  # as recorded for a run trained with crop augmentation
     images, proprio = image_factory(2, 7), _proprio(1)
-    got = tiny_policy.predict_action(images, "Open the drawer.", proprio=proprio, unnorm_key=KEY, center_crop=True)
+    got = tiny_policy.predict_action(images, "Open the drawer.", proprio=proprio, unnorm_key=KEY)
     stats = tiny_stats[KEY]
     p01, p99 = np.array(stats["proprio"]["q01"]), np.array(stats["proprio"]["q99"])
     proprio_norm = np.clip(2 * (proprio - p01) / (p99 - p01 + 1e-8) - 1, -1, 1)
-    inputs = tiny_policy.processor(images, "Open the drawer.", center_crop=True)
+    inputs = tiny_policy.processor(images, "Open the drawer.")
     inputs["proprio"] = torch.tensor(proprio_norm, dtype=torch.float32)[None]
     with torch.no_grad():
         norm = tiny_policy(inputs).actions[0].double().numpy()
@@ -75,11 +77,14 @@ def test_predict_action_bad_keys(tiny_policy, tiny_policy_factory, image_factory
         no_proprio.predict_action(images, "open the drawer", None, unnorm_key=KEY)
     with pytest.raises(ValueError, match="pass the robot state"):
         tiny_policy.predict_action(images, "open the drawer", None, unnorm_key=KEY)
+    with pytest.raises(ValueError, match="center_crop=True contradicts this checkpoint.*trained without crop"):
+        tiny_policy.predict_action(images, "open the drawer", _proprio(), unnorm_key=KEY, center_crop=True)
 
 
 @pytest.mark.parametrize("variant,use_proprio", [("pro", True), ("original", False)])
 def test_save_reload_bit_identical(tiny_policy_factory, image_factory, tmp_path, variant, use_proprio):
     policy = tiny_policy_factory(2, head_variant=variant, use_proprio=use_proprio)
+    policy.processor.center_crop = True  # recorded with the checkpoint, used by the reload
     folder = tmp_path / "run--150_chkpt"
     policy.save_pretrained(folder, step=150)
     names = {p.name for p in folder.iterdir()}
@@ -92,8 +97,9 @@ def test_save_reload_bit_identical(tiny_policy_factory, image_factory, tmp_path,
     assert json.loads((folder / "policy_config.json").read_text())["head_variant"] == variant
     again = VLAPolicy.from_pretrained(folder)
     images, proprio = image_factory(2, 4), _proprio(2) if use_proprio else None
-    a = policy.predict_action(images, "turn on the stove", proprio, KEY, center_crop=True)
-    b = again.predict_action(images, "turn on the stove", proprio, KEY, center_crop=True)
+    assert again.processor.center_crop is True
+    a = policy.predict_action(images, "turn on the stove", proprio, KEY)
+    b = again.predict_action(images, "turn on the stove", proprio, KEY)
     np.testing.assert_array_equal(a, b)
     assert again.norm_stats == policy.norm_stats
     for key, value in policy.state_dict().items():

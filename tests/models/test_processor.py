@@ -7,19 +7,18 @@ import pytest
 import torch
 from PIL import Image
 
+from prismatic.data.image_ops import center_crop, jpeg_roundtrip
 from prismatic.models.image_transform import DINO_MEAN, DINO_STD
 from prismatic.models.processing_vla import PrismaticProcessor
 from prismatic.models.prompting import build_prompt
 
 
 def _by_hand(image: np.ndarray, crop: bool) -> np.ndarray:
-    """Lanczos resize to 224 (+ centered 0.9-area crop resized back) then DINO/SigLIP normalisation, in numpy."""
-    view = np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.LANCZOS))
+    """JPEG round trip + Lanczos resize to 224 (+ TF-style center crop; both primitives are checked against
+    TensorFlow in tests/data/test_image_ops_tf.py) then DINO/SigLIP normalisation, in numpy."""
+    view = np.asarray(Image.fromarray(jpeg_roundtrip(image)).resize((224, 224), Image.Resampling.LANCZOS))
     if crop:
-        side = round(224 * np.sqrt(0.9))
-        off = round((224 - side) * 0.5)
-        view = np.asarray(Image.fromarray(np.ascontiguousarray(view[off:off + side, off:off + side]))
-                          .resize((224, 224), Image.Resampling.LANCZOS))
+        view = center_crop(view)
     x = view.astype(np.float32).transpose(2, 0, 1) / 255.0
     dino = (x - np.array(DINO_MEAN, np.float32)[:, None, None]) / np.array(DINO_STD, np.float32)[:, None, None]
     return np.concatenate([dino, (x - 0.5) / 0.5])
@@ -33,8 +32,8 @@ def test_call_matches_hand_composition(tiny_tokenizer, image_factory, crop):
     assert out["pixel_values"].shape == (1, 12, 224, 224) and out["pixel_values"].dtype == torch.float32
     expected = np.concatenate([_by_hand(im, crop) for im in images])
     np.testing.assert_allclose(out["pixel_values"][0].numpy(), expected, rtol=1e-5, atol=1e-5)
-    ids = [tiny_tokenizer.bos_token_id] + tiny_tokenizer(build_prompt("Pick up the black bowl."),
-                                                         add_special_tokens=False)["input_ids"]
+    ids = tiny_tokenizer(build_prompt("Pick up the black bowl."), add_special_tokens=False)["input_ids"]
+    assert ids[0] == tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert out["input_ids"].tolist() == [ids] and out["attention_mask"].all()
 
 

@@ -12,7 +12,7 @@ P, Q, D = 3, 2, 4
 
 def _inputs():
     torch.manual_seed(0)
-    lengths = [4, 2]  # prompt lengths incl. BOS
+    lengths = [4, 2]  # prompt lengths (token 0 = <|im_start|> included)
     prompt = torch.randn(2, 4, D)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
     return prompt, mask, torch.randn(2, P, D), torch.randn(Q, D), torch.randn(D), lengths
@@ -30,7 +30,12 @@ def test_ragged_batch_masks_and_embeddings():
     for name, value in expected.items():
         assert torch.equal(getattr(layout, name), value), name
     assert torch.equal(layout.attention_mask, ~expected["padding_mask"])
-    assert torch.equal(layout.bos_mask[:, 0], torch.tensor([True, True])) and layout.bos_mask[:, 1:].sum() == 0
+    first = layout.first_token_mask
+    assert torch.equal(first[:, 0], torch.tensor([True, True])) and first[:, 1:].sum() == 0
+    # What the head reads (upstream's slices): raw = positions 0..P-1, ActionQuery = q0-1 .. q0+Q-2.
+    raw_rows, aq_rows = ["RRR_______", "RRR_______"], ["______AA__", "____AA____"]
+    assert torch.equal(layout.raw_latent_mask, torch.tensor([[c == "R" for c in r] for r in raw_rows]))
+    assert torch.equal(layout.action_query_latent_mask, torch.tensor([[c == "A" for c in r] for r in aq_rows]))
     assert layout.vision_mask.sum(1).tolist() == [P, P] and layout.query_mask.sum(1).tolist() == [Q, Q]
     emb = layout.inputs_embeds
     assert emb.shape == (2, 10, D)
@@ -65,7 +70,7 @@ def test_left_padding_rejected():
     with pytest.raises(ValueError, match="right-padded"):
         build_sequence_layout(prompt, torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool), patches,
                               queries, stop)
-    with pytest.raises(ValueError, match="BOS"):
+    with pytest.raises(ValueError, match="first token"):
         build_sequence_layout(prompt, torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool), patches,
                               queries, stop)
     with pytest.raises(ValueError, match="patch_embeds"):

@@ -59,12 +59,11 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _bridge_features(policy, batch, raw_layer: int, aq_layer: int) -> torch.Tensor:
-    """Second code path: pooled features from the forward's own `hidden_states` (no hooks), float64."""
+    """Second code path: the mean of exactly what the head reads (the forward's own latents, no hooks), float64."""
     out = policy.vla(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                      attention_mask=batch["attention_mask"])
-    lay = out.layout
-    return torch.cat([_pool(out.hidden_states[raw_layer], lay.vision_mask),
-                      _pool(out.hidden_states[aq_layer], lay.query_mask)], dim=-1)
+    return torch.cat([out.raw_latents[:, raw_layer].double().mean(1),
+                      out.action_query_latents[:, aq_layer].double().mean(1)], dim=-1)
 
 
 # ---- the plain path is untouched --------------------------------------------------------------------------------
@@ -211,9 +210,12 @@ def test_online_and_offline_anchors_agree(make_cfg, tiny_data_root, tmp_path):
     assert off["metrics"][RET] == pytest.approx(on["metrics"][RET], rel=1e-5, abs=1e-5)
     for n in g_on:
         torch.testing.assert_close(g_off[n], g_on[n], rtol=1e-4, atol=1e-6, msg=n)
-    # and whole runs through train(): same L_ret curve
+    # and whole runs through train(): same L_ret curve. Projection off here: at θ0 L_ret is ~0 and the cached anchors
+    # differ from the online ones by float noise (~1e-7, other batch padding); the scale-invariant projection then
+    # acts on the direction of that noise, which says nothing about the anchors (the step above checks it on a
+    # perturbed model, where g_ret is real).
     runs = {s: train(make_cfg(use_craft=True, craft_anchor_source=s, craft_cache_dir=cache_dir, max_steps=3,
-                              run_id=f"run-{s}")) for s in ("online", "offline")}
+                              craft_enable_projection=False, run_id=f"run-{s}")) for s in ("online", "offline")}
     np.testing.assert_allclose([h[RET] for h in runs["offline"].history], [h[RET] for h in runs["online"].history],
                                rtol=1e-4, atol=1e-5)
 
