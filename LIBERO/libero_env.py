@@ -89,7 +89,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = VIDEO_FPS) -> N
     import imageio.v2 as imageio
 
     tmp = path.with_name(path.stem + ".partial.mp4")
-    # macro_block_size 2: yuv420p needs even sizes; other sizes are padded by ffmpeg, not silently rescaled
+    # yuv420p (what browsers play) needs even sizes: macro_block_size=2 (LIBERO's frames are 256 px anyway)
     with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
                             macro_block_size=2, ffmpeg_log_level="error") as writer:
         for frame in frames:
