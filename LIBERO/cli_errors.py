@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -43,7 +44,8 @@ def parse_or_exit(config_class: type[T], args: Sequence[str] | None = None) -> T
         with contextlib.redirect_stderr(captured):
             return draccus.parse(config_class=config_class, args=args)
     except DecodingError as exc:
-        print_usage_error(UsageError(f"bad value: {exc}", "see --help for the expected type"))
+        what = re.sub(r"^`([^`]+)`:", r"--\1:", str(exc).strip())  # "`num_envs`: ..." -> "--num_envs: ..."
+        print_usage_error(UsageError(f"bad value {what}", "see --help for the expected type"))
     except SystemExit as exc:
         if exc.code in (0, None):
             raise

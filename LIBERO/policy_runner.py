@@ -57,7 +57,7 @@ def resolve_unnorm_key(available: Sequence[str], requested: str | None, suite: s
     if not requested and len(available) == 1:
         return available[0]
     raise ValueError(f"no action statistics for unnorm_key '{requested or base}' (suite '{suite}'); the "
-                     f"checkpoint has statistics for {available}: pass one with --unnorm_key")
+                     f"checkpoint has statistics for {available}")
 
 
 def policy_statistics_keys(policy) -> list[str]:

@@ -188,6 +188,9 @@ def check_contradictions(cfg: EvalConfig, recorded: dict) -> None:
 
 def validate_config(cfg: EvalConfig, have_policy: bool = False) -> tuple[list[EpisodeSpec], str, object]:
     """Check every flag before anything is built or written: (episodes, device, torch dtype); UsageError else."""
+    if cfg.num_trials_per_task < 1:
+        raise UsageError(f"--num_trials_per_task {cfg.num_trials_per_task} runs no episode",
+                         "pass a number >= 1 (upstream: 50)")
     if cfg.num_envs < 0:
         raise UsageError(f"--num_envs {cfg.num_envs} is negative",
                          "pass the number of simulator processes (>= 1), or 0 to simulate in this process")
@@ -222,7 +225,7 @@ def validate_config(cfg: EvalConfig, have_policy: bool = False) -> tuple[list[Ep
         try:
             resolve_unnorm_key(list(stats), cfg.unnorm_key, cfg.task_suite_name)
         except ValueError as exc:
-            raise UsageError(str(exc), "pass one of the listed entries with --unnorm_key") from None
+            raise UsageError(str(exc), "pass one of the checkpoint's entries with --unnorm_key") from None
     out = Path(cfg.local_log_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--local_log_dir {out} is a file", "pass a directory path")
