@@ -18,6 +18,7 @@ class SpyPolicy:
         self.policy = policy
         self.norm_stats = policy.norm_stats
         self.policy_config = getattr(policy, "policy_config", None)
+        self.processor = getattr(policy, "processor", None)
         self.calls: list[dict] = []
 
     def predict_action(self, images, instruction, proprio=None, unnorm_key=None, center_crop=False):

@@ -97,7 +97,9 @@ def test_lan_suite_feeds_the_perturbed_instruction(tiny_policy_factory, tmp_path
     # the policy saw the rotated, resized views and the 8-dim state of the settled scene
     call = spy.calls[0]
     assert [im.shape for im in call["images"]] == [(224, 224, 3)] * 2 and call["proprio"].shape == (8,)
-    assert call["center_crop"] is True and call["unnorm_key"] == "libero_spatial_no_noops"
+    # --center_crop not given: the policy's recorded setting (the tiny processor's: off)
+    assert call["center_crop"] is spy.processor.center_crop is False
+    assert call["unnorm_key"] == "libero_spatial_no_noops"
 
 
 def test_checkpoint_without_statistics_is_refused(tiny_checkpoint, tmp_path):
