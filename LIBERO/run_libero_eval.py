@@ -35,7 +35,6 @@ if str(REPO_ROOT) not in sys.path:  # `python LIBERO/run_libero_eval.py` from an
 import numpy as np
 from tqdm import tqdm
 
-from LIBERO.cli_errors import UsageError, exit_on_usage_error, parse_or_exit
 from LIBERO.env_pool import EnvPool
 from LIBERO.libero_env import NUM_SETTLE_STEPS, EpisodeSpec, SimSettings
 from LIBERO.policy_runner import (
@@ -48,6 +47,7 @@ from LIBERO.policy_runner import (
 )
 from LIBERO.results import SUMMARY_FILE, ResultsStore
 from LIBERO.suites import INSTRUCTION_SOURCES, TaskSpec, base_suite, load_suite_tasks, max_steps_for
+from prismatic.cli_errors import UserError, cli_entry, parse_config
 from prismatic.training.checkpoint_identity import checkpoint_identity, weight_files
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -90,7 +90,7 @@ class EvalConfig:
     wandb_group: str | None = None  # default: the checkpoint's run id (folder name without --<step>_chkpt)
     wandb_tags: list[str] | None = None  # default: ["eval", <suite>]
     run_name: str | None = None
-    debug: bool = False  # show tracebacks of expected errors too
+    # (--debug true: tracebacks for expected errors too; taken out of the arguments by prismatic.cli_errors)
 
 
 def set_seed(seed: int) -> None:
@@ -106,23 +106,23 @@ def set_seed(seed: int) -> None:
 def plan_episodes(cfg: EvalConfig, tasks: list[TaskSpec]) -> list[EpisodeSpec]:
     """Every (task, trial) to evaluate, tasks in the given order and each task's trials in order."""
     if cfg.num_trials_per_task < 1:
-        raise UsageError(f"--num_trials_per_task {cfg.num_trials_per_task} runs no episode",
+        raise UserError(f"--num_trials_per_task {cfg.num_trials_per_task} runs no episode",
                          "pass a number >= 1 (upstream: 50)")
     ids = list(range(len(tasks))) if cfg.task_ids is None else list(cfg.task_ids)
     bad = [i for i in ids if not 0 <= i < len(tasks)]
     if bad or not ids:
-        raise UsageError(f"--task_ids {bad or ids} invalid for {cfg.task_suite_name}",
+        raise UserError(f"--task_ids {bad or ids} invalid for {cfg.task_suite_name}",
                          f"pick ids in 0..{len(tasks) - 1} (or omit --task_ids for all tasks)")
     if len(set(ids)) != len(ids):
-        raise UsageError(f"--task_ids {ids} repeats a task", "list each task id once")
+        raise UserError(f"--task_ids {ids} repeats a task", "list each task id once")
     max_steps = cfg.max_steps_override if cfg.max_steps_override is not None else max_steps_for(cfg.task_suite_name)
     if max_steps < 1:
-        raise UsageError(f"--max_steps_override {max_steps} allows no step", "pass a number >= 1 or omit it")
+        raise UserError(f"--max_steps_override {max_steps} allows no step", "pass a number >= 1 or omit it")
     episodes = []
     for i in ids:
         task = tasks[i]
         if cfg.num_trials_per_task > task.num_init_states:
-            raise UsageError(f"--num_trials_per_task {cfg.num_trials_per_task} but {task.suite} task {i} has only "
+            raise UserError(f"--num_trials_per_task {cfg.num_trials_per_task} but {task.suite} task {i} has only "
                              f"{task.num_init_states} fixed init states",
                              f"pass --num_trials_per_task {task.num_init_states} or fewer")
         episodes += [EpisodeSpec(task=task, trial=k, max_steps=max_steps) for k in range(cfg.num_trials_per_task)]
@@ -139,12 +139,12 @@ def resolve_device(name: str) -> str:
         return name
     if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} but CUDA is not available here", "use --device cpu (or auto)")
+            raise UserError(f"--device {name} but CUDA is not available here", "use --device cpu (or auto)")
         if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
-            raise UsageError(f"--device {name} but only {torch.cuda.device_count()} CUDA devices are visible",
+            raise UserError(f"--device {name} but only {torch.cuda.device_count()} CUDA devices are visible",
                              "pick an existing device index")
         return name
-    raise UsageError(f"--device '{name}' is not a device", "use auto, cpu, cuda or cuda:<index>")
+    raise UserError(f"--device '{name}' is not a device", "use auto, cpu, cuda or cuda:<index>")
 
 
 def resolve_dtype(name: str, device: str):
@@ -152,7 +152,7 @@ def resolve_dtype(name: str, device: str):
     import torch
 
     if name not in DTYPES:
-        raise UsageError(f"--dtype '{name}' is not supported", f"use one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype '{name}' is not supported", f"use one of {', '.join(DTYPES)}")
     if name == "auto":
         name = "bfloat16" if device.startswith("cuda") else "float32"
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
@@ -172,7 +172,7 @@ def recorded_checkpoint_settings(folder: Path) -> dict:
             try:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
-                raise UsageError(f"{path} is not valid JSON ({exc})", "restore the checkpoint's file") from None
+                raise UserError(f"{path} is not valid JSON ({exc})", "restore the checkpoint's file") from None
             settings.update({k: data[k] for k in keys if k in data})
     return settings
 
@@ -182,65 +182,65 @@ def check_contradictions(cfg: EvalConfig, recorded: dict) -> None:
     for name in ("num_images_in_input", "use_proprio", "center_crop"):
         given, stored = getattr(cfg, name), recorded.get(name)
         if given is not None and stored is not None and given != stored:
-            raise UsageError(f"--{name} {given} contradicts the checkpoint, which records {name}={stored}",
+            raise UserError(f"--{name} {given} contradicts the checkpoint, which records {name}={stored}",
                              f"omit --{name} (the checkpoint's setting is used)")
 
 
 def validate_config(cfg: EvalConfig, have_policy: bool = False) -> tuple[list[EpisodeSpec], str, object]:
-    """Check every flag before anything is built or written: (episodes, device, torch dtype); UsageError else."""
+    """Check every flag before anything is built or written: (episodes, device, torch dtype); UserError else."""
     if cfg.num_trials_per_task < 1:
-        raise UsageError(f"--num_trials_per_task {cfg.num_trials_per_task} runs no episode",
+        raise UserError(f"--num_trials_per_task {cfg.num_trials_per_task} runs no episode",
                          "pass a number >= 1 (upstream: 50)")
     if cfg.num_envs < 0:
-        raise UsageError(f"--num_envs {cfg.num_envs} is negative",
+        raise UserError(f"--num_envs {cfg.num_envs} is negative",
                          "pass the number of simulator processes (>= 1), or 0 to simulate in this process")
     if cfg.num_settle_steps < 0:
-        raise UsageError(f"--num_settle_steps {cfg.num_settle_steps} is negative", "pass 0 or more (upstream: 10)")
+        raise UserError(f"--num_settle_steps {cfg.num_settle_steps} is negative", "pass 0 or more (upstream: 10)")
     if cfg.camera_resolution < 1:
-        raise UsageError(f"--camera_resolution {cfg.camera_resolution} is not a size", "pass 256 (LIBERO's)")
+        raise UserError(f"--camera_resolution {cfg.camera_resolution} is not a size", "pass 256 (LIBERO's)")
     if cfg.instruction_source not in INSTRUCTION_SOURCES:
-        raise UsageError(f"--instruction_source '{cfg.instruction_source}' is unknown",
+        raise UserError(f"--instruction_source '{cfg.instruction_source}' is unknown",
                          f"use one of {', '.join(INSTRUCTION_SOURCES)}")
     if cfg.num_images_in_input not in (None, 1, 2):
-        raise UsageError(f"--num_images_in_input {cfg.num_images_in_input} is not supported",
+        raise UserError(f"--num_images_in_input {cfg.num_images_in_input} is not supported",
                          "use 1 (third-person) or 2 (+ wrist), or omit it for the checkpoint's")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if not have_policy:
         if not cfg.pretrained_checkpoint:
-            raise UsageError("no --pretrained_checkpoint given",
+            raise UserError("no --pretrained_checkpoint given",
                              "pass a checkpoint folder (runs/<run>--<step>_chkpt or a released policy folder)")
         folder = Path(cfg.pretrained_checkpoint)
         if not folder.is_dir():
-            raise UsageError(f"checkpoint folder {folder} does not exist", "check the --pretrained_checkpoint path")
+            raise UserError(f"checkpoint folder {folder} does not exist", "check the --pretrained_checkpoint path")
         try:
             stats = checkpoint_statistics(folder)
         except ValueError as exc:
-            raise UsageError(str(exc), "copy dataset_statistics.json from the training run into the folder") \
+            raise UserError(str(exc), "copy dataset_statistics.json from the training run into the folder") \
                 from None
         if not weight_files(folder):
-            raise UsageError(f"checkpoint folder {folder} holds no weight files (*.safetensors, *.pt)",
+            raise UserError(f"checkpoint folder {folder} holds no weight files (*.safetensors, *.pt)",
                              "point --pretrained_checkpoint at a complete checkpoint folder")
         check_contradictions(cfg, recorded_checkpoint_settings(folder))
         try:
             resolve_unnorm_key(list(stats), cfg.unnorm_key, cfg.task_suite_name)
         except ValueError as exc:
-            raise UsageError(str(exc), "pass one of the checkpoint's entries with --unnorm_key") from None
+            raise UserError(str(exc), "pass one of the checkpoint's entries with --unnorm_key") from None
     out = Path(cfg.local_log_dir)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--local_log_dir {out} is a file", "pass a directory path")
+        raise UserError(f"--local_log_dir {out} is a file", "pass a directory path")
     if cfg.save_videos:
         try:
             import imageio_ffmpeg  # noqa: F401
         except ImportError:
-            raise UsageError("--save_videos needs imageio-ffmpeg, which is not installed",
+            raise UserError("--save_videos needs imageio-ffmpeg, which is not installed",
                              "pip install imageio==2.38.1 imageio-ffmpeg==0.8.1") from None
     try:
         tasks = load_suite_tasks(cfg.task_suite_name, cfg.instruction_source)
     except ValueError as exc:
-        raise UsageError(str(exc), "pass one of the valid suites with --task_suite_name") from None
+        raise UserError(str(exc), "pass one of the valid suites with --task_suite_name") from None
     except ImportError as exc:
-        raise UsageError(str(exc), "install the LIBERO extra") from None
+        raise UserError(str(exc), "install the LIBERO extra") from None
     return plan_episodes(cfg, tasks), device, dtype
 
 
@@ -285,7 +285,7 @@ def resolve_center_crop(given: bool | None, policy) -> bool | None:
     policy object's own setting is refused like a contradiction with the folder's."""
     stored = getattr(getattr(policy, "processor", None), "center_crop", None)
     if given is not None and stored is not None and bool(given) != bool(stored):
-        raise UsageError(f"--center_crop {given} contradicts the checkpoint, which records center_crop={stored}",
+        raise UserError(f"--center_crop {given} contradicts the checkpoint, which records center_crop={stored}",
                          "omit --center_crop (the checkpoint's setting is used)")
     if given is not None:
         return bool(given)
@@ -295,7 +295,7 @@ def resolve_center_crop(given: bool | None, policy) -> bool | None:
 def run_evaluation(cfg: EvalConfig, policy=None, runner_factory=None) -> dict:
     """Evaluate and return the summary. `policy`: an already built policy (tests, benchmarks); else the
     checkpoint is loaded. `runner_factory(settings)`: inline-simulator override for tests (num_envs=0 only).
-    Raises UsageError (before anything is built or written) on bad settings."""
+    Raises UserError (before anything is built or written) on bad settings."""
     if runner_factory is not None and cfg.num_envs != 0:
         raise ValueError("runner_factory replaces the inline simulator: it needs num_envs=0")
     episodes, device, dtype = validate_config(cfg, have_policy=policy is not None)
@@ -307,7 +307,7 @@ def run_evaluation(cfg: EvalConfig, policy=None, runner_factory=None) -> dict:
         unnorm_key = resolve_unnorm_key(policy_statistics_keys(policy), cfg.unnorm_key, cfg.task_suite_name)
         num_images, use_proprio = resolve_input_settings(policy, cfg.num_images_in_input, cfg.use_proprio)
     except ValueError as exc:
-        raise UsageError(str(exc), "omit the flag, or pass a value the checkpoint supports") from None
+        raise UserError(str(exc), "omit the flag, or pass a value the checkpoint supports") from None
     center_crop = resolve_center_crop(cfg.center_crop, policy)
     if base_suite(cfg.task_suite_name) and not unnorm_key.startswith(base_suite(cfg.task_suite_name)):
         print(f"note: evaluating {cfg.task_suite_name} with the action statistics of '{unnorm_key}' "
@@ -320,7 +320,7 @@ def run_evaluation(cfg: EvalConfig, policy=None, runner_factory=None) -> dict:
     try:
         store = ResultsStore(out_dir, identity)
     except ValueError as exc:
-        raise UsageError(str(exc), "resume with the original settings or pass another --local_log_dir") from None
+        raise UserError(str(exc), "resume with the original settings or pass another --local_log_dir") from None
     selected = [(e.task.task_id, e.trial) for e in episodes]
     tasks = _pending_by_task(episodes, store)
     settings = SimSettings(num_images=num_images, camera_resolution=cfg.camera_resolution,
@@ -453,9 +453,10 @@ def _answer(policy_fn: PolicyRunner, payloads: list) -> list:
     return answers
 
 
-def main(args: list[str] | None = None) -> None:
-    cfg = parse_or_exit(EvalConfig, args)
-    summary = exit_on_usage_error(lambda: run_evaluation(cfg), debug=cfg.debug)
+@cli_entry("run_libero_eval")
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(EvalConfig, argv)
+    summary = run_evaluation(cfg)
     print(f"{summary['task_suite_name']}: {summary['num_successes']}/{summary['num_episodes']} successes "
           f"({100 * summary['success_rate']:.1f}%) -> {Path(cfg.local_log_dir) / 'summary.json'}")
     if summary["num_errors"]:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from libero_fakes import FakeEnv, SpyPolicy, needs_libero
 
-from LIBERO.cli_errors import UsageError
 from LIBERO.libero_env import EpisodeRunner
 from LIBERO.run_libero_eval import default_wandb_group, resolve_center_crop, resolve_device, resolve_dtype
+from prismatic.cli_errors import UserError
 from prismatic.training.checkpoint_identity import checkpoint_identity, checkpoint_step, same_weights, weights_sha256
 
 
@@ -20,14 +20,14 @@ def test_device_and_dtype_defaults():
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == "cpu"
     if not torch.cuda.is_available():
-        with pytest.raises(UsageError, match="--device cuda but CUDA is not available"):
+        with pytest.raises(UserError, match="--device cuda but CUDA is not available"):
             resolve_device("cuda")
-    with pytest.raises(UsageError, match="is not a device"):
+    with pytest.raises(UserError, match="is not a device"):
         resolve_device("gpu")
     assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("auto", "cuda:1") == torch.bfloat16
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16 and resolve_dtype("float32", "cuda") == torch.float32
-    with pytest.raises(UsageError, match="--dtype 'half'"):
+    with pytest.raises(UserError, match="--dtype 'half'"):
         resolve_dtype("half", "cpu")
 
 
@@ -37,7 +37,7 @@ def test_center_crop_follows_the_checkpoint_and_refuses_contradictions():
             center_crop = True
 
     assert resolve_center_crop(None, P) is True and resolve_center_crop(True, P) is True
-    with pytest.raises(UsageError, match="--center_crop False contradicts the checkpoint"):
+    with pytest.raises(UserError, match="--center_crop False contradicts the checkpoint"):
         resolve_center_crop(False, P)
     assert resolve_center_crop(None, object()) is None  # no recorded setting: the policy's own default applies
     assert resolve_center_crop(False, object()) is False
@@ -131,5 +131,5 @@ def test_checkpoint_eval_loads_dtype_uses_recorded_crop_and_records_identity(tmp
     retrained.processor.center_crop = True
     retrained.save_pretrained(ckpt, step=7)
     assert not same_weights(on_disk["checkpoint"], ckpt)
-    with pytest.raises(UsageError, match="weights_sha256"):
+    with pytest.raises(UserError, match="weights_sha256"):
         run_evaluation(cfg, runner_factory=factory)
