@@ -195,7 +195,9 @@ def test_unknown_suite_lists_valid_ones(tmp_path):
     from LIBERO.run_libero_eval import EvalConfig, run_evaluation
 
     cfg = EvalConfig(task_suite_name="libero_spacial", local_log_dir=str(tmp_path / "out"))
-    with pytest.raises(ValueError, match=r"unknown or incomplete LIBERO suite 'libero_spacial'.*libero_spatial,"):
+    from prismatic.cli_errors import UserError
+
+    with pytest.raises(UserError, match=r"unknown or incomplete LIBERO suite 'libero_spacial'.*libero_spatial,"):
         run_evaluation(cfg, policy=ScriptedPolicy(np.zeros((8, 7))))
     assert not (tmp_path / "out").exists()  # nothing written
 

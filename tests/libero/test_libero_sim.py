@@ -112,7 +112,9 @@ def test_checkpoint_without_statistics_is_refused(tiny_checkpoint, tmp_path):
     (ckpt / "dataset_statistics.json").unlink()
     cfg = EvalConfig(pretrained_checkpoint=str(ckpt), task_suite_name="libero_spatial", num_trials_per_task=1,
                      local_log_dir=str(tmp_path / "out"), progress=False)
-    with pytest.raises(ValueError, match="has no action statistics"):
+    from prismatic.cli_errors import UserError
+
+    with pytest.raises(UserError, match="has no action statistics"):
         run_evaluation(cfg)
     assert not (tmp_path / "out").exists()
 
