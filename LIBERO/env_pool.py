@@ -1,9 +1,11 @@
 """Simulator workers: `num_envs` processes, each owning one LIBERO environment, feeding one policy process.
 
-Messages on a worker's pipe: ("start", EpisodeSpec) and ("act", actions (K, 7)) from the policy process;
-("obs", request) / ("done", record) / ("error", traceback) back. Workers use the `spawn` start method so no
-OpenGL / EGL context or torch thread pool is inherited through fork. `num_envs=0` runs the simulator inline in the
-calling process (same protocol; handy for debugging and for tests that inject a fake environment).
+Messages on a worker's pipe: ("start", EpisodeSpec), ("act", actions (K, 7)) and ("abort", traceback: the policy
+raised on this episode's observation) from the policy process; ("obs", request) / ("done", record) back, or
+("error", traceback) for a protocol error (an exception inside an episode is a "done" failure record instead).
+Workers use the `spawn` start method so no OpenGL / EGL context or torch thread pool is inherited through fork.
+`num_envs=0` runs the simulator inline in the calling process (same protocol; handy for debugging and for tests
+that inject a fake environment).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ def _handle(runner: EpisodeRunner, kind: str, payload) -> tuple[str, object]:
         return runner.start(payload)
     if kind == "act":
         return runner.act(payload)
+    if kind == "abort":
+        return runner.abort(payload)
     raise ValueError(f"unknown worker message '{kind}'")
 
 

@@ -5,6 +5,17 @@ task's environment, loads the fixed init state of the trial, lets objects settle
 and returns the first policy request; `act(chunk)` executes a chunk of simulator actions open-loop and returns
 either the next request or the finished episode's record. Success is the environment's own verdict
 (`done` from `step`, i.e. `check_success()` in LIBERO), read again with `check_success()` on the final state.
+
+Reproducible trials. Upstream builds one env per task, seeds it once and runs trials 0..49 in order, each a hard
+`reset()` then `set_init_state(init_states[k])`. Every hard reset re-draws the fixtures the init state does not
+restore (stove, cabinet: up to ~1.5 cm on libero_spatial) from NumPy's global RNG, which `env.seed` seeds. So trial
+k is defined as "the (k+1)-th reset of a fresh env seeded `env_seed`", and the runner enforces exactly that whatever
+the scheduling: it rebuilds a fresh env when the task changes or when the env is already past trial k, and replays
+the resets of skipped trials (reset without stepping; stepping does not touch that RNG). The env's RNG stream is
+kept private (saved and restored around seeding and resets), so nothing else in the process shifts it.
+
+An exception inside an episode (env or policy side) ends that episode as a failure whose record carries the
+traceback under "error"; the env is discarded (its state is unknown) and rebuilt for the next trial.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,22 +84,29 @@ def load_init_states(task: TaskSpec) -> np.ndarray:
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = VIDEO_FPS) -> None:
-    """Write RGB uint8 frames to an mp4 (OpenCV `mp4v`); written to a temp name first so no partial file remains."""
-    import cv2
+    """Write RGB uint8 frames to an H.264 mp4 (yuv420p: plays in browsers) with imageio + imageio-ffmpeg's bundled
+    ffmpeg; written to a temp name first so no partial file remains."""
+    import imageio.v2 as imageio
 
-    height, width = frames[0].shape[:2]
     tmp = path.with_name(path.stem + ".partial.mp4")
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV could not open a video writer for {tmp}")
-    for frame in frames:
-        writer.write(cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR))
-    writer.release()
+    # yuv420p (what browsers play) needs even sizes: macro_block_size=2 (LIBERO's frames are 256 px anyway)
+    with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+                            macro_block_size=2, ffmpeg_log_level="error") as writer:
+        for frame in frames:
+            writer.append_data(np.ascontiguousarray(frame, dtype=np.uint8))
     os.replace(tmp, path)
 
 
+def body_positions(env) -> np.ndarray | None:
+    """(nbody, 3) positions of the model's bodies: shows where the fixtures (stove, cabinet) were placed, which the
+    sim state (qpos/qvel) does not contain. None for envs without a MuJoCo model (test fakes)."""
+    sim = getattr(getattr(env, "env", None), "sim", None)
+    return None if sim is None else np.array(sim.model.body_pos, dtype=np.float64)
+
+
 class EpisodeRunner:
-    """Runs episodes in one environment (re-created only when the task changes)."""
+    """Runs episodes in one environment (re-created when the task changes, when a trial earlier than the env's
+    position in its reset sequence is asked for, and after an episode raised)."""
 
     def __init__(self, settings: SimSettings,
                  env_factory: Callable[[TaskSpec, SimSettings], object] = make_libero_env,
@@ -99,22 +118,34 @@ class EpisodeRunner:
         self._env_task: tuple[str, int] | None = None
         self._init_states: np.ndarray | None = None
         self._spec: EpisodeSpec | None = None
+        self._resets = 0  # hard resets of the current env since it was built and seeded
+        self._env_rng = None  # NumPy global RNG state of the current env (fixture placement at reset)
+        self.envs_built = 0
+        self.replayed_resets = 0  # resets done only to reach a trial's position in the reset sequence
 
     # -- episode lifecycle ------------------------------------------------------------------------------------
     def start(self, spec: EpisodeSpec) -> tuple[str, dict]:
+        """Begin trial `spec.trial` as the (trial+1)-th reset of a fresh env; an exception ends it as a failure."""
+        self._spec = spec
+        self._t0 = time.perf_counter()
+        self._steps = 0
+        try:
+            return self._start(spec)
+        except Exception:
+            return "done", self._fail(traceback.format_exc())
+
+    def _start(self, spec: EpisodeSpec) -> tuple[str, dict]:
         task = spec.task
-        if self._env_task != (task.suite, task.task_id):
-            self.close()
-            self._env = self._env_factory(task, self.settings)
-            self._init_states = np.asarray(self._init_states_loader(task))
-            self._env_task = (task.suite, task.task_id)
+        if self._env_task != (task.suite, task.task_id) or self._resets > spec.trial:
+            self._open(task)
         if not 0 <= spec.trial < len(self._init_states):
             raise ValueError(f"trial {spec.trial} of {task.suite} task {task.task_id} has no init state "
                              f"(the task has {len(self._init_states)})")
-        self._spec = spec
-        self._t0 = time.perf_counter()
+        while self._resets < spec.trial:  # trials skipped (resume) or run elsewhere: replay their resets
+            self._reset()
+            self.replayed_resets += 1
         env = self._env
-        env.reset()
+        self._reset()
         init_state = np.asarray(self._init_states[spec.trial])
         obs = env.set_init_state(init_state)
         for _ in range(self.settings.num_settle_steps):
@@ -124,12 +155,25 @@ class EpisodeRunner:
         self._proprio = [extract_proprio(obs)]
         self._frames = [rotate_180(obs[THIRD_PERSON_KEY])] if self.settings.video_dir else []
         self._init_state = init_state
+        self._body_pos = body_positions(env)
         return "obs", self._request(obs)
 
     def act(self, actions: np.ndarray) -> tuple[str, dict]:
         """Execute `actions` (K, 7) open-loop; stop early on success or when the step budget is spent."""
         if self._spec is None:
             raise RuntimeError("act() called with no episode running; call start() first")
+        try:
+            return self._act(actions)
+        except Exception:
+            return "done", self._fail(traceback.format_exc())
+
+    def abort(self, error: str) -> tuple[str, dict]:
+        """End the running episode as a failure because of `error` (e.g. the policy raised on its observation)."""
+        if self._spec is None:
+            raise RuntimeError("abort() called with no episode running")
+        return "done", self._fail(error, discard_env=False)
+
+    def _act(self, actions: np.ndarray) -> tuple[str, dict]:
         actions = np.asarray(actions, dtype=np.float64)
         done = False
         obs = None
@@ -149,11 +193,56 @@ class EpisodeRunner:
         return "obs", self._request(obs)
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-        self._env, self._env_task, self._init_states = None, None, None
+        env, self._env, self._env_task, self._init_states, self._resets = self._env, None, None, None, 0
+        if env is not None:
+            env.close()
 
     # -- internals --------------------------------------------------------------------------------------------
+    def _open(self, task: TaskSpec) -> None:
+        """A fresh env for `task`, seeded by the factory; its RNG stream is captured and kept apart."""
+        self.close()
+        outer = np.random.get_state()
+        try:
+            self._env = self._env_factory(task, self.settings)
+            self._env_rng = np.random.get_state()
+        finally:
+            np.random.set_state(outer)
+        self._init_states = np.asarray(self._init_states_loader(task))
+        self._env_task = (task.suite, task.task_id)
+        self._resets = 0
+        self.envs_built += 1
+
+    def _reset(self) -> None:
+        outer = np.random.get_state()
+        np.random.set_state(self._env_rng)
+        try:
+            self._env.reset()
+        finally:
+            self._env_rng = np.random.get_state()
+            np.random.set_state(outer)
+        self._resets += 1
+
+    def _record(self, success: bool) -> dict:
+        spec = self._spec
+        return {"suite": spec.task.suite, "task_id": spec.task.task_id, "task_name": spec.task.name,
+                "instruction": spec.task.instruction, "trial": spec.trial, "success": success,
+                "steps": self._steps, "max_steps": spec.max_steps,
+                "seconds": round(time.perf_counter() - self._t0, 3), "video": None, "rollout": None}
+
+    def _fail(self, error: str, discard_env: bool = True) -> dict:
+        """The record of an episode that raised: a failure carrying the traceback. The env is closed when its
+        state is unknown (it raised), so the next trial starts from a fresh env and replays its resets."""
+        record = self._record(False)
+        record["error"] = error
+        self._spec = None
+        self._frames, self._actions = [], []
+        if discard_env:
+            try:
+                self.close()  # forgets the env first, then closes it
+            except Exception:  # a broken env may fail to close; it is dropped either way
+                pass
+        return record
+
     def _request(self, obs: dict) -> dict:
         spec = self._spec
         return {"key": spec.key, "instruction": spec.task.instruction, "proprio": extract_proprio(obs),
@@ -162,10 +251,8 @@ class EpisodeRunner:
     def _finish(self) -> dict:
         spec, env = self._spec, self._env
         success = bool(env.check_success())  # the env's verdict on the final state
-        record = {"suite": spec.task.suite, "task_id": spec.task.task_id, "task_name": spec.task.name,
-                  "instruction": spec.task.instruction, "trial": spec.trial, "success": success,
-                  "steps": self._steps, "max_steps": spec.max_steps,
-                  "seconds": round(time.perf_counter() - self._t0, 3), "video": None, "rollout": None}
+        record = self._record(success)
+        record["env_resets"] = self._resets  # hard resets of this env so far, this trial's included (= trial + 1)
         tag = f"{spec.key}--{'success' if success else 'failure'}"
         if self.settings.video_dir and self._frames:
             path = Path(self.settings.video_dir) / f"{tag}.mp4"
@@ -176,7 +263,9 @@ class EpisodeRunner:
             tmp = path.with_name(path.stem + ".partial.npz")
             np.savez(tmp, actions=np.asarray(self._actions, dtype=np.float64).reshape(-1, 7),
                      proprio=np.asarray(self._proprio, dtype=np.float32), init_state=self._init_state,
-                     final_state=np.asarray(env.get_sim_state()), spec=json.dumps(asdict(spec)))
+                     final_state=np.asarray(env.get_sim_state()), spec=json.dumps(asdict(spec)),
+                     body_pos=self._body_pos if self._body_pos is not None else np.zeros((0, 3)),
+                     env_resets=self._resets)
             os.replace(tmp, path)
             record["rollout"] = str(path)
         self._spec = None

@@ -57,7 +57,7 @@ def resolve_unnorm_key(available: Sequence[str], requested: str | None, suite: s
     if not requested and len(available) == 1:
         return available[0]
     raise ValueError(f"no action statistics for unnorm_key '{requested or base}' (suite '{suite}'); the "
-                     f"checkpoint has statistics for {available}: pass one with --unnorm_key")
+                     f"checkpoint has statistics for {available}")
 
 
 def policy_statistics_keys(policy) -> list[str]:
@@ -81,12 +81,15 @@ def resolve_input_settings(policy, num_images: int | None, use_proprio: bool | N
     return int(resolved[0]), bool(resolved[1])
 
 
-def load_policy_checkpoint(checkpoint_dir: str | Path, device: str = "cpu"):
-    """Load this project's checkpoint folder or an upstream-released VLA-Adapter policy folder."""
+def load_policy_checkpoint(checkpoint_dir: str | Path, device: str = "cpu", dtype=None):
+    """Load this project's checkpoint folder or an upstream-released VLA-Adapter policy folder, cast to `dtype`
+    (a torch dtype; None = float32)."""
+    import torch
+
     checkpoint_statistics(checkpoint_dir)  # fail before building a large model
     from prismatic.models.loaders import load_policy
 
-    return load_policy(str(checkpoint_dir), device=device)
+    return load_policy(str(checkpoint_dir), device=device, dtype=dtype or torch.float32)
 
 
 class PolicyRunner:

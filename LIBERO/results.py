@@ -92,8 +92,9 @@ class ResultsStore:
         for entry in per_task.values():
             entry["success_rate"] = entry["successes"] / entry["episodes"]
         n, s = len(records), sum(int(bool(r["success"])) for r in records)
+        errors = sum(1 for r in records if r.get("error"))  # episodes that raised (counted as failures)
         return {"task_suite_name": task_suite_name, "num_episodes": n, "num_successes": s,
-                "success_rate": s / n if n else 0.0, "per_task": per_task}
+                "success_rate": s / n if n else 0.0, "num_errors": errors, "per_task": per_task}
 
     def write_summary(self, summary: Mapping) -> Path:
         path = self.out_dir / SUMMARY_FILE

@@ -18,6 +18,7 @@ class SpyPolicy:
         self.policy = policy
         self.norm_stats = policy.norm_stats
         self.policy_config = getattr(policy, "policy_config", None)
+        self.processor = getattr(policy, "processor", None)
         self.calls: list[dict] = []
 
     def predict_action(self, images, instruction, proprio=None, unnorm_key=None, center_crop=False):
@@ -43,15 +44,25 @@ class ScriptedPolicy:
 
 
 class FakeEnv:
-    """Minimal LIBERO-like env: eef x position integrates action[0]; success once x >= `goal_x`."""
+    """Minimal LIBERO-like env: eef x position integrates action[0]; success once x >= `goal_x`.
 
-    def __init__(self, goal_x: float = np.inf, resolution: int = 32):
+    Like LIBERO, `seed` seeds NumPy's global RNG and every `reset` draws a fixture position from it (which the init
+    state does not restore); `fail_on_step` makes the step with that index (counted since the last reset) raise.
+    """
+
+    def __init__(self, goal_x: float = np.inf, resolution: int = 32, seed: int | None = None,
+                 fail_on_step: int | None = None):
         self.goal_x = goal_x
         self.resolution = resolution
+        self.fail_on_step = fail_on_step
         self.x = 0.0
         self.actions: list[np.ndarray] = []
         self.resets = 0
+        self.fixture = None
+        self.fixtures: list[float] = []  # fixture drawn at each reset
         self.closed = False
+        if seed is not None:
+            np.random.seed(seed)
 
     def _obs(self) -> dict:
         img = np.zeros((self.resolution, self.resolution, 3), dtype=np.uint8)
@@ -64,6 +75,8 @@ class FakeEnv:
         self.resets += 1
         self.x = 0.0
         self.actions = []
+        self.fixture = float(np.random.uniform())
+        self.fixtures.append(self.fixture)
         return self._obs()
 
     def set_init_state(self, state):
@@ -71,6 +84,8 @@ class FakeEnv:
         return self._obs()
 
     def step(self, action):
+        if self.fail_on_step is not None and len(self.actions) == self.fail_on_step:
+            raise FloatingPointError("MuJoCo-like instability (simulated)")
         self.actions.append(np.array(action))
         self.x += float(action[0])
         return self._obs(), 0.0, self.check_success(), {}

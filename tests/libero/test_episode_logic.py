@@ -33,7 +33,7 @@ def test_episode_settles_then_executes_chunks_open_loop():
     env = FakeEnv()
     runner = _runner(env, num_images=2)
     kind, req = runner.start(EpisodeSpec(_task(), trial=1, max_steps=20))
-    assert kind == "obs" and env.resets == 1
+    assert kind == "obs" and env.resets == 2  # trial 1 = the 2nd reset of the env (the 1st one replayed)
     # 10 settle steps with the no-op action before the first request
     assert len(env.actions) == 10 and all(np.array_equal(a, SETTLE_ACTION) for a in env.actions)
     assert req["instruction"] == "do task 0" and req["steps"] == 0
@@ -65,13 +65,17 @@ def test_episode_stops_on_env_success_mid_chunk():
     assert rec["success"] == env.check_success()
 
 
-def test_episode_bad_trial_and_env_reuse():
-    env = FakeEnv()
-    runner = _runner(env)
-    with pytest.raises(ValueError, match="trial 5 .* has no init state .* has 3"):
-        runner.start(EpisodeSpec(_task(), trial=5, max_steps=4))
+def test_episode_bad_trial_is_a_failure_record_and_env_reuse():
+    envs = []
+    runner = EpisodeRunner(SimSettings(), env_factory=lambda task, s: envs.append(FakeEnv()) or envs[-1],
+                           init_states_loader=lambda task: np.zeros((3, 1)))
+    kind, rec = runner.start(EpisodeSpec(_task(), trial=5, max_steps=4))
+    assert kind == "done" and rec["success"] is False and rec["trial"] == 5
+    assert "ValueError: trial 5 of libero_spatial task 0 has no init state (the task has 3)" in rec["error"]
     runner.start(EpisodeSpec(_task(), trial=0, max_steps=4))
-    assert env.resets == 1  # same task: env kept
+    runner.act(np.zeros((8, 7)))
+    runner.start(EpisodeSpec(_task(), trial=1, max_steps=4))
+    assert len(envs) == 2 and envs[1].resets == 2  # a fresh env after the failure, then kept for trial 1
 
 
 def test_pool_inline_protocol_and_error_reporting():
@@ -191,7 +195,9 @@ def test_unknown_suite_lists_valid_ones(tmp_path):
     from LIBERO.run_libero_eval import EvalConfig, run_evaluation
 
     cfg = EvalConfig(task_suite_name="libero_spacial", local_log_dir=str(tmp_path / "out"))
-    with pytest.raises(ValueError, match=r"unknown or incomplete LIBERO suite 'libero_spacial'.*libero_spatial,"):
+    from prismatic.cli_errors import UserError
+
+    with pytest.raises(UserError, match=r"unknown or incomplete LIBERO suite 'libero_spacial'.*libero_spatial,"):
         run_evaluation(cfg, policy=ScriptedPolicy(np.zeros((8, 7))))
     assert not (tmp_path / "out").exists()  # nothing written
 
@@ -279,3 +285,141 @@ def test_wandb_receives_the_summary(tmp_path, monkeypatch):
     assert [f["success_rate/total"] for f in finals] == [s1["success_rate"], s2["success_rate"]] == [1.0, 0.0]
     assert set(finals[1]) >= {f"success_rate/{name}" for name in s2["per_task"]}
     assert logged.count("finished") == 2
+    assert inits[0]["job_type"] == "eval" and inits[0]["tags"] == ["eval", "libero_goal"]
+    assert inits[0]["group"] == "policy"  # no checkpoint folder: the fallback group name
+    assert [f["Eval/Success Rate/libero_goal"] for f in finals] == [1.0, 0.0]
+
+
+# -- reproducible trials: trial k = the (k+1)-th reset of a fresh env seeded env_seed ---------------------------------
+def _fixture_after(resets: int, seed: int = 0) -> float:
+    """Independent reference: a fresh fake env seeded `seed`, reset `resets` times."""
+    env = FakeEnv(seed=seed)
+    for _ in range(resets):
+        env.reset()
+    return env.fixture
+
+
+def _seeded_runner(envs: list, n_init: int = 4, **kwargs) -> EpisodeRunner:
+    def factory(task, settings):
+        envs.append(FakeEnv(seed=settings.env_seed, **kwargs))
+        return envs[-1]
+    return EpisodeRunner(SimSettings(num_settle_steps=0), env_factory=factory,
+                         init_states_loader=lambda task: np.zeros((n_init, 1)))
+
+
+def _run_episode(runner, spec):
+    kind, out = runner.start(spec)
+    while kind == "obs":
+        kind, out = runner.act(np.zeros((8, 7)))
+    return out
+
+
+def test_any_trial_order_reproduces_the_upstream_reset_sequence():
+    reference = [_fixture_after(k + 1) for k in range(4)]
+    assert len(set(reference)) == 4  # the fixture really moves between reset counts
+    envs = []
+    runner = _seeded_runner(envs)
+    task = _task(n_init=4)
+    for trial in (2, 3, 1, 0, 3):  # resume-like skip, then going back: a fresh env each time it must
+        np.random.seed(123 + trial)  # the process's own RNG use does not shift the env's stream
+        record = _run_episode(runner, EpisodeSpec(task, trial=trial, max_steps=2))
+        assert envs[-1].fixture == reference[trial] and record["env_resets"] == trial + 1
+    # envs: built for trial 2 (replays 2 resets), kept for 3, rebuilt for 1 (replays 1), rebuilt for 0, kept for
+    # the second trial 3 (replays the resets of trials 1 and 2)
+    assert len(envs) == 3 and runner.replayed_resets == 2 + 1 + 2
+
+
+def test_workers_take_whole_tasks_in_trial_order(tmp_path):
+    """Two workers, three tasks: each task runs on one worker, in trial order, from a fresh env; trial k always
+    sees the fixture of the (k+1)-th reset, as one upstream env per task would."""
+    from tqdm import tqdm
+
+    from LIBERO.env_pool import InlineWorker
+    from LIBERO.run_libero_eval import _drive, _pending_by_task
+
+    class Answer:
+        calls = rounds = 0
+
+        def __call__(self, requests):
+            return [np.zeros((8, 7)) for _ in requests]
+
+    envs = [[], []]
+    pool = EnvPool.__new__(EnvPool)
+    pool.workers = [InlineWorker(i, _seeded_runner(envs[i], n_init=3)) for i in range(2)]
+    store = ResultsStore(tmp_path, {})
+    episodes = [EpisodeSpec(_task(t, n_init=3), trial=k, max_steps=3) for t in range(3) for k in range(3)]
+    store.add({**_record(1, 0, False), "env_resets": 1})  # task 1 trial 0 finished in an earlier run
+    _drive(pool, _pending_by_task(episodes, store), Answer(), store, tqdm(disable=True), None, "libero_spatial", [])
+    assert len(store.records) == 9
+    # one fresh env per task (3), spread over both workers; each env seeded 0 went through the reference reset
+    # sequence, task 1's included (its finished trial 0 was replayed as a reset)
+    all_envs = envs[0] + envs[1]
+    reference = [_fixture_after(k + 1) for k in range(3)]
+    assert len(all_envs) == 3 and all(len(e) >= 1 for e in envs)
+    assert all(env.fixtures == reference for env in all_envs)
+    for (_, t, k), record in store.records.items():
+        if (t, k) != (1, 0):
+            assert record["env_resets"] == k + 1
+
+
+def test_episode_exception_is_a_failure_and_the_next_trial_is_still_reproducible():
+    envs = []
+    runner = _seeded_runner(envs, fail_on_step=1)
+    task = _task(n_init=3)
+    record = _run_episode(runner, EpisodeSpec(task, trial=0, max_steps=5))
+    assert record["success"] is False and record["steps"] == 1
+    assert "FloatingPointError: MuJoCo-like instability" in record["error"] and "Traceback" in record["error"]
+    assert envs[0].closed  # an env that raised is discarded
+    runner._env_factory = lambda t, s: envs.append(FakeEnv(seed=s.env_seed)) or envs[-1]
+    record = _run_episode(runner, EpisodeSpec(task, trial=1, max_steps=2))
+    assert "error" not in record and record["env_resets"] == 2
+    assert envs[-1].fixture == _fixture_after(2)  # fresh env, trial 0's reset replayed
+
+
+def test_policy_exception_aborts_only_that_episode():
+    from LIBERO.run_libero_eval import PolicyFailure, _answer
+
+    class Picky:
+        def __call__(self, requests):
+            if any(r["instruction"] == "bad" for r in requests):
+                raise KeyError("no statistics for this one")
+            return [np.ones((8, 7)) for _ in requests]
+
+    answers = _answer(Picky(), [{"instruction": "ok"}, {"instruction": "bad"}, {"instruction": "ok"}])
+    assert isinstance(answers[1], PolicyFailure) and "KeyError" in answers[1].traceback
+    assert [a.shape for i, a in enumerate(answers) if i != 1] == [(8, 7), (8, 7)]
+    envs = []
+    runner = _seeded_runner(envs)
+    runner.start(EpisodeSpec(_task(), trial=0, max_steps=5))
+    kind, record = runner.abort(answers[1].traceback)
+    assert kind == "done" and record["success"] is False and "KeyError" in record["error"]
+    assert not envs[0].closed  # the env itself is fine
+
+
+@pytest.mark.libero
+@needs_libero
+def test_run_evaluation_counts_a_raising_episode_as_failure_and_resume_keeps_it(tmp_path):
+    """Real suite metadata, fake simulator that raises in trial 1: the evaluation goes on, the record carries the
+    traceback, the summary counts it; a resume does not run it again."""
+    from LIBERO.run_libero_eval import EvalConfig, run_evaluation
+
+    def factory(settings):
+        def env_factory(task, s):
+            return FakeEnv(goal_x=0.045, seed=s.env_seed, fail_on_step=2 if task.task_id == 2 else None)
+        return EpisodeRunner(settings, env_factory=env_factory, init_states_loader=lambda task: np.zeros((50, 1)))
+
+    chunk = np.zeros((8, 7))
+    chunk[:, 0] = 0.01
+    cfg = EvalConfig(task_suite_name="libero_object", task_ids=[2, 4], num_trials_per_task=2, num_envs=0,
+                     num_settle_steps=0, local_log_dir=str(tmp_path), progress=False)
+    policy = ScriptedPolicy(chunk, "libero_object_no_noops")
+    summary = run_evaluation(cfg, policy=policy, runner_factory=factory)
+    lines = [json.loads(x) for x in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert [(r["task_id"], r["trial"], r["success"], "error" in r) for r in lines] == \
+        [(2, 0, False, True), (2, 1, False, True), (4, 0, True, False), (4, 1, True, False)]
+    assert "FloatingPointError" in lines[0]["error"]
+    assert (summary["num_episodes"], summary["num_successes"], summary["num_errors"]) == (4, 2, 2)
+    assert summary["complete"] is True and summary["num_planned_episodes"] == 4
+    calls = len(policy.instructions)
+    again = run_evaluation(cfg, policy=policy, runner_factory=factory)
+    assert len(policy.instructions) == calls and again["num_errors"] == 2  # nothing re-run
