@@ -48,9 +48,8 @@ from LIBERO.policy_runner import (
 from LIBERO.results import SUMMARY_FILE, ResultsStore
 from LIBERO.suites import INSTRUCTION_SOURCES, TaskSpec, base_suite, load_suite_tasks, max_steps_for
 from prismatic.cli_errors import UserError, cli_entry, parse_config
+from prismatic.models.precision import DTYPE_CHOICES as DTYPES  # auto, float32, bfloat16
 from prismatic.training.checkpoint_identity import checkpoint_identity, weight_files
-
-DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -149,13 +148,11 @@ def resolve_device(name: str) -> str:
 
 def resolve_dtype(name: str, device: str):
     """"auto" -> bfloat16 on CUDA (upstream evaluates the VLA and head in bf16), float32 on CPU."""
-    import torch
+    from prismatic.models.precision import resolve_dtype as resolve
 
     if name not in DTYPES:
         raise UserError(f"--dtype '{name}' is not supported", f"use one of {', '.join(DTYPES)}")
-    if name == "auto":
-        name = "bfloat16" if device.startswith("cuda") else "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return resolve(name, device)
 
 
 def recorded_checkpoint_settings(folder: Path) -> dict:
