@@ -28,6 +28,7 @@ from prismatic.training.craft_utils import CRaFTFeatureExtractor, CRaFTWeightMan
 from prismatic.training.train_step import MicroBatch, autocast_context
 
 RETENTION_KEY = "CRaFT/Retention Loss"
+BUDGET_KEY = "CRaFT/Retention Budget"  # ε, logged beside the monitor so dashboards can draw the ε line
 MONITOR_KEY_UNDER_CRAFT = "CRaFT/Retention Loss (monitor)"
 STATE_VERSION = 1
 
@@ -44,6 +45,7 @@ class RetentionMonitor:
         self.freq = int(cfg.retention_monitor_freq)
         self.max_steps = int(cfg.max_steps)
         self.key = MONITOR_KEY_UNDER_CRAFT if cfg.use_craft else RETENTION_KEY
+        self.epsilon = float(cfg.craft_retention_budget)
         self.vla = policy.vla
         self.is_lora = unwrap_vla(self.vla) is not self.vla
         self.extractor = CRaFTFeatureExtractor(self.vla, raw_layer=cfg.craft_raw_layer, aq_layer=cfg.craft_aq_layer,
@@ -96,7 +98,7 @@ class RetentionMonitor:
         return all_reduce_mean(total / len(micro_batches))
 
     def metrics(self, micro_batches: Sequence[MicroBatch], device: torch.device) -> dict[str, float]:
-        return {self.key: self.measure(micro_batches, device)}
+        return {self.key: self.measure(micro_batches, device), BUDGET_KEY: self.epsilon}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"version": STATE_VERSION}
