@@ -8,6 +8,7 @@
 # Environment (defaults in brackets; all listed in docs/EXPERIMENTS_AND_TRAINING.md): NUM_GPUS [1], DATA_ROOT,
 # VLM_PATH, OUTPUT_ROOT, WANDB_PROJECT [vla-craft-training], SUITES [all four], SEEDS [7 42 123],
 # METHODS [baseline craft], BATCH_SIZE [8], LEARNING_RATE [5e-4], EPOCHS [20], MAX_STEPS_<SUITE>.
+# The grid itself lives in craft_experiments/common_utils/grid.py (docs/EXPERIMENTS_AND_TRAINING.md).
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="$here/../../.venv/bin/python"
 [[ -x "$python" ]] || python="$(command -v python3 || command -v python)"

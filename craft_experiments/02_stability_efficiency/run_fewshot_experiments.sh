@@ -6,6 +6,7 @@
 #
 # Environment: as run_table1_experiments.sh, plus SHOTS [5 10] (SMOKE: SMOKE_SHOTS [1 2], the tiny dataset has few
 # episodes per task).
+# The grid itself lives in craft_experiments/common_utils/grid.py (docs/EXPERIMENTS_AND_TRAINING.md).
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="$here/../../.venv/bin/python"
 [[ -x "$python" ]] || python="$(command -v python3 || command -v python)"

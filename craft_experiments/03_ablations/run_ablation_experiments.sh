@@ -10,9 +10,8 @@
 #   layer          Raw-latent layer m sweep RAW_LAYER_SWEEP [6 18] (SMOKE: SMOKE_RAW_LAYER_SWEEP [1 3]); M stays
 #   anchor_source  offline anchors: builds the cache with vla-scripts/build_craft_cache.py first, then trains
 #   related        related-work baselines in the same framework: align (--retention_method align) and freeze
-#                  (--freeze_vision_backbone True). They need those finetune.py features: with DRY_RUN they are
-#                  always printed; otherwise RELATED_BASELINES=auto runs them only if `finetune.py --help` lists
-#                  the flag (1: always, 0: never).
+#                  (--freeze_vision_backbone True).
+# The grid itself lives in craft_experiments/common_utils/grid.py (docs/EXPERIMENTS_AND_TRAINING.md).
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="$here/../../.venv/bin/python"
 [[ -x "$python" ]] || python="$(command -v python3 || command -v python)"
