@@ -273,14 +273,16 @@ def plot_training_curves(records: Sequence[RunRecord], output_dir: Path) -> list
                 ref = ax.axhline(STRONG_CONFLICT, color="grey", linestyle=":", linewidth=1.0,
                                  label=f"{STRONG_CONFLICT:.0%}: strong collapse")
                 handles.setdefault(ref.get_label(), ref)
-            if key == "retention":
-                for method in methods:
-                    eps = {row["epsilon"] for row, _ in members
-                           if row["method"] == method and not math.isnan(row["epsilon"])}
-                    for value in sorted(eps):
-                        ref = ax.axhline(value, color=styles[method]["color"], linestyle=(0, (4, 3)), linewidth=0.9,
-                                         label=f"ε = {value:g} ({method})")
-                        handles.setdefault(ref.get_label(), ref)
+            if key == "retention":  # one dashed ε line per value: the method's colour, grey when shared
+                users: dict[float, set[str]] = {}
+                for row, _ in members:
+                    if not math.isnan(row["epsilon"]):
+                        users.setdefault(row["epsilon"], set()).add(row["method"])
+                for value, names in sorted(users.items()):
+                    colour = styles[next(iter(names))]["color"] if len(names) == 1 else "0.35"
+                    label = f"ε = {value:g}" + (f" ({next(iter(names))})" if len(names) == 1 else "")
+                    ref = ax.axhline(value, color=colour, linestyle=(0, (4, 3)), linewidth=0.9, label=label)
+                    handles.setdefault(ref.get_label(), ref)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(title.split(" (")[0])
