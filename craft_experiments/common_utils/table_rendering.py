@@ -241,6 +241,7 @@ def plot_training_curves(records: Sequence[RunRecord], output_dir: Path) -> list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +286,7 @@ def plot_training_curves(records: Sequence[RunRecord], output_dir: Path) -> list
                     handles.setdefault(ref.get_label(), ref)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("optimizer step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(title.split(" (")[0])
             ax.grid(alpha=0.3)
         fig.suptitle(f"{tag}: {suite}" + ("" if shots == "all" else f", {shots} demos/task")
