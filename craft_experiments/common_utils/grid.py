@@ -489,11 +489,12 @@ def drift_command(s: Settings, e: Entry) -> list[str]:
 
 
 def eval_command(s: Settings, e: Entry) -> list[str]:
+    # the center crop matches training: a policy trained with random crops is evaluated on the center crop
     return [s.python, "LIBERO/run_libero_eval.py",
             "--pretrained_checkpoint", str(final_checkpoint(s.run_root, e.run_id, e.steps)),
             "--task_suite_name", e.suite, "--num_trials_per_task", str(s.eval_trials), "--seed", str(s.eval_seed),
             "--local_log_dir", str(s.run_root / e.run_id / EVAL_SUMMARY.parent), "--num_images_in_input", "2",
-            "--use_proprio", "True", "--center_crop", "True", "--device", s.eval_device,
+            "--use_proprio", "True", "--center_crop", s.image_aug, "--device", s.eval_device,
             "--num_envs", str(s.num_envs), *s.eval_extra]
 
 
