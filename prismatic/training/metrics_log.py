@@ -33,8 +33,11 @@ class MetricsLogger:
         if wandb_mode != "disabled":
             import wandb
 
+            labels = wandb_labels(config)
             self._wandb_run = wandb.init(project=wandb_project, entity=wandb_entity, name=run_id, id=_wandb_id(run_id),
-                                         config=config, dir=str(run_dir), mode=wandb_mode, resume="allow")
+                                         config={**config, **labels["config"]}, dir=str(run_dir), mode=wandb_mode,
+                                         resume="allow", group=labels["group"], tags=labels["tags"],
+                                         job_type=labels["job_type"])
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -49,6 +52,33 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+
+
+def method_name(config: dict) -> str:
+    """sft | freeze | align | consft | craft (+ "+freeze"): the method a training config runs."""
+    method = str(config.get("retention_method") or "none")
+    if config.get("use_craft") or method == "craft":
+        method = "craft"
+    elif method == "none":
+        method = "freeze" if config.get("freeze_vision_backbone") else "sft"
+    if config.get("freeze_vision_backbone") and method != "freeze":
+        method += "+freeze"
+    return method
+
+
+def wandb_labels(config: dict) -> dict:
+    """wandb group `<experiment>/<suite>/<method>` (experiment = the run root's folder name, e.g. table1), tags, job
+    type, and the same labels as config entries (`experiment`, `suite`, `method`) for grouping in the dashboard."""
+    root = config.get("run_root_dir")
+    experiment = Path(str(root)).name if root else "runs"
+    dataset = str(config.get("dataset_name", ""))
+    suite = dataset[: -len("_no_noops")] if dataset.endswith("_no_noops") else dataset
+    method = method_name(config)
+    tags = [experiment, suite, method, f"preset-{config.get('model_preset', 'real')}", f"seed-{config.get('seed')}"]
+    if config.get("num_demos_per_task"):
+        tags.append(f"{config['num_demos_per_task']}shot")
+    return {"group": f"{experiment}/{suite}/{method}", "tags": tags, "job_type": "train",
+            "config": {"experiment": experiment, "suite": suite, "method": method}}
 
 
 def _wandb_id(run_id: str) -> str:

@@ -1,6 +1,8 @@
-"""The experiment scripts: DRY_RUN output (parsed, counted, checked flag by flag against a recipe recomputed here from
-the LIBERO facts), resume-safe skipping, stop on first failure, guarded related-work entries, and a full orchestration
-run with a fake trainer/evaluator whose outputs the log parser then aggregates."""
+"""The experiment grids (craft_experiments/common_utils/grid.py behind the three shell scripts): DRY_RUN output
+(parsed, counted, checked flag by flag against a recipe recomputed here from the LIBERO facts, every command parsed by
+the real tools' configs), resume-safe skipping, stale evaluations redone, stop on first failure, orchestration with
+stand-in tools that reject what the real ones reject, and (slow) SMOKE runs of every grid with the real tools into
+the tables."""
 
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ CONTROL_PREFIXES = ("SMOKE", "DRY_RUN", "SUITES", "SEEDS", "NUM_GPUS", "MAX_STEP
                     "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "LORA_RANK", "SAVE_", "WARMUP_", "DECAY_", "IMAGE_AUG",
                     "DATA_ROOT", "VLM_PATH", "CONFIG_FILE_PATH", "OUTPUT_ROOT", "PYTHON", "TORCHRUN", "CRAFT_",
                     "EVAL_", "SHOTS", "FIXED_LAMBDAS", "EPSILON_SWEEP", "RAW_LAYER_SWEEP", "RELATED_BASELINES",
-                    "AUTO_RESUME", "NUM_WORKERS", "GRAD_ACCUMULATION_STEPS", "FAKE_")
+                    "AUTO_RESUME", "NUM_WORKERS", "GRAD_ACCUMULATION_STEPS", "FAKE_", "NUM_ENVS", "MEASURE_DRIFT",
+                    "DRIFT_", "RETENTION_MONITOR")
 
 
 def run_script(name: str, tmp_path: Path, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -59,7 +62,7 @@ def parse_commands(stdout: str, prefix: str = "[DRY_RUN]") -> list[tuple[str, li
     """(kind, argv) for every printed command line `<prefix>[kind] argv...`."""
     out = []
     for line in stdout.splitlines():
-        for kind in ("train", "eval", "cache"):
+        for kind in ("train", "eval", "cache", "drift"):
             if line.startswith(f"{prefix}[{kind}] "):
                 out.append((kind, shlex.split(line[len(prefix) + len(kind) + 3:])))
     return out
@@ -86,7 +89,15 @@ def dry_run(name: str, tmp_path: Path, **env: str) -> tuple[list[tuple[str, dict
 
 RECIPE = {"batch_size": "8", "learning_rate": "5e-4", "lora_rank": "64", "image_aug": "True", "use_proprio": "True",
           "num_images_in_input": "2", "use_pro_version": "True", "use_lora": "True", "use_l1_regression": "True",
-          "model_preset": "real", "grad_accumulation_steps": "1", "wandb_project": "vla-craft-training"}
+          "model_preset": "real", "grad_accumulation_steps": "1", "wandb_project": "vla-craft-training",
+          "retention_monitor": "True", "retention_monitor_freq": "100"}
+
+
+def expected_run_id(prefix: str, suite: str, label: str, seed, craft: bool, shots=None, lr="5e-4", batch=8,
+                    rank=64, eps="0.1") -> str:
+    """Every flag the grid varies is in the id."""
+    parts = [prefix, suite, *([f"{shots}shot"] if shots else []), label, f"lr{lr}", f"b{batch}", f"r{rank}"]
+    return "-".join(parts + ([f"eps{eps}", "dlr0.01"] if craft else []) + [f"s{seed}"])
 
 
 def test_table1_dry_run_grid_and_recipe(tmp_path):
@@ -106,20 +117,28 @@ def test_table1_dry_run_grid_and_recipe(tmp_path):
         assert int(f["lr_warmup_steps"]) == steps // 10
         assert int(f["num_steps_before_decay"]) == steps * 80 // 100
         assert f["run_root_dir"] == run_root
-        if f["use_craft"] == "True":
+        craft = f["use_craft"] == "True"
+        if craft:
             assert (f["craft_retention_budget"], f["craft_dual_lr"]) == ("0.1", "0.01")
             assert f["craft_enable_projection"] == f["craft_enable_dual"] == "True"
         else:
             assert not any(k.startswith("craft_") for k in f)
-    # every training is followed by the evaluation of its final checkpoint, with the upstream protocol
+        assert f["run_id"] == expected_run_id("t1", suite, "craft" if craft else "baseline", f["seed"], craft)
+    # every training is followed by the drift measure and the evaluation of its final checkpoint
     kinds = [kind for kind, _ in commands]
-    assert kinds == ["train", "eval"] * 24
-    for (_, train), (_, ev) in zip(commands[::2], commands[1::2], strict=True):
-        assert ev["pretrained_checkpoint"] == f"{run_root}/{train['run_id']}--{train['max_steps']}_chkpt"
+    assert kinds == ["train", "drift", "eval"] * 24
+    vlm = str(REPO / "pretrained_models/prism-qwen25-extra-dinosiglip-224px-0_5b")
+    for (_, train), (_, drift), (_, ev) in zip(commands[::3], commands[1::3], commands[2::3], strict=True):
+        final = f"{run_root}/{train['run_id']}--{train['max_steps']}_chkpt"
+        assert (drift["reference_path"], drift["finetuned_path"]) == (vlm, final)
+        assert drift["output_dir"] == f"{run_root}/{train['run_id']}/drift"
+        assert drift["dataset_name"] == train["dataset_name"] and drift["center_crop"] == "True"
+        assert ev["pretrained_checkpoint"] == final
         assert ev["task_suite_name"] == train["dataset_name"].removesuffix("_no_noops")
         assert ev["local_log_dir"] == f"{run_root}/{train['run_id']}/eval"
         assert (ev["num_trials_per_task"], ev["seed"], ev["num_images_in_input"]) == ("50", "7", "2")
         assert ev["use_proprio"] == ev["center_crop"] == "True"
+        assert ev["device"] in ("cuda", "cpu") and ev["num_envs"] == "1"
     assert len({f["run_id"] for f in trains}) == 24
     assert not (tmp_path / "out").exists(), "DRY_RUN must not create anything"
 
@@ -173,6 +192,9 @@ def test_fewshot_dry_run(tmp_path):
     for f in trains:
         suite = f["dataset_name"].removesuffix("_no_noops")
         assert int(f["max_steps"]) == expected_steps(suite, 8, shots=int(f["num_demos_per_task"]))
+        craft = f["use_craft"] == "True"
+        assert f["run_id"] == expected_run_id("fs", suite, "craft" if craft else "baseline", f["seed"], craft,
+                                              shots=f["num_demos_per_task"])
 
 
 def test_ablation_dry_run(tmp_path):
@@ -207,10 +229,11 @@ def test_ablation_dry_run(tmp_path):
     cache_index, cache = caches[0]
     first_offline = next(i for i, (kind, f) in enumerate(commands) if f.get("craft_anchor_source") == "offline")
     assert cache_index < first_offline
-    assert {f["craft_cache_dir"] for f in offline} == {cache["output_dir"]}
+    assert {f["craft_cache_dir"] for f in offline} == {cache["cache_dir"]}
     assert cache["dataset_name"] == "libero_spatial_no_noops" and cache["craft_anchor_type"] == "concat"
+    assert cache["image_aug"] == "True" and cache["model_preset"] == "real"
     assert sum(kind == "eval" for kind, _ in commands) == len(trains) == 17 * 3
-    assert proc.stdout.count("[guarded]") == 6
+    assert len({f["run_id"] for f in trains}) == 17 * 3  # every variant x seed has its own run id
 
 
 def test_ablation_groups_can_be_selected(tmp_path):
@@ -231,6 +254,7 @@ def test_smoke_dry_run_uses_tiny_settings(tmp_path):
     assert len(trains) == len(evals) == 17 * 3
     for f in trains:
         assert (f["model_preset"], f["max_steps"], f["save_freq"], f["wandb_mode"]) == ("tiny", "4", "4", "disabled")
+        assert f["run_root_dir"] == str(tmp_path / "out" / "ablations")  # OUTPUT_ROOT given: used as is
         assert f["data_root_dir"] == str(tmp_path / "tiny_data") and f["vlm_path"] == str(tmp_path / "vlm")
     assert sorted({f["craft_raw_layer"] for f in trains if "craft_raw_layer" in f}) == ["1", "3"]
     for f in evals:
@@ -238,12 +262,19 @@ def test_smoke_dry_run_uses_tiny_settings(tmp_path):
     skip = run_script("table1", tmp_path, DRY_RUN="1", SMOKE_SKIP_EVAL="1", **env)
     assert skip.returncode == 0
     kinds = [kind for kind, _ in parse_commands(skip.stdout)]
-    assert kinds == ["train"] * 24
+    assert kinds == ["train", "drift"] * 24
     assert skip.stderr.count("SMOKE_SKIP_EVAL=1") >= 24 and "EVALUATION IS SKIPPED" in skip.stderr
     missing = run_script("table1", tmp_path, SMOKE="1")
     assert missing.returncode != 0 and "SMOKE_DATA_ROOT" in missing.stderr
     scratch, _ = dry_run("table1", tmp_path, SMOKE="1", SMOKE_DATA_ROOT="d", SUITES="libero_10", SEEDS="1")
     assert all("vlm_path" not in f for _, f in scratch)  # no SMOKE_VLM_PATH: the tiny model is built from scratch
+    assert "drift" not in {kind for kind, _ in scratch}  # ... and there is no θ0 folder to measure drift against
+    # SMOKE runs live under their own root, never beside the real runs
+    default = subprocess.run(["bash", str(SCRIPTS["table1"])], cwd=tmp_path, capture_output=True, text=True,
+                             env={**{k: v for k, v in os.environ.items() if not k.startswith(CONTROL_PREFIXES)},
+                                  "DRY_RUN": "1", "SMOKE": "1", "SEEDS": "1", "SUITES": "libero_10"})
+    roots = {flags_of(argv)["run_root_dir"] for kind, argv in parse_commands(default.stdout) if kind == "train"}
+    assert roots == {str(REPO / "runs/craft_experiments_smoke/table1")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,52 +300,97 @@ def test_real_run_skips_finished_work_and_feeds_the_log_parser(tmp_path, fake_en
     first = run_script("table1", tmp_path, **env)
     assert first.returncode == 0, first.stderr
     made = calls(tmp_path)
-    assert [Path(c["script"]).name for c in made] == ["finetune.py", "run_libero_eval.py"] * 12
+    assert [Path(c["script"]).name for c in made] == ["finetune.py", "measure_drift.py", "run_libero_eval.py"] * 12
     run_root = tmp_path / "out" / "table1"
-    assert (run_root / "logs" / "t1-libero_spatial-craft-s2.train.log").is_file()
+    craft_s2 = expected_run_id("t1", "libero_spatial", "craft", 2, True)
+    assert (run_root / "logs" / f"{craft_s2}.train.log").is_file()
 
     second = run_script("table1", tmp_path, **env)
     assert second.returncode == 0, second.stderr
-    assert len(calls(tmp_path)) == 24, "finished trainings and evaluations must be skipped"
-    assert second.stdout.count("[skip-train]") == 12 and second.stdout.count("[skip-eval]") == 12
+    assert len(calls(tmp_path)) == 36, "finished trainings, drift measures and evaluations must be skipped"
+    assert second.stdout.count("[skip-train]") == second.stdout.count("[skip-eval]") == 12
+    assert second.stdout.count("[skip-drift]") == 12
 
     # a missing summary.json re-runs only that evaluation
-    (run_root / "t1-libero_goal-baseline-s3" / "eval" / "summary.json").unlink()
+    baseline_goal_s3 = expected_run_id("t1", "libero_goal", "baseline", 3, False)
+    (run_root / baseline_goal_s3 / "eval" / "summary.json").unlink()
     third = run_script("table1", tmp_path, **env)
     assert third.returncode == 0, third.stderr
-    assert [Path(c["script"]).name for c in calls(tmp_path)[24:]] == ["run_libero_eval.py"]
+    assert [Path(c["script"]).name for c in calls(tmp_path)[36:]] == ["run_libero_eval.py"]
 
     sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
     import log_parser
     from fake_tools import fake_success
 
     results = log_parser.collect([run_root])
-    assert not results.issues
+    assert [str(i) for i in results.issues] == []
     rows = {(r["method"], r["suite"]): r for r in results.aggregate}
     assert set(rows) == set(itertools.product(["baseline", "craft"], ["libero_spatial", "libero_goal"]))
     for (method, suite), row in rows.items():
-        values = [10.0 * fake_success(f"t1-{suite}-{method}-s{s}--10000_chkpt") for s in (1, 2, 3)]
+        ids = [expected_run_id("t1", suite, method, s, method == "craft") for s in (1, 2, 3)]
+        values = [10.0 * fake_success(f"{i}--10000_chkpt") for i in ids]
         assert row["success_pct_mean"] == pytest.approx(np.mean(values))
         assert row["success_pct_std"] == pytest.approx(np.std(values, ddof=1))
         assert row["final_action_loss_mean"] == pytest.approx(np.mean([1 / 10001 + 0.01 * s for s in (1, 2, 3)]))
+        # drift for every method, baselines included: the monitor's L_ret and measure_drift's numbers
+        assert row["final_retention_loss_mean"] == pytest.approx(np.mean([0.07 + 0.001 * s for s in (1, 2, 3)]))
+        assert row["drift_retention_mean"] == pytest.approx(np.mean(values) / 100)
+
+
+def test_stale_evaluation_is_redone_after_max_steps_changes(tmp_path, fake_env):
+    """MAX_STEPS raised: the run resumes from its complete checkpoint to the new final step, and the evaluation (and
+    drift measure) of the old final checkpoint are moved aside and redone; the parser then uses the new one."""
+    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1", "METHODS": "baseline", "MAX_STEPS": "5000"}
+    assert run_script("table1", tmp_path, **env).returncode == 0
+    run_id = expected_run_id("t1", "libero_goal", "baseline", 1, False)
+    run_root = tmp_path / "out" / "table1"
+    env["MAX_STEPS"] = "10000"
+    proc = run_script("table1", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert "[stale-eval]" in proc.stdout and "[stale-drift]" in proc.stdout
+    later = [(Path(c["script"]).name, flags_of(["x", *c["args"]])) for c in calls(tmp_path)[3:]]
+    assert [name for name, _ in later] == ["finetune.py", "measure_drift.py", "run_libero_eval.py"]
+    assert (later[0][1]["resume"], later[0][1]["resume_step"]) == ("True", "5000")
+    assert later[2][1]["pretrained_checkpoint"] == str(run_root / f"{run_id}--10000_chkpt")
+    summary = json.loads((run_root / run_id / "eval" / "summary.json").read_text())
+    assert summary["checkpoint"]["step"] == 10000
+    assert len(list((run_root / run_id).glob("eval.partial-*"))) == 1
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+    from fake_tools import fake_success
+
+    (row,) = log_parser.collect([run_root]).run_rows
+    assert row["success_pct"] == 10.0 * fake_success(f"{run_id}--10000_chkpt")
 
 
 def test_first_failure_stops_the_script_and_shows_the_command(tmp_path, fake_env):
-    env = {**fake_env, "SUITES": "libero_object", "SEEDS": "1 2", "MAX_STEPS": "5000",
-           "FAKE_FAIL_ON": "t1-libero_object-craft-s1"}
+    failing_id = expected_run_id("t1", "libero_object", "craft", 1, True)
+    env = {**fake_env, "SUITES": "libero_object", "SEEDS": "1 2", "MAX_STEPS": "5000", "FAKE_FAIL_ON": failing_id}
     proc = run_script("table1", tmp_path, **env)
     assert proc.returncode == 3
     assert "FAILED (exit 3) [train]" in proc.stderr
     failing = proc.stderr.split("failing command:", 1)[1].splitlines()[0]
-    assert flags_of(shlex.split(failing))["run_id"] == "t1-libero_object-craft-s1"
-    made = [flags_of(c["args"]) for c in calls(tmp_path)]
-    assert [f.get("run_id", f.get("local_log_dir")) for f in made][-1] == "t1-libero_object-craft-s1"
-    assert len(made) == 3  # baseline s1 train + eval, then the failing craft s1 training; nothing after it
+    assert flags_of(shlex.split(failing))["run_id"] == failing_id
+    made = [flags_of(["x", *c["args"]]) for c in calls(tmp_path)]
+    assert made[-1]["run_id"] == failing_id
+    assert len(made) == 4  # baseline s1 train + drift + eval, then the failing craft s1 training; nothing after it
+
+
+def test_stand_in_tools_reject_what_the_real_tools_reject(tmp_path):
+    """The stand-in rejects a flag the real config lacks (e.g. the old `--output_dir` of the cache step)."""
+    def fake(script: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(FAKE_TOOLS), script, *args], capture_output=True, text=True)
+
+    bad = fake("vla-scripts/build_craft_cache.py", "--output_dir", str(tmp_path / "c"))
+    assert bad.returncode == 2 and "no flag --output_dir" in bad.stderr
+    assert fake("vla-scripts/finetune.py", "--use_craft", "yes").returncode == 2
+    assert fake("vla-scripts/finetune.py", "--max_steps", "1.5").returncode == 2
+    assert fake("vla-scripts/build_craft_cache.py", "--cache_dir", str(tmp_path / "c")).returncode == 0
 
 
 def test_interrupted_training_resumes_from_latest_complete_checkpoint(tmp_path, fake_env):
     run_root = tmp_path / "out" / "table1"
-    run_id = "t1-libero_spatial-baseline-s1"
+    run_id = expected_run_id("t1", "libero_spatial", "baseline", 1, False)
     for step, complete in ((5000, True), (10000, True), (15000, False)):
         chkpt = run_root / f"{run_id}--{step}_chkpt"
         chkpt.mkdir(parents=True)
@@ -326,106 +402,47 @@ def test_interrupted_training_resumes_from_latest_complete_checkpoint(tmp_path, 
     f = commands[0][1]
     assert (f["resume"], f["resume_step"]) == ("True", "10000")
     assert f["config_file_path"] == str(run_root / f"{run_id}--10000_chkpt")
+    assert f["seed"] == "1" and f["run_id"] == run_id  # the run's own flags, which the resume guards compare
     # a run folder without any complete checkpoint is moved aside, not appended to
-    other = run_root / "t1-libero_spatial-baseline-s2"
+    other_id = expected_run_id("t1", "libero_spatial", "baseline", 2, False)
+    other = run_root / other_id
     other.mkdir()
     (other / "metrics.jsonl").write_text('{"step": 0}\n')
     proc = run_script("table1", tmp_path, SUITES="libero_spatial", SEEDS="2", METHODS="baseline", MAX_STEPS="5000",
                       **fake_env)
     assert proc.returncode == 0, proc.stderr
-    moved = [p for p in run_root.iterdir() if p.name.startswith("t1-libero_spatial-baseline-s2.partial-")]
+    moved = [p for p in run_root.iterdir() if p.name.startswith(f"{other_id}.partial-")]
     assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == '{"step": 0}\n'
-    assert "resume" not in flags_of(calls(tmp_path)[0]["args"])
-
-
-def test_related_baselines_run_only_when_finetune_supports_them(tmp_path, fake_env):
-    env = {**fake_env, "ABLATIONS": "related", "SEEDS": "1", "MAX_STEPS": "5000"}
-    proc = run_script("ablations", tmp_path, **env)
-    assert proc.returncode == 0, proc.stderr
-    assert calls(tmp_path) == [] and proc.stderr.count("SKIPPING") == 2
-    proc = run_script("ablations", tmp_path, FAKE_SUPPORTS="--retention_method", **env)
-    assert proc.returncode == 0, proc.stderr
-    made = [flags_of(c["args"]) for c in calls(tmp_path) if c["script"].endswith("finetune.py")]
-    assert [f["retention_method"] for f in made] == ["align"] and proc.stderr.count("SKIPPING") == 1
+    assert "resume" not in flags_of(["x", *calls(tmp_path)[0]["args"]])
 
 
 def test_offline_cache_is_built_once_then_reused(tmp_path, fake_env):
     env = {**fake_env, "ABLATIONS": "anchor_source", "SEEDS": "1 2", "MAX_STEPS": "5000"}
-    assert run_script("ablations", tmp_path, **env).returncode == 0
+    proc = run_script("ablations", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
     scripts = [Path(c["script"]).name for c in calls(tmp_path)]
-    assert scripts == ["build_craft_cache.py"] + ["finetune.py", "run_libero_eval.py"] * 2
+    assert scripts == ["build_craft_cache.py"] + ["finetune.py", "measure_drift.py", "run_libero_eval.py"] * 2
     env["SEEDS"] = "1 2 3"
     proc = run_script("ablations", tmp_path, **env)
     assert proc.returncode == 0 and "[skip-cache]" in proc.stdout
-    assert [Path(c["script"]).name for c in calls(tmp_path)][5:] == ["finetune.py", "run_libero_eval.py"]
+    assert [Path(c["script"]).name for c in calls(tmp_path)][7:] == ["finetune.py", "measure_drift.py",
+                                                                     "run_libero_eval.py"]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# SMOKE: the real tools on the tiny preset
-# ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["table1", "fewshot", "ablations"])
-def test_smoke_runs_end_to_end(tmp_path, name):
-    """SMOKE=1 with the real finetune.py / run_libero_eval.py (/ build_craft_cache.py) on one suite and one seed.
-    ~2 min per run on a quiet 2-core machine (most of it the LIBERO episode); the ablation grid is thinned to one
-    value per sweep. Data: SMOKE_DATA_ROOT (and SMOKE_VLM_PATH) if set, else a synthetic tiny dataset written here."""
-    # Integration guard (the lead removes it once finetune.py lands): the real trainer must exist.
-    if not (REPO / "vla-scripts/finetune.py").is_file():
-        pytest.skip("vla-scripts/finetune.py does not exist yet: the SMOKE grid needs the real trainer")
-    if name == "ablations" and not (REPO / "vla-scripts/build_craft_cache.py").is_file():
-        pytest.skip("vla-scripts/build_craft_cache.py does not exist yet: the offline-anchor ablation needs it")
-    env = {"SMOKE": "1", "SUITES": "libero_spatial", "SEEDS": "7", "FIXED_LAMBDAS": "0.1", "EPSILON_SWEEP": "0.05",
-           "SMOKE_RAW_LAYER_SWEEP": "1"}
-    if os.environ.get("SMOKE_VLM_PATH"):
-        env["SMOKE_VLM_PATH"] = os.environ["SMOKE_VLM_PATH"]
-    else:  # offline anchors need a fixed θ0; a scratch tiny model depends on the run's seed
-        env["ABLATIONS"] = "reference projection dual anchor_type epsilon layer related"
-    if os.environ.get("SMOKE_DATA_ROOT"):
-        env["SMOKE_DATA_ROOT"] = os.environ["SMOKE_DATA_ROOT"]
-    else:
-        sys.path.insert(0, str(REPO))
-        from prismatic.data.synthetic_libero import make_synthetic_libero_dataset
-
-        make_synthetic_libero_dataset(tmp_path / "data", "libero_spatial_no_noops", num_tasks=2, episodes_per_task=2,
-                                      steps=12, seed=0)
-        env["SMOKE_DATA_ROOT"] = str(tmp_path / "data")
-    try:
-        import libero  # noqa: F401
-    except ImportError:
-        env["SMOKE_SKIP_EVAL"] = "1"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(CONTROL_PREFIXES)}
-    full_env.update(OUTPUT_ROOT=str(tmp_path / "out"), **env)
-    proc = subprocess.run(["bash", str(SCRIPTS[name])], env=full_env, capture_output=True, text=True, timeout=7200)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    if "SMOKE_SKIP_EVAL" in env:
-        assert "EVALUATION IS SKIPPED" in proc.stderr
-    run_root = tmp_path / "out" / name
-    trains = [flags_of(argv) for kind, argv in parse_commands(proc.stdout, prefix="") if kind == "train"]
-    expected_runs = {"table1": 2, "fewshot": 4, "ablations": 2 + 1 + 1 + 2 + 1 + 1 + 2}[name]
-    if name == "ablations" and "ABLATIONS" not in env:
-        expected_runs += 1  # craft-offline
-    guarded = proc.stderr.count("SKIPPING")
-    assert len(trains) + guarded == expected_runs
-    for f in trains:
-        assert (run_root / f"{f['run_id']}--4_chkpt" / "COMPLETE").is_file()
-        if "SMOKE_SKIP_EVAL" not in env:
-            assert (run_root / f["run_id"] / "eval" / "summary.json").is_file()
+def test_log_parser_labels_every_ablation_variant_as_the_script_names_it(tmp_path, fake_env):
+    """The method label the parser derives from each resolved config equals the variant in the script's run id."""
+    env = {**fake_env, "SEEDS": "1", "MAX_STEPS": "5000"}
+    proc = run_script("ablations", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
     sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
     import log_parser
 
-    results = log_parser.collect([run_root])
-    rows = {r["run"]: r for r in results.run_rows}
-    assert sorted(rows) == sorted(f["run_id"] for f in trains)
-    for f in trains:
-        row = rows[f["run_id"]]
-        assert math.isfinite(row["final_action_loss"])
-        if f["use_craft"] == "True":  # CRaFT runs must log CRaFT's metrics
-            assert math.isfinite(row["final_retention_loss"]) and math.isfinite(row["final_lambda"])
-        if "SMOKE_SKIP_EVAL" not in env:
-            assert 0.0 <= row["success_pct"] <= 100.0
-    # a second invocation finds everything finished
-    again = subprocess.run(["bash", str(SCRIPTS[name])], env=full_env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and not parse_commands(again.stdout, prefix="")
+    results = log_parser.collect([tmp_path / "out" / "ablations"])
+    assert [str(i) for i in results.issues] == []
+    assert len(results.run_rows) == 17
+    for row in results.run_rows:
+        assert row["run"].startswith(f"abl-libero_spatial-{row['method']}-lr5e-4-b8-r64-")
+        assert math.isfinite(row["final_retention_loss"]) and math.isfinite(row["drift_retention"])
 
 
 def _load_module(name: str, path: Path):
@@ -439,48 +456,106 @@ def _load_module(name: str, path: Path):
 
 
 def test_every_printed_command_parses_with_the_real_configs(tmp_path):
-    """The flags the scripts emit are accepted by finetune.py's and run_libero_eval.py's draccus configs (the
-    related-work flags included)."""
-    if not (REPO / "LIBERO/run_libero_eval.py").is_file():
-        pytest.skip("LIBERO/run_libero_eval.py does not exist yet")
-    draccus = pytest.importorskip("draccus")
+    """The flags the grids emit (train, cache, drift, eval) are accepted by the real tools' draccus configs."""
+    import draccus
+
     sys.path.insert(0, str(REPO))
-    finetune_config = pytest.importorskip("prismatic.training.finetune_config")
-    eval_module = _load_module("run_libero_eval_for_test", REPO / "LIBERO/run_libero_eval.py")
-    known = {f.name for f in __import__("dataclasses").fields(finetune_config.FinetuneConfig)}
-    checked = 0
+    from prismatic.training.finetune_config import FinetuneConfig
+
+    configs = {"train": FinetuneConfig,
+               "eval": _load_module("run_libero_eval_for_test", REPO / "LIBERO/run_libero_eval.py").EvalConfig,
+               "cache": _load_module("build_craft_cache_for_test",
+                                     REPO / "vla-scripts/build_craft_cache.py").BuildCacheConfig,
+               "drift": _load_module("measure_drift_for_test", REPO / "vla-scripts/measure_drift.py").DriftConfig}
+    seen: dict[str, int] = {}
     for name in SCRIPTS:
         for env in ({}, {"SMOKE": "1", "SMOKE_DATA_ROOT": "d", "SMOKE_VLM_PATH": "v"}):
             proc = run_script(name, tmp_path, DRY_RUN="1", SEEDS="7", **env)
             assert proc.returncode == 0, proc.stderr
             for kind, argv in parse_commands(proc.stdout):
                 args = argv[argv.index(next(a for a in argv if a.endswith(".py"))) + 1:]
+                known = {f.name for f in __import__("dataclasses").fields(configs[kind])}
+                flags = flags_of(argv)
+                assert set(flags) <= known, (kind, set(flags) - known)
+                cfg = draccus.parse(config_class=configs[kind], args=args)
                 if kind == "train":
-                    flags = flags_of(argv)
-                    assert set(flags) <= known, set(flags) - known  # every flag, the related-work ones included
-                    cfg = draccus.parse(config_class=finetune_config.FinetuneConfig, args=args)
                     assert cfg.run_id == flags["run_id"] and cfg.max_steps == int(flags["max_steps"])
-                    assert cfg.use_craft == (flags["use_craft"] == "True")
+                    assert cfg.use_craft == (flags["use_craft"] == "True") and cfg.retention_monitor is True
                 elif kind == "eval":
-                    cfg = draccus.parse(config_class=eval_module.EvalConfig, args=args)
                     assert cfg.local_log_dir.endswith("/eval") and cfg.center_crop is True
-                checked += 1
-    # 2 modes x (table1 + fewshot + ablations incl. cache and the align train + eval now that finetune.py has
-    # --retention_method)
-    assert checked == 2 * (16 + 32 + (15 + 17 + 1 + 2))
+                elif kind == "cache":
+                    assert str(cfg.cache_dir) == flags["cache_dir"]
+                seen[kind] = seen.get(kind, 0) + 1
+    # 2 modes x (table1 8 runs + fewshot 16 + ablations 17) trainings, each with drift and eval; 1 cache per mode
+    assert seen == {"train": 2 * 41, "drift": 2 * 41, "eval": 2 * 41, "cache": 2}
 
 
-def test_log_parser_labels_every_ablation_variant_as_the_script_names_it(tmp_path, fake_env):
-    """The method label the parser derives from each resolved config equals the variant in the script's run id."""
-    env = {**fake_env, "SEEDS": "1", "MAX_STEPS": "5000",
-           "FAKE_SUPPORTS": "--retention_method --freeze_vision_backbone"}
-    proc = run_script("ablations", tmp_path, **env)
+# ---------------------------------------------------------------------------------------------------------------------
+# SMOKE: the real tools on the tiny preset, into the tables
+# ---------------------------------------------------------------------------------------------------------------------
+SMOKE_GRIDS = {  # kept minimal: ~2-3 min per run (most of it the one short LIBERO episode) on a 2-core machine
+    "table1": ({"METHODS": "baseline craft"}, 2),
+    "fewshot": ({"METHODS": "baseline craft", "SMOKE_SHOTS": "1"}, 2),
+    "ablations": ({"ABLATIONS": "reference anchor_source related"}, 2 + 1 + 2),
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory) -> dict[str, str]:
+    """The documented SMOKE data command, run as written."""
+    out = tmp_path_factory.mktemp("smoke_data")
+    proc = subprocess.run([sys.executable, str(REPO / "craft_experiments/common_utils/make_smoke_data.py"),
+                           "--output_dir", str(out)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
-    import log_parser
+    return dict(item.split("=", 1) for item in proc.stdout.split())
 
-    results = log_parser.collect([tmp_path / "out" / "ablations"])
-    assert not results.issues
-    assert len(results.run_rows) == 17
-    for row in results.run_rows:
-        assert row["run"] == f"abl-libero_spatial-{row['method']}-s1"
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SMOKE_GRIDS))
+def test_smoke_grid_runs_the_real_tools_into_the_tables(tmp_path, smoke_data, name):
+    """SMOKE=1 with the real finetune.py, build_craft_cache.py (offline anchors), measure_drift.py and
+    run_libero_eval.py (one 20-step LIBERO episode) on one suite and seed; then the promised log_parser command,
+    offline, gives CSV / Markdown / LaTeX / PNG tables with a drift number in every row, baselines included."""
+    extra, expected_runs = SMOKE_GRIDS[name]
+    env = {"SMOKE": "1", "SUITES": "libero_spatial", "SEEDS": "7", "SMOKE_WANDB_MODE": "offline", **smoke_data,
+           **extra}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(CONTROL_PREFIXES)}
+    full_env.update(OUTPUT_ROOT=str(tmp_path / "runs" / "craft_experiments_smoke"), WANDB_SILENT="true", **env)
+    proc = subprocess.run(["bash", str(SCRIPTS[name])], env=full_env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_root = tmp_path / "runs" / "craft_experiments_smoke" / name
+    commands = parse_commands(proc.stdout, prefix="")
+    trains = [flags_of(argv) for kind, argv in commands if kind == "train"]
+    assert len(trains) == expected_runs
+    assert sum(kind == "cache" for kind, _ in commands) == (1 if name == "ablations" else 0)
+    for f in trains:
+        assert (run_root / f"{f['run_id']}--4_chkpt" / "COMPLETE").is_file()
+        assert (run_root / f["run_id"] / "eval" / "summary.json").is_file()
+        assert (run_root / f["run_id"] / "drift" / "drift.json").is_file()
+        assert list((run_root / f["run_id"] / "wandb").glob("offline-run-*"))  # what `wandb sync` uploads
+
+    # the promised command, offline, from the folder holding runs/
+    out = tmp_path / "results"
+    parser = subprocess.run([sys.executable, str(REPO / "craft_experiments/common_utils/log_parser.py"),
+                             "--wandb_project", "vla-craft-training", "--output_dir", str(out),
+                             "--generate_latex_table"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**full_env, "WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+    assert parser.returncode == 0, parser.stderr
+    with open(out / "runs.csv") as fh:
+        rows = {r["run"]: r for r in __import__("csv").DictReader(fh)}
+    assert sorted(rows) == sorted(f["run_id"] for f in trains)
+    for f in trains:
+        row = rows[f["run_id"]]
+        for column in ("final_action_loss", "final_retention_loss", "drift_retention", "drift_cka_aq",
+                       "success_pct"):
+            assert math.isfinite(float(row[column])), (f["run_id"], column)
+        assert row["preset"] == "tiny" and row["eval_episodes"] == "1"
+        if f["use_craft"] == "True":
+            assert math.isfinite(float(row["final_lambda"]))
+    assert (out / f"table_success_{name}-tiny.tex").is_file() and (out / f"table_metrics_{name}-tiny.tex").is_file()
+    assert list((out / "plots").glob("*.png")) and list((out / "plots").glob("*.pdf"))
+    assert "Drift L_ret" in (out / "summary.md").read_text()
+
+    # a second invocation finds everything finished
+    again = subprocess.run(["bash", str(SCRIPTS[name])], env=full_env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and not parse_commands(again.stdout, prefix="")

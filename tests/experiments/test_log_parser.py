@@ -48,7 +48,8 @@ def write_run(run_root: Path, run_id: str, config: dict | None, metrics: list[di
         (run_dir / "eval").mkdir()
         (run_dir / "eval" / "summary.json").write_text(json.dumps(
             {"task_suite_name": suite, "num_episodes": episodes, "num_successes": successes,
-             "success_rate": successes / episodes, "per_task": {}}))
+             "success_rate": successes / episodes, "per_task": {},
+             "pretrained_checkpoint": str(run_root / f"{run_id}--{MAX_STEPS}_chkpt")}))
     if checkpoint:
         chkpt = run_root / f"{run_id}--{MAX_STEPS}_chkpt"
         chkpt.mkdir()
@@ -109,8 +110,9 @@ def test_aggregates_match_numpy_in_csv_and_latex(grid, tmp_path, ddof):
     assert code == 0
     rows = read_summary_csv(out / "summary.csv")
     assert set(rows) == set(expected)
-    latex = (out / "table_metrics.tex").read_text()
-    success_tex = (out / "table_success.tex").read_text()
+    latex = (out / "table_metrics_table1.tex").read_text()
+    success_tex = (out / "table_success_table1.tex").read_text()
+    assert "\\label{tab:table1-metrics}" in latex and "\\label{tab:table1-success}" in success_tex
     for key, exp in expected.items():
         row = rows[key]
         assert row["experiment"] == "table1" and row["runs"] == "3" and row["seeds"] == "123 42 7"
@@ -134,14 +136,14 @@ def test_aggregates_match_numpy_in_csv_and_latex(grid, tmp_path, ddof):
     assert "libero_goal" not in latex.replace("libero\\_goal", "")
     # the Table-1 row of each method: suites in canonical order (Spatial before Goal) and their average
     for method in ("baseline", "craft"):
-        line = next(ln for ln in success_tex.splitlines() if ln.startswith(f"table1 & {method} &"))
+        line = next(ln for ln in success_tex.splitlines() if ln.startswith(f"{method} & all &"))
         spatial = np.mean(expected[(method, "libero_spatial")]["success_pct"])
         goal = np.mean(expected[(method, "libero_goal")]["success_pct"])
         assert line.index(format(spatial, ".1f")) < line.index(format(goal, ".1f"))
         assert line.rstrip(" \\").endswith(format((spatial + goal) / 2, ".1f"))
     md = (out / "summary.md").read_text()
     craft_goal = np.mean(expected[("craft", "libero_goal")]["success_pct"])
-    assert f"| table1 | craft | libero_goal | all | 3 | {craft_goal:.1f}" in md
+    assert f"| table1 | real | craft | libero_goal | all | 3 | 500 | {craft_goal:.1f}" in md
     # per-run CSV: one row per run with its own numbers
     with open(out / "runs.csv") as f:
         per_run = list(csv.DictReader(f))
@@ -162,10 +164,12 @@ def test_plots_are_written_and_not_blank(grid, tmp_path):
     run_root, _ = grid
     results = lp.collect([run_root])
     paths = lp.plot_training_curves(results.records, tmp_path / "plots")
-    assert sorted(p.name for p in paths) == ["table1_libero_goal_full.png", "table1_libero_spatial_full.png"]
+    assert sorted(p.name for p in paths) == ["table1_libero_goal_full.pdf", "table1_libero_goal_full.png",
+                                             "table1_libero_spatial_full.pdf", "table1_libero_spatial_full.png"]
     import matplotlib.image as mpimg
 
-    for path in paths:
+    assert all(p.read_bytes()[:5] == b"%PDF-" for p in paths if p.suffix == ".pdf")
+    for path in (p for p in paths if p.suffix == ".png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         image = mpimg.imread(path)
         assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
@@ -186,7 +190,10 @@ def test_plot_draws_epsilon_line(tmp_path):
     matplotlib.use("Agg")
     from unittest import mock
 
-    with mock.patch("matplotlib.axes.Axes.axhline", autospec=True, side_effect=lambda *a, **k: None) as axhline:
+    from matplotlib.axes import Axes
+
+    original = Axes.axhline
+    with mock.patch("matplotlib.axes.Axes.axhline", autospec=True, side_effect=original) as axhline:
         lp.plot_training_curves(results.records, tmp_path / "plots")
     assert sorted(call.args[1] for call in axhline.call_args_list) == [0.25, lp.STRONG_CONFLICT]
 
@@ -319,12 +326,109 @@ def test_suite_mismatch_between_training_and_eval_is_reported(tmp_path):
     assert any("evaluated on 'libero_10' but trained on 'libero_goal'" in i.message for i in results.issues)
 
 
-def test_duplicate_seed_in_a_group_is_reported(tmp_path):
+def test_duplicate_seed_in_a_group_is_refused(tmp_path):
     run_root = tmp_path / "x"
     for name in ("a", "b"):
         write_run(run_root, name, make_config(run_root, name, "libero_goal", 1, False),
                   [{"step": MAX_STEPS, "VLA Train/Loss": 1.0}], ("libero_goal", 3, 10))
-    assert any("seed(s) [1] appear in several runs" in i.message for i in lp.collect([run_root]).issues)
+    with pytest.raises(lp.SeedCollisionError, match=r"seed\(s\) \[1\] appear in several runs"):
+        lp.collect([run_root])
+    proc = subprocess.run([sys.executable, str(REPO / "craft_experiments/common_utils/log_parser.py"), "--runs_dir",
+                           str(run_root), "--output_dir", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: seed(s) [1]") and "Traceback" not in proc.stderr
+
+
+def _one_step_run(run_root: Path, name: str, seed: int, episodes: int = 10, craft: bool = False, **extra) -> Path:
+    return write_run(run_root, name, make_config(run_root, name, "libero_goal", seed, craft, **extra),
+                     [{"step": MAX_STEPS, "VLA Train/Loss": 0.1 * seed}], ("libero_goal", 3, episodes))
+
+
+def test_roots_and_presets_are_never_averaged_together(tmp_path):
+    """A SMOKE root and a real root of the same experiment (same seeds) are separate rows; so are presets."""
+    for parent, preset in (("craft_experiments", "real"), ("craft_experiments_smoke", "tiny")):
+        root = tmp_path / parent / "table1"
+        for seed in (1, 2):
+            _one_step_run(root, f"r{seed}", seed, model_preset=preset)
+    results = lp.collect([tmp_path])
+    assert sorted((r["preset"], r["runs"]) for r in results.aggregate) == [("real", 2), ("tiny", 2)]
+    assert len({r["root"] for r in results.aggregate}) == 2
+    md = lp.markdown_table(results.aggregate)
+    assert "table1@craft_experiments_smoke-tiny" in md
+
+
+def test_different_episode_counts_are_not_averaged(tmp_path):
+    root = tmp_path / "table1"
+    _one_step_run(root, "a", 1, episodes=10)
+    _one_step_run(root, "b", 2, episodes=500)
+    results = lp.collect([root])
+    (row,) = results.aggregate
+    assert row["success_pct_n"] == 0 and row["final_action_loss_n"] == 2
+    assert any("different episode counts [10, 500]" in str(i) for i in results.issues)
+
+
+def test_stale_evaluation_is_ignored(tmp_path):
+    root = tmp_path / "table1"
+    run_dir = _one_step_run(root, "a", 1)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    summary["checkpoint"] = {"path": str(root / "a--50_chkpt"), "step": 50}
+    (run_dir / "eval" / "summary.json").write_text(json.dumps(summary))
+    results = lp.collect([root])
+    assert math.isnan(results.run_rows[0]["success_pct"])
+    assert any("stale evaluation ignored: it evaluated a--50_chkpt" in str(i) for i in results.issues)
+    summary["checkpoint"] = {"path": str(root / f"a--{MAX_STEPS}_chkpt"), "step": MAX_STEPS}
+    (run_dir / "eval" / "summary.json").write_text(json.dumps(summary))
+    assert lp.collect([root]).run_rows[0]["success_pct"] == 30.0
+
+
+def test_monitor_retention_and_drift_numbers_fill_every_row(tmp_path):
+    """Final L_ret comes from the retention monitor (baseline included; in a CRaFT run its own monitor key), and the
+    drift columns from drift/drift.json of the final checkpoint."""
+    root = tmp_path / "table1"
+    base = write_run(root, "b", make_config(root, "b", "libero_goal", 1, False),
+                     [{"step": 50, "VLA Train/Loss": 1.0, "CRaFT/Retention Loss": 0.7},
+                      {"step": MAX_STEPS, "VLA Train/Loss": 1.0, "CRaFT/Retention Loss": 0.9}], ("libero_goal", 1, 2))
+    write_run(root, "c", make_config(root, "c", "libero_goal", 1, True),
+              [{"step": MAX_STEPS, "VLA Train/Loss": 1.0, "CRaFT/Retention Loss": 0.2,
+                "CRaFT/Retention Loss (monitor)": 0.25}], ("libero_goal", 1, 2))
+    (base / "drift").mkdir()
+    aq = {"cka": [0.1, 0.2, 0.3, 0.4, 0.55], "probe_accuracy_finetuned": [None, 0.5, 0.5, 0.5, 0.75]}
+    (base / "drift" / "drift.json").write_text(json.dumps({
+        "config": {"finetuned_path": str(root / f"b--{MAX_STEPS}_chkpt")},
+        "craft_default_anchor": {"raw_layer": 2, "aq_layer": 4, "L_ret_concat": 1.5}, "groups": {"aq": aq}}))
+    rows = {r["run"]: r for r in lp.collect([root]).run_rows}
+    assert rows["b"]["final_retention_loss"] == 0.9 and rows["c"]["final_retention_loss"] == 0.25
+    assert (rows["b"]["drift_retention"], rows["b"]["drift_cka_aq"], rows["b"]["drift_probe_aq"]) == (1.5, 0.55, 0.75)
+    assert math.isnan(rows["c"]["drift_retention"])
+
+
+def test_wandb_project_reads_local_runs_offline(tmp_path, monkeypatch):
+    """--wandb_project P without --wandb_online: the local runs whose config names project P, no wandb API call."""
+    root = tmp_path / "runs" / "craft_experiments" / "table1"
+    for seed, project in ((1, "vla-craft-training"), (2, "vla-craft-training"), (3, "other")):
+        _one_step_run(root, f"r{seed}", seed, wandb_project=project)
+    import wandb
+
+    monkeypatch.setattr(wandb, "Api", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network used")))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results"
+    assert lp.main(["--wandb_project", "vla-craft-training", "--output_dir", str(out), "--generate_latex_table",
+                    "--no_plots"]) == 0
+    with open(out / "runs.csv") as f:
+        assert sorted(r["run"] for r in csv.DictReader(f)) == ["r1", "r2"]
+    monkeypatch.chdir(tmp_path / "runs")
+    assert lp.main(["--wandb_project", "vla-craft-training", "--output_dir", str(out)]) == 2  # no runs/ here
+
+
+def test_seed_band_is_the_mean_and_std_over_seeds():
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    from table_rendering import seed_band
+
+    steps = np.arange(0, 100, 10)
+    a, b = np.linspace(0, 1, 10), np.linspace(1, 3, 10)
+    grid, mean, std = seed_band([(steps, a), (steps[:8], b[:8])], smooth_fraction=0.0)
+    assert grid.tolist() == steps[:8].tolist()
+    np.testing.assert_allclose(mean, (a[:8] + b[:8]) / 2)
+    np.testing.assert_allclose(std, np.std(np.stack([a[:8], b[:8]]), axis=0))
 
 
 def test_cli_without_usable_runs_fails(tmp_path):

@@ -1,0 +1,304 @@
+"""Rendering aggregated CRaFT results: CSV, Markdown, LaTeX (booktabs; one file and unique labels per experiment
+root) and training-curve plots (mean ± std bands over seeds, PNG and PDF)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from run_aggregation import (
+    GROUP_KEYS,
+    METRIC_KEYS,
+    METRICS,
+    STRONG_CONFLICT,
+    SUITE_ORDER,
+    SUITE_TITLES,
+    Metric,
+    _group_sort_key,
+    _series,
+    run_keys,
+)
+from run_reading import (
+    KEY_ACTION_LOSS,
+    KEY_CONFLICT_RATIO,
+    KEY_LAMBDA,
+    KEY_RETENTION_LOSS,
+    KEY_RETENTION_MONITOR,
+    RunRecord,
+)
+
+
+def aggregate_columns() -> list[str]:
+    cols = [*GROUP_KEYS, "runs", "seeds", "episodes", "epsilon"]
+    for metric in METRIC_KEYS:
+        cols += [f"{metric}_mean", f"{metric}_std", f"{metric}_n"]
+    return cols
+
+
+RUN_COLUMNS = [*GROUP_KEYS, "seed", "run", "epsilon", "eval_episodes", *METRIC_KEYS]
+
+
+def root_tags(rows: Sequence[dict]) -> dict[str, str]:
+    """A short name per experiment root: the experiment (table1, ...), plus the root's parent folder when two roots
+    share an experiment name (e.g. a SMOKE root and a real one), plus the preset when it is not `real`."""
+    by_experiment: dict[str, set[str]] = {}
+    presets: dict[str, set[str]] = {}
+    for row in rows:
+        by_experiment.setdefault(row["experiment"], set()).add(row["root"])
+        presets.setdefault(row["root"], set()).add(row["preset"])
+    tags = {}
+    for experiment, roots in by_experiment.items():
+        for root in roots:
+            tag = experiment if len(roots) == 1 else f"{experiment}@{Path(root).parent.name}"
+            extra = sorted(p for p in presets[root] if p != "real")
+            tags[root] = tag + "".join(f"-{p}" for p in extra)
+    return tags
+
+
+def _label_safe(tag: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", tag).strip("-")
+
+
+def write_csv(rows: Sequence[dict], path: Path, columns: Sequence[str]) -> Path:
+    """CSV with full-precision floats; missing values are empty cells."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    return path
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return value
+
+
+def format_cell(row: dict, metric: Metric, pm: str = " ± ") -> str:
+    """'mean ± std' in the metric's format; '–' when no value; '(n=k)' when fewer values than runs."""
+    n = row[f"{metric.key}_n"]
+    if n == 0:
+        return "–"
+    text = format(row[f"{metric.key}_mean"], metric.fmt)
+    std = row[f"{metric.key}_std"]
+    if not math.isnan(std):
+        text += pm + format(std, metric.fmt)
+    if n < row["runs"]:
+        text += f" (n={n})"
+    return text
+
+
+def latex_escape(text: str) -> str:
+    for char, repl in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("$", "\\$"), ("#", "\\#"),
+                       ("_", "\\_"), ("{", "\\{"), ("}", "\\}")):
+        text = text.replace(char, repl)
+    return text
+
+
+def _latex_cell(row: dict, metric: Metric) -> str:
+    return format_cell(row, metric, pm=" $\\pm$ ").replace("–", "--")
+
+
+def markdown_table(rows: Sequence[dict], ddof: int = 1) -> str:
+    tags = root_tags(rows)
+    header = ["Experiment", "Preset", "Method", "Suite", "Shots", "Runs", "Episodes", *[m.title for m in METRICS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [tags[row["root"]], row["preset"], row["method"], row["suite"], row["shots"], str(row["runs"]),
+                 str(row.get("episodes", "")), *[format_cell(row, m) for m in METRICS]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"mean ± std over seeds (std with ddof={ddof}); (n=k): only k runs had that number. Final L_ret: the "
+                 "retention monitor (CRaFT's L_ret against θ0, every method); Drift / CKA / probe: measure_drift.py on "
+                 "the final checkpoint (ActionQuery features at layer M).")
+    for root, tag in sorted(tags.items(), key=lambda kv: kv[1]):
+        lines.append(f"- {tag}: {root}")
+    return "\n".join(lines) + "\n"
+
+
+def latex_metrics_table(rows: Sequence[dict], tag: str, ddof: int = 1) -> str:
+    """Every group and metric of one experiment root, booktabs style, label `tab:<tag>-metrics`."""
+    caption = f"{latex_escape(tag)}: mean $\\pm$ std over seeds (ddof={ddof})."
+    cols = "lll" + "r" * len(METRICS)
+    head = ["Method", "Suite", "Shots", *[m.latex for m in METRICS]]
+    lines = ["\\begin{table}[t]", "\\centering", "\\small", "\\resizebox{\\linewidth}{!}{%",
+             f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(head) + " \\\\", "\\midrule"]
+    for row in rows:
+        cells = [latex_escape(str(row[k])) for k in ("method", "suite", "shots")] + [_latex_cell(row, m)
+                                                                                     for m in METRICS]
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}}", f"\\caption{{{caption}}}",
+              f"\\label{{tab:{_label_safe(tag)}-metrics}}", "\\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def latex_success_table(rows: Sequence[dict], tag: str, ddof: int = 1) -> str:
+    """Table-1 layout for one experiment root: one row per (method, shots), one column per suite (success rate
+    mean ± std) and the average of the suite means when every suite has a value; label `tab:<tag>-success`."""
+    suites = [s for s in SUITE_ORDER if any(r["suite"] == s for r in rows)]
+    suites += sorted({r["suite"] for r in rows} - set(suites))
+    metric = METRICS[0]
+    table: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        table.setdefault((row["method"], row["shots"]), {})[row["suite"]] = row
+    caption = f"{latex_escape(tag)}: LIBERO success rate (\\%), mean $\\pm$ std over seeds (ddof={ddof})."
+    lines = ["\\begin{table}[t]", "\\centering", "\\small", f"\\begin{{tabular}}{{ll{'r' * (len(suites) + 1)}}}",
+             "\\toprule",
+             " & ".join(["Method", "Shots", *[SUITE_TITLES.get(s, latex_escape(s)) for s in suites], "Avg."])
+             + " \\\\", "\\midrule"]
+    first = rows[0] if rows else None
+    for key in sorted(table, key=lambda k: _group_sort_key((first["experiment"], first["root"], first["preset"], k[0],
+                                                            suites[0] if suites else "", k[1]))):
+        by_suite = table[key]
+        cells = [latex_escape(str(k)) for k in key]
+        means = []
+        for suite in suites:
+            row = by_suite.get(suite)
+            cells.append(_latex_cell(row, metric) if row else "--")
+            if row and row[f"{metric.key}_n"]:
+                means.append(row[f"{metric.key}_mean"])
+        cells.append(format(float(np.mean(means)), metric.fmt) if means and len(means) == len(suites) else "--")
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{caption}}}",
+              f"\\label{{tab:{_label_safe(tag)}-success}}", "\\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_latex_tables(rows: Sequence[dict], output_dir: Path, ddof: int = 1) -> list[Path]:
+    """table_success_<tag>.tex and table_metrics_<tag>.tex per experiment root (labels unique across files)."""
+    tags = root_tags(rows)
+    written = []
+    for root, tag in sorted(tags.items(), key=lambda kv: kv[1]):
+        mine = [r for r in rows if r["root"] == root]
+        for kind, render in (("success", latex_success_table), ("metrics", latex_metrics_table)):
+            path = Path(output_dir) / f"table_{kind}_{_label_safe(tag)}.tex"
+            path.write_text(render(mine, tag, ddof=ddof))
+            written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------------------
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def method_style(index: int) -> dict[str, Any]:
+    """A distinct (colour, line style) per method: tab10 colours, then the same colours with other line styles."""
+    import matplotlib.pyplot as plt
+
+    return {"color": plt.cm.tab10(index % 10), "linestyle": LINESTYLES[(index // 10) % len(LINESTYLES)]}
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average (window shrinks at the ends, so the curve keeps its length and end points' scale)."""
+    if window <= 1 or values.size < 3:
+        return values
+    kernel = np.ones(window)
+    num = np.convolve(values, kernel, mode="same")
+    den = np.convolve(np.ones_like(values), kernel, mode="same")
+    return num / den
+
+
+def seed_band(series: Sequence[tuple[np.ndarray, np.ndarray]], smooth_fraction: float = 0.04
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(steps, mean, std) over seeds on the steps every seed covers (each seed interpolated onto the union of the
+    logged steps, then lightly smoothed); std is 0 for a single seed."""
+    series = [(s, v) for s, v in series if s.size]
+    if not series:
+        return None
+    lo, hi = max(s[0] for s, _ in series), min(s[-1] for s, _ in series)
+    grid = np.unique(np.concatenate([s for s, _ in series]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    if grid.size == 0:
+        return None
+    window = max(1, int(round(smooth_fraction * grid.size)))
+    curves = np.stack([smooth(np.interp(grid, s, v), window) for s, v in series])
+    return grid, curves.mean(axis=0), curves.std(axis=0)
+
+
+def _retention_series(record: RunRecord) -> tuple[np.ndarray, np.ndarray]:
+    steps, values = _series(record.metrics, KEY_RETENTION_MONITOR)
+    return (steps, values) if steps.size else _series(record.metrics, KEY_RETENTION_LOSS)
+
+
+PANELS = ((KEY_ACTION_LOSS, "action loss $L_{act}$ (L1)"), ("retention", "retention loss $L_{ret}$ vs $\\theta_0$"),
+          (KEY_LAMBDA, "dual variable $\\lambda$"), (KEY_CONFLICT_RATIO, "conflict ratio (share of parameters)"))
+
+
+def plot_training_curves(records: Sequence[RunRecord], output_dir: Path) -> list[Path]:
+    """Per (experiment root, suite, shots): action loss, retention loss (with each CRaFT method's ε as a dashed
+    line), λ and conflict ratio (with the 30% line) against the step; per method the mean over seeds with a ± std
+    band. PNG and PDF, legend outside the panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    keyed = [(run_keys(r), r) for r in records]
+    keyed = [(row, r) for row, r in keyed if row is not None and r.metrics]
+    tags = root_tags([row for row, _ in keyed])
+    figures: dict[tuple, list[tuple[dict, RunRecord]]] = {}
+    for row, record in keyed:
+        figures.setdefault((tags[row["root"]], row["suite"], row["shots"]), []).append((row, record))
+    written = []
+    for (tag, suite, shots), members in sorted(figures.items()):
+        methods = sorted({row["method"] for row, _ in members},
+                         key=lambda m: ({"baseline": 0, "craft": 1}.get(m, 2), m))
+        styles = {m: method_style(i) for i, m in enumerate(methods)}
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
+        handles: dict[str, Any] = {}
+        for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
+            for method in methods:
+                runs = [r for row, r in members if row["method"] == method]
+                series = [_retention_series(r) if key == "retention" else _series(r.metrics, key) for r in runs]
+                band = seed_band(series)
+                if band is None:
+                    continue
+                steps, mean, std = band
+                (line,) = ax.plot(steps, mean, linewidth=1.6, label=f"{method} (n={len(series)})", **styles[method])
+                ax.fill_between(steps, mean - std, mean + std, color=styles[method]["color"], alpha=0.18,
+                                linewidth=0)
+                handles.setdefault(line.get_label(), line)
+            if key == KEY_CONFLICT_RATIO:
+                ref = ax.axhline(STRONG_CONFLICT, color="grey", linestyle=":", linewidth=1.0,
+                                 label=f"{STRONG_CONFLICT:.0%}: strong collapse")
+                handles.setdefault(ref.get_label(), ref)
+            if key == "retention":  # one dashed ε line per value: the method's colour, grey when shared
+                users: dict[float, set[str]] = {}
+                for row, _ in members:
+                    if not math.isnan(row["epsilon"]):
+                        users.setdefault(row["epsilon"], set()).add(row["method"])
+                for value, names in sorted(users.items()):
+                    colour = styles[next(iter(names))]["color"] if len(names) == 1 else "0.35"
+                    label = f"ε = {value:g}" + (f" ({next(iter(names))})" if len(names) == 1 else "")
+                    ref = ax.axhline(value, color=colour, linestyle=(0, (4, 3)), linewidth=0.9, label=label)
+                    handles.setdefault(ref.get_label(), ref)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("optimizer step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(title.split(" (")[0])
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{tag}: {suite}" + ("" if shots == "all" else f", {shots} demos/task")
+                     + " — mean ± std over seeds")
+        fig.tight_layout()
+        if handles:
+            fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                       fontsize=8, frameon=False)
+        stem = f"{_label_safe(tag)}_{suite}_{'full' if shots == 'all' else shots + 'shot'}"
+        for ext in ("png", "pdf"):
+            path = output_dir / f"{stem}.{ext}"
+            fig.savefig(path, dpi=150, bbox_inches="tight")
+            written.append(path)
+        plt.close(fig)
+    return written
