@@ -100,3 +100,8 @@ class ResultsStore:
         path = self.out_dir / SUMMARY_FILE
         write_json_atomic(path, dict(summary))
         return path
+
+
+def success_rate_key(suite: str) -> str:
+    """The wandb key of a suite's final success rate (one per suite, so several suites share a run/group)."""
+    return f"Eval/Success Rate/{suite}"

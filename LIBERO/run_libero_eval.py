@@ -45,7 +45,7 @@ from LIBERO.policy_runner import (
     resolve_input_settings,
     resolve_unnorm_key,
 )
-from LIBERO.results import SUMMARY_FILE, ResultsStore
+from LIBERO.results import SUMMARY_FILE, ResultsStore, success_rate_key
 from LIBERO.suites import INSTRUCTION_SOURCES, TaskSpec, base_suite, load_suite_tasks, max_steps_for
 from prismatic.cli_errors import UserError, cli_entry, parse_config
 from prismatic.models.precision import DTYPE_CHOICES as DTYPES  # auto, float32, bfloat16
@@ -260,11 +260,6 @@ def default_wandb_group(cfg: EvalConfig) -> str:
     name = Path(cfg.pretrained_checkpoint).name if cfg.pretrained_checkpoint else "policy"
     head, sep, tail = name.rpartition("--")
     return head if sep and tail.endswith("_chkpt") else name
-
-
-def success_rate_key(suite: str) -> str:
-    """The wandb key of a suite's final success rate (one per suite, so several suites share a run/group)."""
-    return f"Eval/Success Rate/{suite}"
 
 
 def _init_wandb(cfg: EvalConfig, checkpoint: dict | None):

@@ -21,6 +21,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # `python craft_experiments/common_utils/make_dashboard.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+from LIBERO.results import success_rate_key  # noqa: E402  (light: no simulator import)
+
 # (section, [(panel title, y keys, y axis title)]) -- line plots against the optimizer step
 SECTIONS: list[tuple[str, list[tuple[str, list[str], str]]]] = [
     ("Retention (drift from θ0)", [
@@ -38,8 +44,8 @@ SECTIONS: list[tuple[str, list[tuple[str, list[str], str]]]] = [
         ("Learning rate", ["VLA Train/Learning Rate"], "lr"),
     ]),
 ]
-# success rate of the LIBERO evaluation runs, one bar per (method, suite) group
-SUCCESS_KEYS = ["success_rate/total"]
+# success rate of the LIBERO evaluation runs per suite (the keys LIBERO/run_libero_eval.py logs), grouped by method
+SUCCESS_KEYS = [success_rate_key(suite) for suite in ("libero_spatial", "libero_object", "libero_goal", "libero_10")]
 GROUP_BY = ["method", "suite"]
 
 

@@ -28,7 +28,7 @@ def _pooled_numpy(policy, batch, raw_layer: int, aq_layer: int) -> np.ndarray:
         out = policy.vla(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                          attention_mask=batch["attention_mask"])
     parts = []
-    for layer, mask in ((raw_layer, out.layout.vision_mask), (aq_layer, out.layout.query_mask)):
+    for layer, mask in ((raw_layer, out.layout.raw_latent_mask), (aq_layer, out.layout.action_query_latent_mask)):
         h = out.hidden_states[layer].double().numpy()
         m = mask.numpy().astype(np.float64)[..., None]
         parts.append((h * m).sum(axis=1) / m.sum(axis=1))
