@@ -210,6 +210,13 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
         related = AlignMethod(cfg, policy, env, saved) if cfg.retention_method == "align" else ConSFTMethod(cfg, env)
         compute_gradients = related.compute_gradients
 
+    monitor = None
+    if cfg.retention_monitor:  # built before any update: θ0 = the weights as loaded (or the saved / snapshot θ0)
+        from prismatic.training.retention_monitor import RetentionMonitor
+
+        monitor = RetentionMonitor(cfg, policy, saved_state=(resume_state or {}).get("retention_monitor"),
+                                   craft_state=(resume_state or {}).get("craft"))
+
     consecutive_nonfinite = total_nonfinite = 0
     if resume_state is not None:
         if resume_state["data"]["global_batch_size"] != G and env.is_main:
@@ -246,6 +253,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
             "world_size": env.world_size,
             "craft": craft.state_dict() if craft is not None else None,
             **({"related": related.state_dict()} if related is not None else {}),
+            **({"retention_monitor": monitor.state_dict()} if monitor is not None else {}),
         }
         if env.is_main:
             policy_setup.save_training_checkpoint(cfg, policy, run_root_dir=Path(cfg.run_root_dir), run_id=run_id,
@@ -264,6 +272,9 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
     with StopRequest() as stop:
         for step in range(start_step, cfg.max_steps):
             micro_batches = next(stream)
+            # drift with the weights before this step's update (the ones CRaFT's L_ret of this step sees)
+            monitored = monitor.metrics(micro_batches, env.device) if monitor is not None and monitor.due(step + 1) \
+                else {}
             local = compute_gradients(model, micro_batches, env.device)
             stats = global_step_stats(local, env)
             lr = optimizer.param_groups[0]["lr"]
@@ -279,7 +290,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
             metrics = {TRAIN_KEYS["loss"]: stats["loss"], TRAIN_KEYS["curr_l1"]: stats["curr_l1"],
                        TRAIN_KEYS["next_l1"]: stats["next_l1"], TRAIN_KEYS["lr"]: lr,
                        TRAIN_KEYS["grad_norm"]: grad_norm, "VLA Train/Non-finite Steps": total_nonfinite,
-                       **local.get("metrics", {})}
+                       **local.get("metrics", {}), **monitored}
             if cfg.use_val_set and done % cfg.val_freq == 0:
                 val = validation_losses(policy, data.val_batches(), env.device, env)
                 metrics.update({VAL_KEYS[k]: v for k, v in val.items()})

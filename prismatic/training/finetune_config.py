@@ -112,6 +112,10 @@ class FinetuneConfig:
     align_teacher: str = "self"             # "self" (theta_0 vision backbone) or a timm model id
     consft_tau: float = 0.1                 # confidence temperature, in per-sample L1 units (> 0)
     consft_clip: float = 0.2                # trust region rho of the per-sample weights, in [0, 1)
+
+    # ---- drift monitor (prismatic/training/retention_monitor.py) ----------------------------------------------
+    retention_monitor: bool = False         # log CRaFT's L_ret against theta_0 (no gradient) for any method
+    retention_monitor_freq: int = 100       # every this many optimizer steps (and at the last step)
     # fmt: on
 
     @property
@@ -169,6 +173,8 @@ def validate_config(cfg: FinetuneConfig) -> list[str]:
         positive(name, allow_zero=True)
     if cfg.use_val_set:
         positive("val_freq")
+    if cfg.retention_monitor:
+        positive("retention_monitor_freq")
     if cfg.use_lora:
         positive("lora_rank")
         if not 0.0 <= cfg.lora_dropout < 1.0:
