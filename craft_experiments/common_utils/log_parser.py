@@ -59,8 +59,6 @@ CRAFT_DEFAULTS = {"craft_retention_budget": 0.1, "craft_dual_lr": 0.01, "craft_a
                   "craft_anchor_source": "online"}
 
 GROUP_KEYS = ("experiment", "method", "suite", "shots")
-# A conflict ratio above this share is read as strong representation collapse (PROMISED_INTERFACE.md).
-STRONG_CONFLICT = 0.3
 
 
 @dataclass(frozen=True)
@@ -683,9 +681,6 @@ def plot_training_curves(records: Sequence[RunRecord], output_dir: Path) -> list
                 ax.plot(steps, values, color=colours[method], linewidth=1.2, alpha=0.85,
                         label=method if method not in labelled else None)
                 labelled.add(method)
-            if key == KEY_CONFLICT_RATIO:
-                ax.axhline(STRONG_CONFLICT, color="grey", linestyle=":", linewidth=1.0,
-                           label=f"{STRONG_CONFLICT:.0%}: strong collapse")
             if key == KEY_RETENTION_LOSS:
                 for method in methods:
                     eps = {r["epsilon"] for r, _ in members if r["method"] == method and not math.isnan(r["epsilon"])}
