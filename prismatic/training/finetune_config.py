@@ -104,6 +104,7 @@ class FinetuneConfig:
     craft_dual_kd: float = 0.0              # pid: derivative gain (on the positive part of the error's rise)
     craft_dual_normalize: bool = False      # error e = L_ret/eps - 1 instead of L_ret - eps
     craft_max_lambda: float | None = None   # optional cap on lambda (and on the pid integral)
+    log_update_norms: bool = False          # per-group ||update|| and AdamW sqrt(v) (update_norms.py)
 
     # ---- related-work baselines (docs/BASELINES.md) -----------------------------------------------------------
     retention_method: str = "none"          # none | craft | align | consft (--use_craft True is craft)
