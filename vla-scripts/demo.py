@@ -81,16 +81,16 @@ class DemoConfig:
     seed: int = 7
     threads: int = 2                       # torch CPU threads
     # data
-    episodes_per_task: int = 6
+    episodes_per_task: int = 4
     heldout_episodes_per_task: int = 2
-    steps_per_episode: int = 24
-    num_images_in_input: int = 2
+    steps_per_episode: int = 20
+    num_images_in_input: int = 1
     # theta0 pre-training (full fine-tuning from a random tiny VLA)
-    pretrain_steps: int = 250
+    pretrain_steps: int = 150
     pretrain_lr: float = 1e-3
     # fine-tuning on the new tasks (LoRA, as upstream)
-    finetune_steps: int = 160
-    batch_size: int = 8
+    finetune_steps: int = 80
+    batch_size: int = 4
     learning_rate: float = 1e-3
     lora_rank: int = 8
     # CRaFT
@@ -100,9 +100,9 @@ class DemoConfig:
     pid_kp: float = 1.0                    # proportional gain: lambda falls as soon as L_ret drops below epsilon
     pid_kd: float = 0.5                    # derivative gain on a rising violation
     capped_max_lambda: float = 1.0         # --craft_max_lambda of the "lambda capped" row (the Adam remedy tried)
-    continuation_steps: int = 40           # plain steps after CRaFT-gradient's last step (inherited / fresh AdamW)
+    continuation_steps: int = 20           # plain steps after CRaFT-gradient's last step (inherited / fresh AdamW)
     # evaluation
-    eval_frames: int = 256                 # held-out frames per set (cap)
+    eval_frames: int = 128                 # held-out frames per set (cap)
     probe_alpha: float = 1.0               # ridge penalty of the linear probe (standardised features)
     libero_rollout: str = "auto"           # auto (if the extra is installed) | always | never
     libero_max_steps: int = 24
@@ -171,6 +171,16 @@ def run_training(ft: FinetuneConfig) -> tuple[Path, float]:
     per_step = seconds / max(1, ft.max_steps - start_step)
     timing.write_text(json.dumps({"seconds_per_step": per_step, "steps": ft.max_steps - start_step}))
     return final, per_step
+
+
+def theta0_config(cfg: DemoConfig, data_root: Path, run_root: Path) -> FinetuneConfig:
+    """Pre-training on A from a random tiny VLA (full fine-tuning)."""
+    return FinetuneConfig(
+        model_preset="tiny", data_root_dir=data_root, dataset_name=PRETRAIN_SET, run_root_dir=run_root,
+        run_id="demo-theta0", batch_size=cfg.batch_size, learning_rate=cfg.pretrain_lr, max_steps=cfg.pretrain_steps,
+        num_steps_before_decay=int(0.8 * cfg.pretrain_steps), save_freq=cfg.pretrain_steps,
+        save_latest_checkpoint_only=True, image_aug=False, use_lora=False, use_proprio=True,
+        num_images_in_input=cfg.num_images_in_input, seed=cfg.seed, wandb_mode="disabled")
 
 
 def finetune_configs(cfg: DemoConfig, data_root: Path, run_root: Path, theta0: Path) -> dict[str, FinetuneConfig]:
@@ -454,13 +464,7 @@ def main(cfg: DemoConfig) -> list[dict]:
     build_data(cfg, data_root)
 
     print("[demo] 2/6 theta0: tiny VLA pre-trained on task set A")
-    theta0_cfg = FinetuneConfig(
-        model_preset="tiny", data_root_dir=data_root, dataset_name=PRETRAIN_SET, run_root_dir=run_root,
-        run_id="demo-theta0", batch_size=cfg.batch_size, learning_rate=cfg.pretrain_lr, max_steps=cfg.pretrain_steps,
-        num_steps_before_decay=int(0.8 * cfg.pretrain_steps), save_freq=cfg.pretrain_steps,
-        save_latest_checkpoint_only=True, image_aug=False, use_lora=False, use_proprio=True,
-        num_images_in_input=cfg.num_images_in_input, seed=cfg.seed, wandb_mode="disabled")
-    theta0_path, theta0_seconds_per_step = run_training(theta0_cfg)
+    theta0_path, theta0_seconds_per_step = run_training(theta0_config(cfg, data_root, run_root))
 
     print("[demo] 3/6 fine-tuning on task set B (same steps, same data stream), then plain continuations of CRaFT")
     configs = finetune_configs(cfg, data_root, run_root, theta0_path)
