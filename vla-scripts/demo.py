@@ -54,7 +54,7 @@ from prismatic.models.loaders import load_policy
 from prismatic.training import checkpointing as ckpt
 from prismatic.training.craft_utils import CRaFTFeatureExtractor, retention_loss
 from prismatic.training.finetune_config import TRAINING_STATE_FILE, FinetuneConfig
-from prismatic.training.linear_probe import fit_linear_probe
+from prismatic.training.ridge_probe import fit_ridge_probe
 from prismatic.training.metrics_log import read_metrics
 from prismatic.training.update_norms import ADAM_KEY, UPDATE_KEY
 
@@ -483,7 +483,7 @@ def main(cfg: DemoConfig) -> list[dict]:
     probe_test = eval_dataset(data_root, PRETRAIN_HELDOUT, tokenizer, cfg)
     train_labels, test_labels = probe_labels(probe_train), probe_labels(probe_test)
     theta0_train_features = torch.cat(bridge_features(theta0, probe_train, cfg, max_frames=None))
-    probes = {k: fit_linear_probe(theta0_train_features, train_labels[k], alpha=cfg.probe_alpha) for k in train_labels}
+    probes = {k: fit_ridge_probe(theta0_train_features, train_labels[k], alpha=cfg.probe_alpha) for k in train_labels}
     heldout_sets: dict[tuple[str, str], RLDSFrameDataset] = {}  # (dataset, stats key): the fine-tuned runs share one
     rows, run_metrics = [], {}
     for name, path in tqdm([("theta0", theta0_path)] + [(n, runs[n][0]) for n in runs], desc="evaluate"):

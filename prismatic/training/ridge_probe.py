@@ -6,7 +6,9 @@ whose features moved away from θ0's loses accuracy even if the information is s
 is the point, the probe measures retention of θ0's representation, not re-learnability.
 
 Probe: ridge regression of one-hot labels on standardised features (statistics of the θ0 training features), every
-weight (bias included) penalised by `alpha`; one closed form in float64:
+weight (bias included) penalised by `alpha`; one closed form in float64 (deterministic, no iterative solver, so its
+accuracy can be checked exactly against an independent least-squares solution; `drift_metrics.py` has the
+logistic-regression probe of `measure_drift.py`):
 
     X̃ = [(X - μ) / σ , 1],   W = argmin ||X̃ W - Y||² + alpha ||W||²  =  (X̃ᵀX̃ + alpha I)⁻¹ X̃ᵀ Y,   ŷ = argmax X̃ W
 """
@@ -22,7 +24,7 @@ SIGMA_FLOOR = 1e-6  # a feature constant over θ0's frames is centred, not blown
 
 
 @dataclass(frozen=True)
-class LinearProbe:
+class RidgeProbe:
     mean: torch.Tensor  # (F,)
     std: torch.Tensor  # (F,)
     weight: torch.Tensor  # (F + 1, C)
@@ -43,7 +45,7 @@ class LinearProbe:
         return float(np.mean(self.predict(features) == labels))
 
 
-def fit_linear_probe(features: torch.Tensor, labels: np.ndarray, alpha: float = 1.0) -> LinearProbe:
+def fit_ridge_probe(features: torch.Tensor, labels: np.ndarray, alpha: float = 1.0) -> RidgeProbe:
     """Ridge probe of `labels` (ints) on `features` (N, F); see the module docstring."""
     labels = np.asarray(labels)
     if features.dim() != 2 or len(features) != len(labels) or len(labels) == 0:
@@ -55,8 +57,8 @@ def fit_linear_probe(features: torch.Tensor, labels: np.ndarray, alpha: float = 
     std = x.std(dim=0, unbiased=False).clamp_min(SIGMA_FLOOR)
     classes = tuple(int(c) for c in np.unique(labels))
     onehot = torch.as_tensor(labels[:, None] == np.asarray(classes)[None, :], dtype=torch.float64)
-    probe = LinearProbe(mean, std, torch.zeros(0), classes)
+    probe = RidgeProbe(mean, std, torch.zeros(0), classes)
     design = probe._design(x)
     gram = design.T @ design + alpha * torch.eye(design.shape[1], dtype=torch.float64)
     weight = torch.linalg.solve(gram, design.T @ onehot)
-    return LinearProbe(mean, std, weight, classes)
+    return RidgeProbe(mean, std, weight, classes)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from prismatic.training.linear_probe import fit_linear_probe
+from prismatic.training.ridge_probe import fit_ridge_probe
 
 
 def numpy_probe_accuracy(train_x, train_y, test_x, test_y, alpha):
@@ -30,7 +30,7 @@ def test_probe_accuracy_equals_numpy_least_squares(alpha):
     train_x = centres[train_y] + rng.normal(size=(80, 12)) * 1.5
     test_x = centres[test_y] + rng.normal(size=(60, 12)) * 1.5
     train_x[:, 3] = 2.0  # a constant feature (σ floor)
-    probe = fit_linear_probe(torch.tensor(train_x), train_y, alpha=alpha)
+    probe = fit_ridge_probe(torch.tensor(train_x), train_y, alpha=alpha)
     got = probe.accuracy(torch.tensor(test_x), test_y)
     assert got == numpy_probe_accuracy(train_x, train_y, test_x, test_y, alpha)
     assert 0.3 < got < 1.0  # neither chance nor trivially separable: the comparison can fail
@@ -38,6 +38,6 @@ def test_probe_accuracy_equals_numpy_least_squares(alpha):
 
 def test_probe_bad_inputs():
     with pytest.raises(ValueError, match="alpha"):
-        fit_linear_probe(torch.zeros(3, 2), np.zeros(3, dtype=int), alpha=0.0)
+        fit_ridge_probe(torch.zeros(3, 2), np.zeros(3, dtype=int), alpha=0.0)
     with pytest.raises(ValueError, match="labels"):
-        fit_linear_probe(torch.zeros(3, 2), np.zeros(2, dtype=int))
+        fit_ridge_probe(torch.zeros(3, 2), np.zeros(2, dtype=int))
