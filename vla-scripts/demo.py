@@ -54,8 +54,8 @@ from prismatic.models.loaders import load_policy
 from prismatic.training import checkpointing as ckpt
 from prismatic.training.craft_utils import CRaFTFeatureExtractor, retention_loss
 from prismatic.training.finetune_config import TRAINING_STATE_FILE, FinetuneConfig
-from prismatic.training.ridge_probe import fit_ridge_probe
 from prismatic.training.metrics_log import read_metrics
+from prismatic.training.ridge_probe import fit_ridge_probe
 from prismatic.training.update_norms import ADAM_KEY, UPDATE_KEY
 
 PRETRAIN_SET, PRETRAIN_HELDOUT = "demo_pretrain_no_noops", "demo_pretrain_heldout_no_noops"
