@@ -86,10 +86,10 @@ class DemoConfig:
     steps_per_episode: int = 20
     num_images_in_input: int = 1
     # theta0 pre-training (full fine-tuning from a random tiny VLA)
-    pretrain_steps: int = 150
+    pretrain_steps: int = 100
     pretrain_lr: float = 1e-3
     # fine-tuning on the new tasks (LoRA, as upstream)
-    finetune_steps: int = 80
+    finetune_steps: int = 60
     batch_size: int = 4
     learning_rate: float = 1e-3
     lora_rank: int = 8
