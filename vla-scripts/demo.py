@@ -88,6 +88,7 @@ class DemoConfig:
     # theta0 pre-training (full fine-tuning from a random tiny VLA)
     pretrain_steps: int = 100
     pretrain_lr: float = 1e-3
+    pretrain_decay_fraction: float = 0.8   # lr x0.1 after this share of the pre-training steps (> 1: never)
     # fine-tuning on the new tasks (LoRA, as upstream)
     finetune_steps: int = 60
     batch_size: int = 4
@@ -178,7 +179,7 @@ def theta0_config(cfg: DemoConfig, data_root: Path, run_root: Path) -> FinetuneC
     return FinetuneConfig(
         model_preset="tiny", data_root_dir=data_root, dataset_name=PRETRAIN_SET, run_root_dir=run_root,
         run_id="demo-theta0", batch_size=cfg.batch_size, learning_rate=cfg.pretrain_lr, max_steps=cfg.pretrain_steps,
-        num_steps_before_decay=int(0.8 * cfg.pretrain_steps), save_freq=cfg.pretrain_steps,
+        num_steps_before_decay=int(cfg.pretrain_decay_fraction * cfg.pretrain_steps), save_freq=cfg.pretrain_steps,
         save_latest_checkpoint_only=True, image_aug=False, use_lora=False, use_proprio=True,
         num_images_in_input=cfg.num_images_in_input, seed=cfg.seed, wandb_mode="disabled")
 
