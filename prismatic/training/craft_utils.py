@@ -1,7 +1,8 @@
 """CRaFT (Constrained Representation and Fine-Tuning) components. See docs/CRAFT.md for the method.
 
     min_θ L_act(θ)  s.t.  L_ret(θ) <= ε,    per optimizer step:  g = g_act + (λ - c) · g_ret,
-    c = min(0, <g_act, g_ret>) / (||g_ret||² + δ)  (0 when projection is off),   λ <- max(0, λ + η (L_ret - ε)).
+    c = min(0, <g_act, g_ret>) / (||g_ret||² + δ)  (0 when projection is off),   λ <- max(0, λ + η (L_ret - ε))
+    (the default `gradient` dual mode; `pid` and the normalised error: CRaFTDualOptimizer).
 
 Components:
     combine_gradients / combine_gradients_sharded   the functional core (two global scalars, one all-reduce if sharded)

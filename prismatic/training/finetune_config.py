@@ -98,7 +98,7 @@ class FinetuneConfig:
     craft_delta: float = 1e-8
     craft_snapshot_path: Path | None = None  # theta_0 for the anchors (None: the model as loaded)
 
-    # ---- CRaFT dual dynamics and conflict statistics (issue 15; docs/CRAFT.md "Dual modes") ------------------
+    # ---- CRaFT dual dynamics and training diagnostics (issue 15; docs/CRAFT.md "Dual modes") -----------------
     craft_dual_mode: str = "gradient"       # gradient (lambda += eta*e, the paper's rule) | pid (Stooke et al. 2020)
     craft_dual_kp: float = 0.0              # pid: proportional gain (ki is --craft_dual_lr)
     craft_dual_kd: float = 0.0              # pid: derivative gain (on the positive part of the error's rise)
