@@ -47,13 +47,13 @@ def demo_run(tmp_path_factory):
 
 
 def _printed_tables(stdout: str) -> list[list[list[str]]]:
-    """Every markdown table printed (consecutive '| ' lines), header and separator rows dropped."""
+    """Every markdown table printed (consecutive '|' lines), header and separator rows dropped."""
     tables, current = [], []
     for line in stdout.splitlines() + [""]:
-        if line.startswith("| "):
+        if line.startswith("|"):
             current.append([cell.strip() for cell in line.strip("|").split("|")])
         elif current:
-            tables.append(current[1:])
+            tables.append(current[2:])
             current = []
     return tables
 
@@ -194,7 +194,6 @@ def test_final_retention_equals_drift_metrics(demo_run):
     expected = float(torch.cat(per_sample).mean())
     assert rows[2]["final_l_ret"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
     assert rows[0]["final_l_ret"] == 0.0
-    assert rows[2]["within_budget"] == ("yes" if expected <= 1.1 * cfg.craft_retention_budget else "no")
 
 
 def test_rerun_reuses_everything(demo_run, capsys):
