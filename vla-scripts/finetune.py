@@ -67,6 +67,7 @@ from prismatic.training.train_step import (
     plain_gradients,
     validation_losses,
 )
+from prismatic.training.update_norms import UpdateNormMeter
 
 CONFIG_FILE = "config.yaml"
 HISTORY_LENGTH = 10_000  # steps of metrics kept in memory for the caller (the file keeps all)
@@ -185,6 +186,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
                     find_unused_parameters=True, **_no_buffer_sync_kwargs())
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    update_meter = UpdateNormMeter(policy.named_parameters()) if cfg.log_update_norms else None
     scheduler = build_lr_scheduler(optimizer, cfg.lr_warmup_steps, cfg.num_steps_before_decay)
     # The loader iterator draws its base seed from the global RNG: create it before the RNG state is restored.
     stream: TrainStream = data.train_stream(start_step)
@@ -278,7 +280,10 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
             local = compute_gradients(model, micro_batches, env.device)
             stats = global_step_stats(local, env)
             lr = optimizer.param_groups[0]["lr"]
+            if update_meter is not None:
+                update_meter.before()
             applied, grad_norm = apply_update(optimizer, scheduler, params, stats)
+            update_norms = update_meter.after(optimizer) if update_meter is not None else {}
             if craft is not None:
                 craft.finish_step()  # λ update AFTER the optimizer step, from the rank-averaged L_ret
             done = step + 1  # optimizer steps taken (checkpoint / metrics index)
@@ -290,7 +295,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
             metrics = {TRAIN_KEYS["loss"]: stats["loss"], TRAIN_KEYS["curr_l1"]: stats["curr_l1"],
                        TRAIN_KEYS["next_l1"]: stats["next_l1"], TRAIN_KEYS["lr"]: lr,
                        TRAIN_KEYS["grad_norm"]: grad_norm, "VLA Train/Non-finite Steps": total_nonfinite,
-                       **local.get("metrics", {}), **monitored}
+                       **local.get("metrics", {}), **monitored, **update_norms}
             if cfg.use_val_set and done % cfg.val_freq == 0:
                 val = validation_losses(policy, data.val_batches(), env.device, env)
                 metrics.update({VAL_KEYS[k]: v for k, v in val.items()})

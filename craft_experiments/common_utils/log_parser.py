@@ -35,7 +35,6 @@ from run_aggregation import (  # noqa: E402,F401  (re-exported: the parser's pub
     GROUP_KEYS,
     METRIC_KEYS,
     METRICS,
-    STRONG_CONFLICT,
     SeedCollisionError,
     aggregate_runs,
     method_label,

@@ -33,8 +33,6 @@ CRAFT_DEFAULTS = {"craft_retention_budget": 0.1, "craft_dual_lr": 0.01, "craft_a
                   "craft_anchor_source": "online"}
 
 GROUP_KEYS = ("experiment", "root", "preset", "method", "suite", "shots")
-# A conflict ratio above this share is read as strong representation collapse (PROMISED_INTERFACE.md).
-STRONG_CONFLICT = 0.3
 
 
 class SeedCollisionError(ValueError):

@@ -15,7 +15,6 @@ from run_aggregation import (
     GROUP_KEYS,
     METRIC_KEYS,
     METRICS,
-    STRONG_CONFLICT,
     SUITE_ORDER,
     SUITE_TITLES,
     Metric,
@@ -235,7 +234,7 @@ PANELS = ((KEY_ACTION_LOSS, "action loss $L_{act}$ (L1)"), ("retention", "retent
 
 def plot_training_curves(records: Sequence[RunRecord], output_dir: Path) -> list[Path]:
     """Per (experiment root, suite, shots): action loss, retention loss (with each CRaFT method's ε as a dashed
-    line), λ and conflict ratio (with the 30% line) against the step; per method the mean over seeds with a ± std
+    line), λ and conflict ratio against the step; per method the mean over seeds with a ± std
     band. PNG and PDF, legend outside the panels."""
     import matplotlib
 
@@ -270,10 +269,6 @@ def plot_training_curves(records: Sequence[RunRecord], output_dir: Path) -> list
                 ax.fill_between(steps, mean - std, mean + std, color=styles[method]["color"], alpha=0.18,
                                 linewidth=0)
                 handles.setdefault(line.get_label(), line)
-            if key == KEY_CONFLICT_RATIO:
-                ref = ax.axhline(STRONG_CONFLICT, color="grey", linestyle=":", linewidth=1.0,
-                                 label=f"{STRONG_CONFLICT:.0%}: strong collapse")
-                handles.setdefault(ref.get_label(), ref)
             if key == "retention":  # one dashed ε line per value: the method's colour, grey when shared
                 users: dict[float, set[str]] = {}
                 for row, _ in members:

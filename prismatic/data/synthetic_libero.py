@@ -7,7 +7,10 @@ names a goal region; the action pushes the block toward it:
   action[2]   = 0.2 * (colour_index - 2)               (read from the image)
   action[3:5] = 0.1 * (goal - pos)[::-1], action[5] = 0.05 * (colour_index % 2 * 2 - 1)
   action[6]   = +1 (close) once the block is within 0.08 of the goal, else -1 (open)  (raw LIBERO convention)
-so the same image calls for different actions under different instructions.
+so the same image calls for different actions under different instructions. With `action_reads_colour=False`
+action[2] = action[5] = 0: the task no longer needs the block colour (the demo fine-tunes on such tasks, so that
+a probe reading the colour of pre-training scenes measures what fine-tuning is free to overwrite). The state keeps
+0.1 * colour_index in state[2] either way (the probe's label).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def render_wrist(pos: np.ndarray, goal: np.ndarray, colour: tuple[int, int, int]
 
 
 def synthetic_episode(task: tuple[str, tuple[float, float], float], steps: int, rng: np.random.Generator,
-                      size: int = IMAGE_SHAPE[0]) -> dict[str, Any]:
+                      size: int = IMAGE_SHAPE[0], action_reads_colour: bool = True) -> dict[str, Any]:
     """One episode of `steps` steps for `task` (see module docstring for the action rule)."""
     instruction, goal_t, gain = task
     goal = np.asarray(goal_t, dtype=np.float64)
@@ -79,9 +82,9 @@ def synthetic_episode(task: tuple[str, tuple[float, float], float], steps: int, 
         gripper_close = np.linalg.norm(delta) < GRIP_DISTANCE
         action = np.empty(7, dtype=np.float32)
         action[0:2] = np.clip(gain * delta, -1.0, 1.0)
-        action[2] = 0.2 * (colour_index - 2)
+        action[2] = 0.2 * (colour_index - 2) if action_reads_colour else 0.0
         action[3:5] = 0.1 * delta[::-1]
-        action[5] = 0.05 * (colour_index % 2 * 2 - 1)
+        action[5] = 0.05 * (colour_index % 2 * 2 - 1) if action_reads_colour else 0.0
         action[6] = 1.0 if gripper_close else -1.0
         finger = 0.0 if gripper_close else 0.04
         images.append(render_scene(pos, colour, size))
@@ -98,7 +101,8 @@ def synthetic_episode(task: tuple[str, tuple[float, float], float], steps: int, 
 def make_synthetic_libero_dataset(data_root_dir: str | Path, dataset_name: str = "synthetic_libero_no_noops",
                                   num_tasks: int = 2, episodes_per_task: int = 3, steps: int = 20, seed: int = 0,
                                   tfds_name: str | None = None, num_shards: int = 1, overwrite: bool = False,
-                                  step_jitter: int = 0, task_indices: Sequence[int] | None = None) -> Path:
+                                  step_jitter: int = 0, task_indices: Sequence[int] | None = None,
+                                  action_reads_colour: bool = True) -> Path:
     """Write a synthetic LIBERO-like RLDS dataset; returns its version folder.
 
     Episodes are ordered task by task; `step_jitter` > 0 varies episode lengths in [steps - jitter, steps + jitter].
@@ -121,7 +125,7 @@ def make_synthetic_libero_dataset(data_root_dir: str | Path, dataset_name: str =
     for task in tasks:
         for _ in range(episodes_per_task):
             length = steps + (int(rng.integers(-step_jitter, step_jitter + 1)) if step_jitter else 0)
-            episode = synthetic_episode(task, max(1, length), rng)
+            episode = synthetic_episode(task, max(1, length), rng, action_reads_colour=action_reads_colour)
             episode["file_path"] = f"synthetic/{dataset_name}/episode_{len(episodes):06d}.hdf5"
             episodes.append(episode)
     return write_rlds_dataset(data_root_dir, dataset_name, episodes, tfds_name=tfds_name,

@@ -17,7 +17,7 @@ One optimizer step (`compute_gradients`, then the loop's unchanged `apply_update
                               projector.accumulate(L_act / k, L_ret / k)          (autograd.grad: no DDP hook fires)
     projector.step(λ)         all-reduce of [g_act | g_ret] over ranks, g = g_act + (λ - c) g_ret written into .grad
     apply_update              as the plain step (finite check, AdamW, scheduler; no clipping, as the plain path)
-    finish_step               λ <- max(0, λ + η (all_reduce_mean(L_ret) - ε))
+    finish_step               λ <- max(0, λ + η (all_reduce_mean(L_ret) - ε))   (or the pid rule, --craft_dual_mode)
 
 Non-finite losses or features are errors here (the projection cannot be computed from them), unlike the plain
 step which skips such an update.
@@ -68,6 +68,9 @@ METRIC_KEYS = {
     "projection_coef": "CRaFT/Projection Coef",
     "projection_fired_rate": "CRaFT/Projection Fired Rate",
     "conflict_indicator_mean": "CRaFT/Conflict Indicator Mean",
+    "conflict_ratio_params_null": "CRaFT/Conflict Ratio Null",
+    "conflict_ratio_tensors_null": "CRaFT/Conflict Ratio Null (tensors)",
+    "dual_integral": "CRaFT/Dual Integral",
 }
 _CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype")
 
@@ -160,9 +163,12 @@ class CRaFTStep:
         named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
         self.projector = CRaFTGradientProjector(named, delta=cfg.craft_delta,
                                                 enable_projection=cfg.craft_enable_projection)
+        self.projector.null_seed = int(cfg.seed)  # the null conflict share's random g_ret: same on every rank
         self.dual = CRaFTDualOptimizer(epsilon=cfg.craft_retention_budget, dual_lr=cfg.craft_dual_lr,
                                        init_lambda=cfg.craft_init_lambda, enable_dual=cfg.craft_enable_dual,
-                                       fixed_lambda=cfg.craft_fixed_lambda)
+                                       fixed_lambda=cfg.craft_fixed_lambda, mode=cfg.craft_dual_mode,
+                                       kp=cfg.craft_dual_kp, kd=cfg.craft_dual_kd,
+                                       normalize=cfg.craft_dual_normalize, max_lambda=cfg.craft_max_lambda)
         saved = dict(saved_state or {})
         if saved and saved.get("anchor_source", self.source) != self.source:
             raise ValueError(f"the checkpoint's CRaFT run used --craft_anchor_source {saved['anchor_source']}, "
@@ -253,8 +259,11 @@ class CRaFTStep:
         running = self.projector.running_stats()
         metrics = {METRIC_KEYS["retention_loss"]: l_ret, METRIC_KEYS["slack"]: l_ret - self.dual.epsilon}
         for key in ("lambda", "conflict_ratio_params", "conflict_ratio_tensors", "dot", "cosine", "projection_fired",
-                    "grad_norm_act", "grad_norm_ret", "projection_coef"):
+                    "grad_norm_act", "grad_norm_ret", "projection_coef", "conflict_ratio_params_null",
+                    "conflict_ratio_tensors_null"):
             metrics[METRIC_KEYS[key]] = float(stats[key])
+        if self.dual.mode == "pid":
+            metrics[METRIC_KEYS["dual_integral"]] = self.dual.integral  # the I used for this step's λ
         for key in ("projection_fired_rate", "conflict_indicator_mean"):
             metrics[METRIC_KEYS[key]] = running[key]
         return {"loss": means[0], "curr_l1": means[1], "next_l1": means[2], "metrics": metrics}

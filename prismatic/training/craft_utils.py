@@ -1,7 +1,8 @@
 """CRaFT (Constrained Representation and Fine-Tuning) components. See docs/CRAFT.md for the method.
 
     min_θ L_act(θ)  s.t.  L_ret(θ) <= ε,    per optimizer step:  g = g_act + (λ - c) · g_ret,
-    c = min(0, <g_act, g_ret>) / (||g_ret||² + δ)  (0 when projection is off),   λ <- max(0, λ + η (L_ret - ε)).
+    c = min(0, <g_act, g_ret>) / (||g_ret||² + δ)  (0 when projection is off),   λ <- max(0, λ + η (L_ret - ε))
+    (the default `gradient` dual mode; `pid` and the normalised error: CRaFTDualOptimizer).
 
 Components:
     combine_gradients / combine_gradients_sharded   the functional core (two global scalars, one all-reduce if sharded)
@@ -317,6 +318,7 @@ class CRaFTGradientProjector:
         self.conflict_count = 0
         self.conflict_ratio_params_sum = 0.0
         self.conflict_ratio_tensors_sum = 0.0
+        self.conflict_ratio_params_null_sum = 0.0
 
     # -- accumulation -------------------------------------------------------------------------------------------------
     def _add(self, buf: list[torch.Tensor], flags: torch.Tensor, grads: Sequence[torch.Tensor | None],
@@ -435,6 +437,7 @@ class CRaFTGradientProjector:
                 continue
             self._write_grad(p, g)
         stats["num_micro_batches"] = float(self.num_micro_batches)
+        stats.update(self._null_conflict_stats(reached_ret))
         self._update_running(stats)
         self.reset()
         return stats
@@ -454,6 +457,48 @@ class CRaFTGradientProjector:
         out[0] = out[3:].sum()
         return out
 
+    # seed of the null conflict statistics; set it to the run's seed (identical on all ranks)
+    null_seed: int = 0
+
+    def null_generator(self, step: int) -> torch.Generator:
+        """The generator of the random g_ret of optimizer step `step` (a function of (null_seed, step) only)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(self.null_seed) * 1_000_003 + int(step))
+        return gen
+
+    def _null_conflict_stats(self, reached_ret: Sequence[bool]) -> dict[str, float]:
+        """The per-tensor conflict shares of g_act against a random g_ret (i.i.d. Gaussian per tensor, scaled to the
+        real g_ret's per-tensor norm): what `conflict_ratio_*` reads when the two gradients are unrelated.
+
+        Only the sign of each per-tensor dot enters the shares, and scaling z_i by ||g_ret_i|| > 0 does not change
+        it, so z_i is used unscaled. Tensors where g_ret is exactly zero cannot conflict (as in the real share).
+        Drawn from `null_generator(self.steps)` over the flat (rank-averaged) g_act buffer: identical on every rank.
+        Not computed for sharded (FSDP2) parameters (nan).
+        """
+        if self.sharded:
+            return {"conflict_ratio_params_null": math.nan, "conflict_ratio_tensors_null": math.nan}
+        gen = self.null_generator(self.steps)
+        n = self._n_total
+        dots = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        ret_sq = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        for first, start, lengths, lengths_t in self._groups:
+            stop = start + sum(lengths)
+            z = torch.randn(stop - start, generator=gen, device=self.device, dtype=torch.float32)
+            a64 = self._flat[start:stop].to(torch.float64)
+            r64 = self._flat[n + start : n + stop].to(torch.float64)
+            dots[first : first + len(lengths)] = torch.segment_reduce(a64 * z.to(torch.float64), "sum",
+                                                                      lengths=lengths_t)
+            ret_sq[first : first + len(lengths)] = torch.segment_reduce(r64 * r64, "sum", lengths=lengths_t)
+        dots_l, ret_l = dots.cpu().tolist(), ret_sq.cpu().tolist()
+        shared = [i for i, h in enumerate(reached_ret) if h]
+        conflicting = [i for i in shared if ret_l[i] > 0 and dots_l[i] < 0]
+        shared_numel = sum(self._numels_global[i] for i in shared)
+        return {
+            "conflict_ratio_tensors_null": len(conflicting) / len(shared) if shared else 0.0,
+            "conflict_ratio_params_null": (sum(self._numels_global[i] for i in conflicting) / shared_numel
+                                           if shared_numel else 0.0),
+        }
+
     @staticmethod
     def _write_grad(p: nn.Parameter, g: torch.Tensor) -> None:
         if p.grad is not None:
@@ -472,6 +517,7 @@ class CRaFTGradientProjector:
         self.conflict_count += int(stats["conflict"])
         self.conflict_ratio_params_sum += stats["conflict_ratio_params"]
         self.conflict_ratio_tensors_sum += stats["conflict_ratio_tensors"]
+        self.conflict_ratio_params_null_sum += stats.get("conflict_ratio_params_null", math.nan)
 
     def running_stats(self) -> dict[str, float]:
         s = max(self.steps, 1)
@@ -481,6 +527,7 @@ class CRaFTGradientProjector:
             "conflict_indicator_mean": self.conflict_count / s,
             "conflict_ratio_params_mean": self.conflict_ratio_params_sum / s,
             "conflict_ratio_tensors_mean": self.conflict_ratio_tensors_sum / s,
+            "conflict_ratio_params_null_mean": self.conflict_ratio_params_null_sum / s,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -490,6 +537,7 @@ class CRaFTGradientProjector:
             "conflict_count": self.conflict_count,
             "conflict_ratio_params_sum": self.conflict_ratio_params_sum,
             "conflict_ratio_tensors_sum": self.conflict_ratio_tensors_sum,
+            "conflict_ratio_params_null_sum": self.conflict_ratio_params_null_sum,
             "delta": self.delta,
             "enable_projection": self.enable_projection,
         }
@@ -504,6 +552,7 @@ class CRaFTGradientProjector:
         self.conflict_count = int(state["conflict_count"])
         self.conflict_ratio_params_sum = float(state["conflict_ratio_params_sum"])
         self.conflict_ratio_tensors_sum = float(state["conflict_ratio_tensors_sum"])
+        self.conflict_ratio_params_null_sum = float(state.get("conflict_ratio_params_null_sum", 0.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -511,10 +560,21 @@ class CRaFTGradientProjector:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class CRaFTDualOptimizer:
-    """λ <- max(0, λ + η (L_ret - ε)), applied AFTER the optimizer step with the rank-averaged L_ret of that step.
+DUAL_MODES = ("gradient", "pid")
 
+
+class CRaFTDualOptimizer:
+    """The dual variable λ, updated AFTER the optimizer step from the rank-averaged L_ret of that step.
+
+    Error signal  e = L_ret - ε,  or  e = L_ret / ε - 1  with `normalize=True` (ε > 0).
+    mode "gradient" (default, the paper's rule):  λ <- max(0, λ + η e)
+    mode "pid" (PID Lagrangian, Stooke, Achiam & Abbeel 2020, Alg. 2, with K_I = η):
+        I <- max(0, I + η e)                       (integral clamped at 0; starts at init_lambda)
+        D  = max(0, e - e_prev)                    (only a rising violation adds; 0 at the first step)
+        λ  = max(0, kp e + I + kd D)
+    `max_lambda` (optional) caps λ (and, in pid mode, the integral too: no wind-up above the cap).
     With `enable_dual=False` λ is constant: `fixed_lambda` if given, else `init_lambda`.
+    pid with kp = kd = 0 reproduces the gradient rule (I is then λ).
     """
 
     def __init__(
@@ -524,21 +584,48 @@ class CRaFTDualOptimizer:
         init_lambda: float = 0.0,
         enable_dual: bool = True,
         fixed_lambda: float | None = None,
+        mode: str = "gradient",
+        kp: float = 0.0,
+        kd: float = 0.0,
+        normalize: bool = False,
+        max_lambda: float | None = None,
     ) -> None:
         for name, v in (("epsilon (craft_retention_budget)", epsilon), ("dual_lr (craft_dual_lr)", dual_lr),
-                        ("init_lambda (craft_init_lambda)", init_lambda)):
+                        ("init_lambda (craft_init_lambda)", init_lambda), ("kp (craft_dual_kp)", kp),
+                        ("kd (craft_dual_kd)", kd)):
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if fixed_lambda is not None and (not math.isfinite(fixed_lambda) or fixed_lambda < 0):
             raise ValueError(f"fixed_lambda (craft_fixed_lambda) must be >= 0, got {fixed_lambda}")
         if enable_dual and fixed_lambda is not None:
             raise ValueError("fixed_lambda is only meaningful with enable_dual=False (craft_enable_dual False)")
+        if mode not in DUAL_MODES:
+            raise ValueError(f"mode (craft_dual_mode) must be one of {DUAL_MODES}, got {mode!r}")
+        if normalize and not epsilon > 0:
+            raise ValueError("normalize (craft_dual_normalize) divides by epsilon: it needs epsilon > 0")
+        if max_lambda is not None and (not math.isfinite(max_lambda) or max_lambda <= 0):
+            raise ValueError(f"max_lambda (craft_max_lambda) must be a finite number > 0, got {max_lambda}")
         self.epsilon = float(epsilon)
         self.dual_lr = float(dual_lr)
         self.enable_dual = bool(enable_dual)
+        self.mode = mode
+        self.kp, self.kd = float(kp), float(kd)
+        self.normalize = bool(normalize)
+        self.max_lambda = None if max_lambda is None else float(max_lambda)
         self.lam = float(fixed_lambda if (not enable_dual and fixed_lambda is not None) else init_lambda)
+        if self.max_lambda is not None and enable_dual:
+            self.lam = min(self.lam, self.max_lambda)
+        self.integral = self.lam  # pid state
+        self.prev_error: float | None = None  # pid state (None before the first step)
         self.steps = 0
         self.last_slack = 0.0
+
+    def error(self, retention_loss: float) -> float:
+        """The controller's error signal for this L_ret (see the class docstring)."""
+        return retention_loss / self.epsilon - 1.0 if self.normalize else retention_loss - self.epsilon
+
+    def _cap(self, value: float) -> float:
+        return value if self.max_lambda is None else min(value, self.max_lambda)
 
     def step(self, retention_loss: float | torch.Tensor) -> float:
         """Update λ from this step's (rank-averaged) L_ret; returns the new λ."""
@@ -547,22 +634,38 @@ class CRaFTDualOptimizer:
             raise FloatingPointError(f"retention loss is not finite ({v}); λ not updated")
         self.last_slack = v - self.epsilon
         if self.enable_dual:
-            self.lam = max(0.0, self.lam + self.dual_lr * self.last_slack)
+            e = self.last_slack if not self.normalize else self.error(v)
+            if self.mode == "gradient":
+                self.lam = self._cap(max(0.0, self.lam + self.dual_lr * e))
+            else:
+                self.integral = self._cap(max(0.0, self.integral + self.dual_lr * e))
+                derivative = 0.0 if self.prev_error is None else max(0.0, e - self.prev_error)
+                self.lam = self._cap(max(0.0, self.kp * e + self.integral + self.kd * derivative))
+                self.prev_error = e
         self.steps += 1
         return self.lam
 
     def state_dict(self) -> dict[str, Any]:
         return {"lambda": self.lam, "steps": self.steps, "last_slack": self.last_slack, "epsilon": self.epsilon,
-                "dual_lr": self.dual_lr, "enable_dual": self.enable_dual}
+                "dual_lr": self.dual_lr, "enable_dual": self.enable_dual, "mode": self.mode, "kp": self.kp,
+                "kd": self.kd, "normalize": self.normalize, "max_lambda": self.max_lambda,
+                "integral": self.integral, "prev_error": self.prev_error}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "lambda" not in state or "steps" not in state:
             raise KeyError(f"CRaFTDualOptimizer state needs 'lambda' and 'steps', got keys {sorted(state)}")
+        saved_mode = state.get("mode", "gradient")  # checkpoints before the pid mode were all gradient
+        if self.enable_dual and saved_mode != self.mode:
+            raise ValueError(f"the checkpoint's dual mode is {saved_mode!r}, the flags say {self.mode!r}: resume "
+                             "with the same --craft_dual_mode")
         lam = float(state["lambda"])
         if not math.isfinite(lam) or lam < 0:
             raise ValueError(f"restored lambda must be >= 0, got {lam}")
         if self.enable_dual:  # with a fixed λ the configured value wins
             self.lam = lam
+            self.integral = float(state.get("integral", lam))
+            prev = state.get("prev_error")
+            self.prev_error = None if prev is None else float(prev)
         self.steps = int(state["steps"])
         self.last_slack = float(state.get("last_slack", 0.0))
 

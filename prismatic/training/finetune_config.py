@@ -17,6 +17,7 @@ PRESETS = ("real", "tiny")
 WANDB_MODES = ("online", "offline", "disabled")
 CRAFT_ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
 CRAFT_ANCHOR_SOURCES = ("online", "offline")
+CRAFT_DUAL_MODES = ("gradient", "pid")
 RETENTION_METHODS = ("none", "craft", "align", "consft")
 CHECKPOINT_DIR_PATTERN = re.compile(r"^(?P<run_id>.+)--(?P<step>\d+)_chkpt$")
 COMPLETE_MARKER = "COMPLETE"
@@ -96,6 +97,14 @@ class FinetuneConfig:
     craft_cache_dir: Path | None = None
     craft_delta: float = 1e-8
     craft_snapshot_path: Path | None = None  # theta_0 for the anchors (None: the model as loaded)
+
+    # ---- CRaFT dual dynamics and training diagnostics (issue 15; docs/CRAFT.md "Dual modes") -----------------
+    craft_dual_mode: str = "gradient"       # gradient (lambda += eta*e, the paper's rule) | pid (Stooke et al. 2020)
+    craft_dual_kp: float = 0.0              # pid: proportional gain (ki is --craft_dual_lr)
+    craft_dual_kd: float = 0.0              # pid: derivative gain (on the positive part of the error's rise)
+    craft_dual_normalize: bool = False      # error e = L_ret/eps - 1 instead of L_ret - eps
+    craft_max_lambda: float | None = None   # optional cap on lambda (and on the pid integral)
+    log_update_norms: bool = False          # per-group ||update|| and AdamW sqrt(v) (update_norms.py)
 
     # ---- related-work baselines (docs/BASELINES.md) -----------------------------------------------------------
     retention_method: str = "none"          # none | craft | align | consft (--use_craft True is craft)
@@ -274,6 +283,24 @@ def _resume_errors(cfg: FinetuneConfig) -> list[str]:
     return errors
 
 
+def _craft_dual_errors(cfg: FinetuneConfig) -> list[str]:
+    """The dual-dynamics flags of issue 15 (kept apart from the other CRaFT checks to ease merges)."""
+    errors = []
+    if cfg.craft_dual_mode not in CRAFT_DUAL_MODES:
+        errors.append(f"--craft_dual_mode must be one of {CRAFT_DUAL_MODES}, got '{cfg.craft_dual_mode}'")
+    for name in ("craft_dual_kp", "craft_dual_kd"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            errors.append(f"--{name} must be a finite number >= 0, got {value}")
+    if cfg.craft_dual_mode != "pid" and (cfg.craft_dual_kp or cfg.craft_dual_kd):
+        errors.append("--craft_dual_kp / --craft_dual_kd need --craft_dual_mode pid")
+    if cfg.craft_dual_normalize and not cfg.craft_retention_budget > 0:
+        errors.append("--craft_dual_normalize True divides by epsilon: set --craft_retention_budget > 0")
+    if cfg.craft_max_lambda is not None and not (math.isfinite(cfg.craft_max_lambda) and cfg.craft_max_lambda > 0):
+        errors.append(f"--craft_max_lambda must be a finite number > 0, got {cfg.craft_max_lambda}")
+    return errors
+
+
 def _craft_errors(cfg: FinetuneConfig, warnings: list[str]) -> list[str]:
     errors = []
     if cfg.craft_anchor_type not in CRAFT_ANCHOR_TYPES:
@@ -298,6 +325,7 @@ def _craft_errors(cfg: FinetuneConfig, warnings: list[str]) -> list[str]:
                           "--craft_enable_dual False")
         elif not cfg.craft_fixed_lambda >= 0:
             errors.append(f"--craft_fixed_lambda must be >= 0, got {cfg.craft_fixed_lambda}")
+    errors.extend(_craft_dual_errors(cfg))
     if cfg.craft_anchor_source == "offline":
         if cfg.craft_cache_dir is None:
             errors.append("--craft_anchor_source offline needs --craft_cache_dir (build it with "

@@ -183,6 +183,36 @@ def test_dual_rule_from_metrics_and_resume_restores_lambda_exactly(make_cfg, tin
     assert [h[RET] for h in resumed.history] == [h[RET] for h in full.history[n:]]
 
 
+def test_pid_dual_from_metrics_and_resume_exact_through_training_state(make_cfg, tmp_path):
+    """--craft_dual_mode pid in the loop: λ of each step follows the PID rule from the logged L_ret; resuming from the
+    mid-run checkpoint restores the integral and the previous error (training_state.pt) and reproduces the run."""
+    n, eps, ki, kp, kd = 2, 1e-3, 0.05, 0.02, 0.03
+    common = dict(use_craft=True, max_steps=2 * n, save_freq=n, craft_retention_budget=eps, craft_dual_lr=ki,
+                  craft_dual_mode="pid", craft_dual_kp=kp, craft_dual_kd=kd, craft_dual_normalize=True,
+                  craft_max_lambda=50.0)
+    full = train(make_cfg(run_root_dir=tmp_path / "a", **common))
+    records = read_metrics(full.run_dir / "metrics.jsonl")
+    integral, prev, lam = 0.0, None, 0.0
+    for r in records:  # hand-written PID on the normalised error
+        assert r[LAM] == pytest.approx(lam, rel=1e-12, abs=1e-15)
+        e = r[RET] / eps - 1.0
+        integral = min(50.0, max(0.0, integral + ki * e))
+        lam = min(50.0, max(0.0, kp * e + integral + kd * (0.0 if prev is None else max(0.0, e - prev))))
+        prev = e
+    state_a = ckpt.load_training_state(ckpt.checkpoint_dir(tmp_path / "a", "test", 2 * n))["craft"]["dual"]
+    assert state_a["mode"] == "pid" and state_a["lambda"] == pytest.approx(lam, rel=1e-12)
+    assert state_a["integral"] == pytest.approx(integral, rel=1e-12) and state_a["prev_error"] == pytest.approx(prev)
+    first = ckpt.checkpoint_dir(tmp_path / "a", "test", n)
+    resumed = train(make_cfg(run_root_dir=tmp_path / "b", resume=True, config_file_path=first, resume_step=n,
+                             **common))
+    state_b = ckpt.load_training_state(ckpt.checkpoint_dir(tmp_path / "b", "test", 2 * n))["craft"]["dual"]
+    assert state_b == state_a
+    assert [h[LAM] for h in resumed.history] == [h[LAM] for h in full.history[n:]]
+    with pytest.raises(ValueError, match="same --craft_dual_mode"):
+        train(make_cfg(run_root_dir=tmp_path / "c", resume=True, config_file_path=first, resume_step=n,
+                       **{**common, "craft_dual_mode": "gradient", "craft_dual_kp": 0.0, "craft_dual_kd": 0.0}))
+
+
 # ---- anchors: online == offline ----------------------------------------------------------------------------------
 def _cache(tmp_path, data_root, name="cache", **overrides) -> Path:
     values = dict(cache_dir=tmp_path / name, model_preset="tiny", seed=7, num_images_in_input=1,

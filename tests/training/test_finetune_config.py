@@ -51,6 +51,11 @@ def test_valid_config_passes(data_root):
     ({"use_craft": True, "craft_anchor_type": "mean"}, "--craft_anchor_type"),
     ({"use_craft": True, "craft_fixed_lambda": 0.5}, "--craft_fixed_lambda is set but --craft_enable_dual is True"),
     ({"use_craft": True, "craft_delta": 0.0}, "--craft_delta must be > 0"),
+    ({"use_craft": True, "craft_dual_mode": "pi"}, "--craft_dual_mode must be one of ('gradient', 'pid')"),
+    ({"use_craft": True, "craft_dual_kp": 1.0}, "--craft_dual_kp / --craft_dual_kd need --craft_dual_mode pid"),
+    ({"use_craft": True, "craft_dual_mode": "pid", "craft_dual_kd": -1.0}, "--craft_dual_kd must be a finite"),
+    ({"use_craft": True, "craft_dual_normalize": True, "craft_retention_budget": 0.0}, "divides by epsilon"),
+    ({"use_craft": True, "craft_max_lambda": 0.0}, "--craft_max_lambda must be a finite number > 0"),
 ])
 def test_bad_flags_fail_with_named_message(data_root, kw, needle):
     with pytest.raises(ConfigError) as err:
