@@ -261,8 +261,9 @@ def _prepare(cfg: BenchConfig, isolation: str) -> tuple[dict, Path]:
         data_root = work / "rlds"
         if not (data_root / cfg.dataset_name).is_dir():
             if isolation == "sequential":  # real size: every frame costs a θ0 forward in the cache: only what is used
+                frames = max(4, cfg.batch_size * (cfg.warmup + cfg.steps))  # the last 7 steps hold no full chunk
                 make_synthetic_libero_dataset(data_root, cfg.dataset_name, num_tasks=1, episodes_per_task=1,
-                                              steps=max(4, cfg.batch_size * (cfg.warmup + cfg.steps)))
+                                              steps=frames + 7)
             else:
                 make_synthetic_libero_dataset(data_root, cfg.dataset_name, num_tasks=2, episodes_per_task=3,
                                               steps=20)
