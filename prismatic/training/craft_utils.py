@@ -611,16 +611,21 @@ class CRaFTGradientProjector:
         a, stats = _scalars_and_stats(sums, has_ret, self._numels_global, lam, self.delta, self.enable_projection)
         if self.sharded:
             combined = _apply(self._act, [r if reached_ret[j] else None for j, r in enumerate(self._ret)], a)
+            for j, (i, g) in enumerate(zip(self.ret_index, combined, strict=True)):
+                if reached_act[j] or reached_ret[j]:
+                    self._write_grad(self.params[i], g)
         else:
             n = self._n_ret
-            flat = torch.add(self._flat[:n], self._flat[n : 2 * n], alpha=a)  # fresh: never the reusable buffer
-            combined, off = [], 0
-            for i in self.ret_index:
-                combined.append(flat[off : off + self._numels_local[i]].view(self._local_shapes[i]))
-                off += self._numels_local[i]
-        for j, (i, g) in enumerate(zip(self.ret_index, combined, strict=True)):
-            if reached_act[j] or reached_ret[j]:
-                self._write_grad(self.params[i], g)
+            for first, start, lengths, _ in self._groups:  # one chunk at a time: the transient is one chunk
+                stop = start + sum(lengths)
+                flat = torch.add(self._flat[start:stop], self._flat[n + start : n + stop], alpha=a)  # fresh
+                off = 0
+                for j in range(first, first + len(lengths)):
+                    i = self.ret_index[j]
+                    if reached_act[j] or reached_ret[j]:
+                        self._write_grad(self.params[i], flat[off : off + self._numels_local[i]].view(
+                            self._local_shapes[i]))
+                    off += self._numels_local[i]
         stats["num_micro_batches"] = float(self.num_micro_batches)
         self._update_running(stats)
         self.reset()
