@@ -665,14 +665,14 @@ class CRaFTGradientProjector:
         Only the sign of each per-tensor dot enters the shares, and scaling z_i by ||g_ret_i|| > 0 does not change
         it, so z_i is used unscaled. Tensors where g_ret is exactly zero cannot conflict (as in the real share).
         Drawn from `null_generator(self.steps)` over the flat (rank-averaged) g_act buffer: identical on every rank.
-        Not computed for sharded (FSDP2) parameters (nan).
+        Not computed for sharded (FSDP2) parameters (nan). `reached_ret[j]`: L_ret reached `ret_index[j]` this step.
         """
         if self.sharded:
             return {"conflict_ratio_params_null": math.nan, "conflict_ratio_tensors_null": math.nan}
         gen = self.null_generator(self.steps)
-        n = self._n_total
-        dots = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
-        ret_sq = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        n = self._n_ret  # the buffers hold R (the parameters L_ret reaches), indexed j over `ret_index`
+        dots = torch.zeros(len(self.ret_index), dtype=torch.float64, device=self.device)
+        ret_sq = torch.zeros(len(self.ret_index), dtype=torch.float64, device=self.device)
         for first, start, lengths, lengths_t in self._groups:
             stop = start + sum(lengths)
             z = torch.randn(stop - start, generator=gen, device=self.device, dtype=torch.float32)
@@ -682,13 +682,13 @@ class CRaFTGradientProjector:
                                                                       lengths=lengths_t)
             ret_sq[first : first + len(lengths)] = torch.segment_reduce(r64 * r64, "sum", lengths=lengths_t)
         dots_l, ret_l = dots.cpu().tolist(), ret_sq.cpu().tolist()
-        shared = [i for i, h in enumerate(reached_ret) if h]
-        conflicting = [i for i in shared if ret_l[i] > 0 and dots_l[i] < 0]
-        shared_numel = sum(self._numels_global[i] for i in shared)
+        shared = [j for j, h in enumerate(reached_ret) if h]
+        conflicting = [j for j in shared if ret_l[j] > 0 and dots_l[j] < 0]
+        numel = [self._numels_global[i] for i in self.ret_index]
+        shared_numel = sum(numel[j] for j in shared)
         return {
             "conflict_ratio_tensors_null": len(conflicting) / len(shared) if shared else 0.0,
-            "conflict_ratio_params_null": (sum(self._numels_global[i] for i in conflicting) / shared_numel
-                                           if shared_numel else 0.0),
+            "conflict_ratio_params_null": sum(numel[j] for j in conflicting) / shared_numel if shared_numel else 0.0,
         }
 
     @staticmethod
