@@ -253,11 +253,23 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class CRaFTGradientProjector:
     """Accumulates g_act and g_ret over the micro-batches of one optimizer step and writes the combined gradient.
 
-    Buffers are float32, one flat tensor laid out as [g_act | g_ret | reached_act flags | reached_ret flags]; with
-    world_size > 1 (and unsharded parameters) it is averaged over ranks by all_reduce(SUM)/world in buckets of
-    `bucket_cap_mb` (a single call for small models): the projection then uses the GLOBAL gradients and every rank
-    computes identical scalars and identical `.grad` (replicas stay bit-identical).
-    Parameters reached by neither loss on any rank keep `.grad` untouched (None stays None, like a plain backward).
+    Memory follows what each loss reaches. On the first micro-batch the projector asks autograd once which
+    parameters each loss reaches (`torch.autograd.grad(..., allow_unused=True)` over every trainable parameter:
+    None = not reached; with several ranks, the union over ranks) and splits them into three sets, fixed from then on:
+
+    - R, reached by L_ret (the feature path: vision/LLM LoRA, projector, action_queries). g_act and g_ret are
+      buffered for R only, in one flat float32 tensor [g_act(R) | g_ret(R) | reached_act(R) | reached_ret(R) |
+      written(A)].
+    - A, reached by L_act only (action head, proprio projector). g_ret is 0 there, so their gradient is exactly
+      g_act. It is summed straight into `.grad`, as a plain backward does, and never buffered.
+    - Reached by neither (e.g. the last ViT block, SigLIP attn_pool, unused head layers). They are left out of the
+      buffers, the surgery and the dot products. `.grad` is untouched (None stays None, AdamW skips them).
+
+    The rule is unchanged: g = g_act + (λ - c) g_ret with the global scalars over all parameters (A adds to
+    ||g_act||² only; an unreached parameter adds 0 everywhere). With world_size > 1 (unsharded parameters) the flat
+    buffer and the `.grad` of A are averaged over ranks (all_reduce SUM / world, buckets of `bucket_cap_mb`)
+    before the scalars are computed, so every rank computes identical scalars and identical `.grad`.
+    A gradient that arrives later for a parameter the first micro-batch did not reach is an error, never dropped.
     """
 
     def __init__(
@@ -293,23 +305,15 @@ class CRaFTGradientProjector:
         if len(devices) != 1:
             raise ValueError(f"all trainable parameters must live on one device, found {sorted(map(str, devices))}")
         self.device = devices.pop()
-        local_shapes = [_local(p).shape for p in self.params]
-        self._numels_local = [int(math.prod(s)) for s in local_shapes]
+        self._local_shapes = [_local(p).shape for p in self.params]
+        self._numels_local = [int(math.prod(s)) for s in self._local_shapes]
         self._numels_global = [int(p.numel()) for p in self.params]
-        n_total = sum(self._numels_local)
-        n_p = len(self.params)
-        self._flat = torch.zeros(2 * n_total + 2 * n_p, dtype=torch.float32, device=self.device)
-        self._act, self._ret = [], []
-        off = 0
-        for shape, n in zip(local_shapes, self._numels_local, strict=True):
-            self._act.append(self._flat[off : off + n].view(shape))
-            self._ret.append(self._flat[n_total + off : n_total + off + n].view(shape))
-            off += n
-        self._reached_act = self._flat[2 * n_total : 2 * n_total + n_p]
-        self._reached_ret = self._flat[2 * n_total + n_p :]
-        self._n_total = n_total
-        self._groups = [(first, start, lengths, torch.tensor(lengths, device=self.device))
-                        for first, start, lengths in _contiguous_groups(self._numels_local, FLAT_CHUNK_ELEMENTS)]
+        # reachability sets and buffers: built on the first micro-batch (`_build_layout`)
+        self.ret_index: list[int] | None = None
+        self.act_only_index: list[int] = []
+        self.unreached_index: list[int] = []
+        self._flat = torch.zeros(0, dtype=torch.float32, device=self.device)
+        self._pending_act: list[torch.Tensor | None] | None = None
         self.num_micro_batches = 0
         # running statistics (restored on resume)
         self.steps = 0
@@ -318,31 +322,125 @@ class CRaFTGradientProjector:
         self.conflict_ratio_params_sum = 0.0
         self.conflict_ratio_tensors_sum = 0.0
 
+    # -- reachability and buffers -------------------------------------------------------------------------------------
+    @property
+    def layout_ready(self) -> bool:
+        return self.ret_index is not None
+
+    def reach(self) -> dict[str, list[str]]:
+        """Names per set: 'ret' (R, buffered), 'act_only' (A, in .grad), 'unreached'. Empty before the first batch."""
+        if not self.layout_ready:
+            return {"ret": [], "act_only": [], "unreached": []}
+        return {"ret": [self.names[i] for i in self.ret_index],
+                "act_only": [self.names[i] for i in self.act_only_index],
+                "unreached": [self.names[i] for i in self.unreached_index]}
+
+    def buffered_elements(self) -> int:
+        """Elements (local) of each of the two gradient buffers: the parameters L_ret reaches."""
+        return self._n_ret if self.layout_ready else 0
+
+    def _build_layout(self, reach_act: Sequence[bool], reach_ret: Sequence[bool]) -> None:
+        n_p = len(self.params)
+        flags = torch.tensor([float(x) for x in (*reach_act, *reach_ret)], dtype=torch.float32, device=self.device)
+        if self._world() > 1:  # every rank must lay out the same buffers: the union over ranks
+            dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.group)
+        reached = (flags > 0).tolist()
+        act, ret = reached[:n_p], reached[n_p:]
+        self.ret_index = [i for i in range(n_p) if ret[i]]
+        self.act_only_index = [i for i in range(n_p) if act[i] and not ret[i]]
+        self.unreached_index = [i for i in range(n_p) if not (act[i] or ret[i])]
+        self._ret_slot = {i: j for j, i in enumerate(self.ret_index)}
+        self._act_slot = {i: k for k, i in enumerate(self.act_only_index)}
+        self._grad_index = sorted(self.ret_index + self.act_only_index)  # inputs of autograd.grad(L_act)
+        numels = [self._numels_local[i] for i in self.ret_index]
+        n_r, n_rt, n_a = sum(numels), len(self.ret_index), len(self.act_only_index)
+        self._flat = torch.zeros(2 * n_r + 2 * n_rt + n_a, dtype=torch.float32, device=self.device)
+        self._act, self._ret = [], []
+        off = 0
+        for i, n in zip(self.ret_index, numels, strict=True):
+            self._act.append(self._flat[off : off + n].view(self._local_shapes[i]))
+            self._ret.append(self._flat[n_r + off : n_r + off + n].view(self._local_shapes[i]))
+            off += n
+        self._reached_act = self._flat[2 * n_r : 2 * n_r + n_rt]
+        self._reached_ret = self._flat[2 * n_r + n_rt : 2 * n_r + 2 * n_rt]
+        self._written = self._flat[2 * n_r + 2 * n_rt :]
+        self._written_local = [False] * n_a  # A: has this rank's `.grad` received this step's first g_act yet?
+        self._n_ret = n_r
+        self._groups = [(first, start, lengths, torch.tensor(lengths, device=self.device))
+                        for first, start, lengths in _contiguous_groups(numels, FLAT_CHUNK_ELEMENTS)]
+
+    def _unexpected(self, i: int, which: str) -> RuntimeError:
+        return RuntimeError(
+            f"{which} gradient of {self.names[i]}, which the first micro-batch's loss did not reach: the reachable "
+            "sets are found once, on the first micro-batch, and must not change with the data")
+
     # -- accumulation -------------------------------------------------------------------------------------------------
-    def _add(self, buf: list[torch.Tensor], flags: torch.Tensor, grads: Sequence[torch.Tensor | None],
-             which: str) -> None:
-        if len(grads) != len(self.params):
-            raise ValueError(f"{which}: got {len(grads)} gradients for {len(self.params)} parameters")
-        for i, g in enumerate(grads):
+    def _add_ret(self, indices: Sequence[int], grads: Sequence[torch.Tensor | None]) -> None:
+        for i, g in zip(indices, grads, strict=True):
             if g is None:
                 continue
-            g = _local(g)
-            if g.shape != buf[i].shape:
-                raise ValueError(
-                    f"{which} gradient of {self.names[i]}: shape {tuple(g.shape)} != {tuple(buf[i].shape)}")
-            buf[i].add_(g.detach().to(torch.float32))
-            flags[i] = 1.0
+            j = self._ret_slot.get(i)
+            if j is None:
+                raise self._unexpected(i, "g_ret")
+            self._add_buffer(self._ret[j], self._reached_ret, j, g, i, "g_ret")
+
+    def _add_act(self, indices: Sequence[int], grads: Sequence[torch.Tensor | None], owned: bool) -> None:
+        for i, g in zip(indices, grads, strict=True):
+            if g is None:
+                continue
+            j = self._ret_slot.get(i)
+            if j is not None:
+                self._add_buffer(self._act[j], self._reached_act, j, g, i, "g_act")
+                continue
+            k = self._act_slot.get(i)
+            if k is None:
+                raise self._unexpected(i, "g_act")
+            self._add_into_grad(i, k, g, owned)
+
+    def _add_buffer(self, buf: torch.Tensor, flags: torch.Tensor, j: int, g: torch.Tensor, i: int,
+                    which: str) -> None:
+        g = _local(g)
+        if g.shape != buf.shape:
+            raise ValueError(f"{which} gradient of {self.names[i]}: shape {tuple(g.shape)} != {tuple(buf.shape)}")
+        buf.add_(g.detach().to(torch.float32))
+        flags[j] = 1.0
+
+    def _add_into_grad(self, i: int, k: int, g: torch.Tensor, owned: bool) -> None:
+        """A (L_act only): the step's gradient is g_act, summed in `.grad` like a plain backward. The first
+        contribution of a step overwrites `.grad` (in place if it exists: DDP bucket views stay valid)."""
+        p, g = self.params[i], g.detach()
+        if g.shape != p.shape:
+            raise ValueError(f"g_act gradient of {self.names[i]}: shape {tuple(g.shape)} != {tuple(p.shape)}")
+        if self._written_local[k]:
+            p.grad.add_(g)
+        elif p.grad is not None:
+            p.grad.copy_(g)
+        else:  # our own autograd output can be kept as it is; a caller's tensor is copied
+            # (autograd may return an expanded, stride-0 tensor: that one is copied too, `.grad` is summed in place)
+            keep = owned and g.dtype == p.dtype and g.is_contiguous()
+            p.grad = g if keep else g.to(dtype=p.dtype, memory_format=torch.contiguous_format, copy=True)
+        self._written_local[k] = True
 
     def add_grads(self, g_act: Sequence[torch.Tensor | None], g_ret: Sequence[torch.Tensor | None]) -> None:
-        """Add one micro-batch's gradients (None = not reached). Sums, never overwrites."""
-        self._add(self._act, self._reached_act, g_act, "g_act")
-        self._add(self._ret, self._reached_ret, g_ret, "g_ret")
+        """Add one micro-batch's gradients over every parameter (None = not reached). Sums, never overwrites.
+        The first call fixes the reachable sets from which entries are None."""
+        for which, grads in (("g_act", g_act), ("g_ret", g_ret)):
+            if len(grads) != len(self.params):
+                raise ValueError(f"{which}: got {len(grads)} gradients for {len(self.params)} parameters")
+        if not self.layout_ready:
+            self._build_layout([g is not None for g in g_act], [g is not None for g in g_ret])
+        every = range(len(self.params))
+        self._add_ret(every, g_ret)
+        self._add_act(every, g_act, owned=False)
         self.num_micro_batches += 1
 
     def accumulate(self, loss_act: torch.Tensor, loss_ret: torch.Tensor) -> None:
-        """Per micro-batch: g_act, g_ret by torch.autograd.grad (no DDP hooks fire, no `.grad` is touched).
+        """Per micro-batch: g_ret, then g_act, by torch.autograd.grad (no DDP hook fires, `.grad` only for A).
 
         The caller passes L_act / k and L_ret / k (k = accumulation steps), as the baseline divides before backward.
+        g_ret is taken first (graph retained), then g_act frees the graph as it goes, like a plain backward. The
+        first call probes every trainable parameter (allow_unused) and fixes the reachable sets; later calls ask
+        autograd only for those.
         """
         if self.sharded:
             raise RuntimeError("sharded (FSDP2) parameters: use backward + capture_grads('act'/'ret') instead")
@@ -351,33 +449,72 @@ class CRaFTGradientProjector:
                 raise ValueError(f"{name} must be a scalar, got shape {tuple(loss.shape)}")
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"{name} is not finite: {loss.item()}")
-        g_act = torch.autograd.grad(loss_act, self.params, retain_graph=True, allow_unused=True)
-        g_ret = (
-            torch.autograd.grad(loss_ret, self.params, allow_unused=True)
-            if loss_ret.requires_grad
-            else [None] * len(self.params)
-        )
-        self.add_grads(g_act, g_ret)
+        if not self.layout_ready:
+            ret_index = act_index = list(range(len(self.params)))
+        else:
+            ret_index, act_index = self.ret_index, self._grad_index
+        g_ret: Sequence[torch.Tensor | None] = [None] * len(ret_index)
+        if ret_index and loss_ret.requires_grad:
+            g_ret = torch.autograd.grad(loss_ret, [self.params[i] for i in ret_index], retain_graph=True,
+                                        allow_unused=True)
+        g_act: Sequence[torch.Tensor | None] = [None] * len(act_index)
+        if act_index and loss_act.requires_grad:
+            g_act = torch.autograd.grad(loss_act, [self.params[i] for i in act_index], allow_unused=True)
+        if not self.layout_ready:
+            self._build_layout([g is not None for g in g_act], [g is not None for g in g_ret])
+        self._add_ret(ret_index, g_ret)
+        del g_ret
+        self._add_act(act_index, g_act, owned=True)
+        self.num_micro_batches += 1
 
     def capture_grads(self, which: str) -> None:
-        """Move the current `p.grad` (local shard under FSDP2) into the `which` ('act'|'ret') buffer, set .grad None.
+        """Move the current `p.grad` (local shard under FSDP2) of R into the `which` ('act'|'ret') buffer, set it None.
 
         For FSDP2 or `no_sync()` + two backward passes: `loss_act.backward(retain_graph=True); capture_grads('act');
-        loss_ret.backward(); capture_grads('ret')`. Count a micro-batch once per 'ret' capture.
+        loss_ret.backward(); capture_grads('ret')`. Count a micro-batch once per 'ret' capture. The `.grad` of A
+        (L_act only) stays where backward sums it; `.grad` must be None (or zero) before the step's first backward,
+        as in any backward-based loop. The first 'act'/'ret' pair fixes the reachable sets from which `.grad` is set.
         """
         if which not in ("act", "ret"):
             raise ValueError(f"which must be 'act' or 'ret', got {which!r}")
         grads = [p.grad for p in self.params]
-        if which == "act":
-            self._add(self._act, self._reached_act, grads, "g_act")
-        else:
-            self._add(self._ret, self._reached_ret, grads, "g_ret")
+        if not self.layout_ready:
+            if which == "act":
+                self._pending_act = grads  # held until 'ret' tells which parameters L_ret reaches
+                for p in self.params:
+                    p.grad = None
+                return
+            if self._pending_act is None:
+                raise RuntimeError("capture_grads('ret') before capture_grads('act') on the first micro-batch")
+            pending, self._pending_act = self._pending_act, None
+            self._build_layout([g is not None for g in pending], [g is not None for g in grads])
+            for i in self.ret_index:
+                self.params[i].grad = None
+            for k, i in enumerate(self.act_only_index):
+                self.params[i].grad = pending[i]
+                self._written_local[k] = pending[i] is not None
+            every = range(len(self.params))
+            self._add_act(self.ret_index, [pending[i] for i in self.ret_index], owned=True)
+            self._add_ret(every, grads)
             self.num_micro_batches += 1
-        for p in self.params:
-            p.grad = None
+            return
+        for j, i in enumerate(self.ret_index):
+            g = grads[i]
+            if g is not None:
+                buf, flags = (self._act, self._reached_act) if which == "act" else (self._ret, self._reached_ret)
+                self._add_buffer(buf[j], flags, j, g, i, f"g_{which}")
+                self.params[i].grad = None
+        if which == "act":
+            for k, i in enumerate(self.act_only_index):
+                self._written_local[k] = self._written_local[k] or grads[i] is not None
+        else:
+            self.num_micro_batches += 1
 
     def reset(self) -> None:
         self._flat.zero_()
+        if self.layout_ready:
+            self._written_local = [False] * len(self.act_only_index)
+        self._pending_act = None
         self.num_micro_batches = 0
 
     # -- optimizer step -----------------------------------------------------------------------------------------------
@@ -386,63 +523,118 @@ class CRaFTGradientProjector:
             return dist.get_world_size(self.group)
         return 1
 
+    def _per_bucket(self) -> int:
+        return max(1, int(self.bucket_cap_mb * 2**20 // 4))
+
     def _all_reduce_buffers(self) -> None:
         world = self._world()
-        if world == 1:
-            return
         # Flags ride in the same flat tensor so "reached on any rank" is known after the same call(s).
-        per_bucket = max(1, int(self.bucket_cap_mb * 2**20 // self._flat.element_size()))
+        per_bucket = self._per_bucket()
         for start in range(0, self._flat.numel(), per_bucket):
             dist.all_reduce(self._flat[start : start + per_bucket], op=dist.ReduceOp.SUM, group=self.group)
-        n_total = sum(self._numels_local)
-        self._flat[: 2 * n_total].div_(world)
+        self._flat[: 2 * self._n_ret].div_(world)
+
+    def _all_reduce_act_only_grads(self) -> None:
+        """Average the `.grad` of A over ranks (after the flat all-reduce, `written` says which are reached on any
+        rank; a rank that did not reach one contributes zeros). Small tensors are coalesced into buckets."""
+        world, written = self._world(), (self._written > 0).tolist()
+        todo = []
+        for k, i in enumerate(self.act_only_index):
+            if not written[k]:
+                continue
+            p = self.params[i]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif not self._written_local[k]:
+                p.grad.zero_()  # stale: this rank's g_act is zero here
+            todo.append(p.grad)
+        for _, _, lengths in _contiguous_groups([g.numel() for g in todo], self._per_bucket()):
+            grads, todo = todo[: len(lengths)], todo[len(lengths) :]
+            if len(grads) == 1 and grads[0].is_contiguous():
+                dist.all_reduce(grads[0], op=dist.ReduceOp.SUM, group=self.group)
+                grads[0].div_(world)
+                continue
+            bucket = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(bucket, op=dist.ReduceOp.SUM, group=self.group)
+            bucket.div_(world)
+            off = 0
+            for g in grads:
+                g.copy_(bucket[off : off + g.numel()].view(g.shape))
+                off += g.numel()
+
+    def _act_only_sq_norm(self, written: Sequence[bool]) -> torch.Tensor:
+        """||g_act||² over A (their `.grad`, local shards under FSDP2), float64, in chunks."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for k, i in enumerate(self.act_only_index):
+            if not written[k]:
+                continue
+            g = _local(self.params[i].grad).detach().reshape(-1)
+            for start in range(0, g.numel(), FLAT_CHUNK_ELEMENTS):
+                g64 = g[start : start + FLAT_CHUNK_ELEMENTS].to(torch.float64)
+                total += torch.dot(g64, g64)
+        return total
 
     @torch.no_grad()
     def step(self, lam: float) -> dict[str, float]:
         """All-reduce (if needed), combine with λ, write every reached parameter's `.grad`, reset the buffers."""
-        if self.num_micro_batches == 0:
+        if self.num_micro_batches == 0 or not self.layout_ready:
             raise RuntimeError("CRaFTGradientProjector.step called with no accumulated micro-batch")
+        n_p, n_rt = len(self.params), len(self.ret_index)
+        if self._written.numel():
+            self._written.copy_(torch.tensor(self._written_local, dtype=torch.float32))
         if self.sharded:
-            # FSDP2 already reduce-scattered (averaged) each backward. ONE all_reduce(SUM) of [partial sums | flags].
-            n_p = len(self.params)
-            sums = _partial_sums(self._act, self._ret)
-            vec = torch.cat([sums, self._reached_act.to(torch.float64), self._reached_ret.to(torch.float64)])
+            # FSDP2 already reduce-scattered (averaged) each backward: ONE all_reduce(SUM) of the local partial sums
+            # (over R, plus ||g_act||² over A) and the flags.
+            local = _partial_sums(self._act, self._ret)
+            local[2] += self._act_only_sq_norm(self._written_local)
+            vec = torch.cat([local, self._flat[2 * self._n_ret :].to(torch.float64)])
             if self._world() > 1:
                 dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.group)
-            sums = vec[: 3 + n_p]
-            reached_act, reached_ret = (vec[3 + n_p : 3 + 2 * n_p] > 0).tolist(), (vec[3 + 2 * n_p :] > 0).tolist()
-            g_ret = [r if reached_ret[i] else None for i, r in enumerate(self._ret)]
+            sums_r, flags = vec[: 3 + n_rt], (vec[3 + n_rt :] > 0).tolist()
+            reached_act, reached_ret = flags[:n_rt], flags[n_rt : 2 * n_rt]
         else:
-            self._all_reduce_buffers()
+            if self._world() > 1:
+                self._all_reduce_buffers()
+                self._all_reduce_act_only_grads()
             reached_act, reached_ret = (self._reached_act > 0).tolist(), (self._reached_ret > 0).tolist()
-            g_ret = [r if reached_ret[i] else None for i, r in enumerate(self._ret)]
-            # vectorised over the flat buffers (a few ops instead of several per tensor): the g_ret part of an
-            # unreached tensor is zero in the buffer, so it adds nothing, exactly as skipping it
-            sums = self._flat_partial_sums()
-        a, stats = _scalars_and_stats(sums, [r is not None for r in g_ret], self._numels_global, lam, self.delta,
-                                      self.enable_projection)
+            # vectorised over the flat buffer (a few ops per chunk, not several per tensor); the g_ret part of a
+            # tensor not reached this step is zero in the buffer, so it adds nothing, exactly as skipping it
+            sums_r = self._flat_partial_sums()
+            sums_r[2] += self._act_only_sq_norm((self._written > 0).tolist())
+        # the global sums over ALL parameters: A and unreached parameters add 0 to <g_act, g_ret> and ||g_ret||²
+        sums = torch.zeros(3 + n_p, dtype=torch.float64, device=sums_r.device)
+        sums[:3] = sums_r[:3]
+        has_ret = [False] * n_p
+        for j, i in enumerate(self.ret_index):
+            sums[3 + i] = sums_r[3 + j]
+            has_ret[i] = reached_ret[j]
+        a, stats = _scalars_and_stats(sums, has_ret, self._numels_global, lam, self.delta, self.enable_projection)
         if self.sharded:
-            combined = _apply(self._act, g_ret, a)
+            combined = _apply(self._act, [r if reached_ret[j] else None for j, r in enumerate(self._ret)], a)
+            for j, (i, g) in enumerate(zip(self.ret_index, combined, strict=True)):
+                if reached_act[j] or reached_ret[j]:
+                    self._write_grad(self.params[i], g)
         else:
-            n = self._n_total
-            flat = torch.add(self._flat[:n], self._flat[n : 2 * n], alpha=a)  # fresh: never the reusable buffer
-            combined, off = [], 0
-            for p, numel in zip(self.params, self._numels_local, strict=True):
-                combined.append(flat[off : off + numel].view(p.shape))
-                off += numel
-        for i, (p, g) in enumerate(zip(self.params, combined, strict=True)):
-            if not (reached_act[i] or reached_ret[i]):
-                continue
-            self._write_grad(p, g)
+            n = self._n_ret
+            for first, start, lengths, _ in self._groups:  # one chunk at a time: the transient is one chunk
+                stop = start + sum(lengths)
+                flat = torch.add(self._flat[start:stop], self._flat[n + start : n + stop], alpha=a)  # fresh
+                off = 0
+                for j in range(first, first + len(lengths)):
+                    i = self.ret_index[j]
+                    if reached_act[j] or reached_ret[j]:
+                        self._write_grad(self.params[i], flat[off : off + self._numels_local[i]].view(
+                            self._local_shapes[i]))
+                    off += self._numels_local[i]
         stats["num_micro_batches"] = float(self.num_micro_batches)
         self._update_running(stats)
         self.reset()
         return stats
 
     def _flat_partial_sums(self) -> torch.Tensor:
-        """[dot, ||g_ret||², ||g_act||², per-tensor dots] from the flat buffers, float64, in chunks of tensors."""
-        n = self._n_total
-        out = torch.zeros(3 + len(self.params), dtype=torch.float64, device=self.device)
+        """[dot, ||g_ret||², ||g_act||², per-tensor dots over R] from the flat buffer, float64, in chunks of tensors."""
+        n = self._n_ret
+        out = torch.zeros(3 + len(self.ret_index), dtype=torch.float64, device=self.device)
         for first, start, lengths, lengths_t in self._groups:
             stop = start + sum(lengths)
             a64 = self._flat[start:stop].to(torch.float64)

@@ -282,8 +282,9 @@ def test_projector_vectorised_step_equals_per_tensor_combine(monkeypatch, chunk)
     g_act = [torch.randn(s, generator=g) for s in shapes]
     g_ret = [torch.randn(s, generator=g) if i not in (1, 4) else None for i, s in enumerate(shapes)]
     projector = craft_utils.CRaFTGradientProjector(params, delta=1e-8)
-    assert len(projector._groups) == (5 if chunk == 7 else 1)  # 12, 5, 8, 9, 1 elements
     projector.add_grads(g_act, g_ret)
+    # buffered: the tensors L_ret reaches (12, 8, 9 elements); the other two only hold g_act, kept in .grad
+    assert len(projector._groups) == (3 if chunk == 7 else 1) and projector.buffered_elements() == 29
     stats = projector.step(0.25)
     want, want_stats = craft_utils.combine_gradients(g_act, g_ret, 0.25, 1e-8, True)
     for p, w in zip(params, want, strict=True):
