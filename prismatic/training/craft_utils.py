@@ -962,6 +962,18 @@ def _is_lora_name(name: str) -> bool:
     return ".lora_" in name or "lora_embedding" in name or ".lora_magnitude" in name
 
 
+def _plain_train(module: nn.Module) -> bool:
+    """True when `module.train(False)` only sets `training` on the module itself and its children."""
+    if type(module).train is nn.Module.train:
+        return True
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, PreTrainedModel) and not getattr(module, "use_kernels", False) \
+        and type(module).train is PreTrainedModel.train
+
+
 class CRaFTWeightManager:
     """Holds θ0 and swaps it into the live model for the no-grad reference forward (`reference_weights()`).
 
@@ -1017,7 +1029,10 @@ class CRaFTWeightManager:
                     t = t.pin_memory()
             self._theta0[n] = t
         self._active = False
-        self._modules = list(model.modules())  # modes saved / restored per reference forward: walk the tree once
+        # modes saved / restored per reference forward: walk the tree once; eval() of each module is a flag write
+        # unless its class does more in train() (transformers' PreTrainedModel only with kernels)
+        self._modules = list(model.modules())
+        self._modules_plain_train = [(m, _plain_train(m)) for m in self._modules]
         self._tuner_layers = self._plain_lora_layers(inner) if self.is_lora else None
 
     @staticmethod
@@ -1076,7 +1091,11 @@ class CRaFTWeightManager:
                     p.data = self._theta0[n].to(device=p.device, non_blocking=True) if self.storage == "cpu_swap" \
                         else self._theta0[n]
             if self.eval_mode:
-                self.model.eval()
+                for m, plain in self._modules_plain_train:
+                    if plain:
+                        m.__dict__["training"] = False  # what eval() does, without nn.Module.__setattr__'s checks
+                    else:
+                        m.train(False)
             with adapter_ctx:
                 yield self.model
         finally:
@@ -1084,15 +1103,15 @@ class CRaFTWeightManager:
                 for n, data in saved.items():
                     self._params[n].data = data
             for m, training in modes.items():
-                m.training = training
+                m.__dict__["training"] = training
             self._active = False
 
     @contextlib.contextmanager
     def _flags_disabled(self) -> Iterator[None]:
         try:
             for m in self._tuner_layers:
-                m._disable_adapters = True
+                m.__dict__["_disable_adapters"] = True  # a plain attribute (peft's `disable_adapters` reads it)
             yield
         finally:
             for m in self._tuner_layers:
-                m._disable_adapters = False
+                m.__dict__["_disable_adapters"] = False
