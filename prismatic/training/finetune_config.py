@@ -104,6 +104,10 @@ class FinetuneConfig:
     align_teacher: str = "self"             # "self" (theta_0 vision backbone) or a timm model id
     consft_tau: float = 0.1                 # confidence temperature, in per-sample L1 units (> 0)
     consft_clip: float = 0.2                # trust region rho of the per-sample weights, in [0, 1)
+
+    # ---- precision (issue 16) ------------------------------------------------------------------------------------
+    dtype: str = "auto"                     # auto: bf16 autocast on CUDA, fp32 on CPU | bfloat16: bf16 autocast on
+                                            # CPU too (fp32 master weights; tests) | float32: no autocast anywhere
     # fmt: on
 
     @property
@@ -192,6 +196,10 @@ def validate_config(cfg: FinetuneConfig) -> list[str]:
         warnings.append(f"--resume_step {cfg.resume_step} is ignored because --resume is False")
 
     errors.extend(_retention_method_errors(cfg))
+    from prismatic.training.train_step import AUTOCAST_DTYPES  # precision (issue 16)
+
+    if cfg.dtype not in AUTOCAST_DTYPES:
+        errors.append(f"--dtype must be one of {AUTOCAST_DTYPES}, got '{cfg.dtype}'")
     if cfg.use_craft:
         errors.extend(_craft_errors(cfg, warnings))
     if errors:
