@@ -10,7 +10,8 @@
 #   1. plain vs CRaFT offline vs CRaFT online: step time, peak torch.cuda.max_memory_allocated, tokens/s
 #   2. the torchrun code path with world size 1 (DDP; FSDP is not implemented in finetune.py yet): 3 steps of
 #      CRaFT online LoRA through vla-scripts/finetune.py, saving a checkpoint
-#   3. one LIBERO episode (libero_spatial task 0, MUJOCO_GL=egl) of that checkpoint on the GPU policy
+#   3. one LIBERO episode (libero_spatial task 0, MUJOCO_GL=egl) of that checkpoint on the GPU policy (no center
+#      crop: the check trains without augmentation)
 # Exit status: 0 when every step succeeded, 1 otherwise (the table says which); 2 on a bad environment.
 set -uo pipefail
 
@@ -84,7 +85,7 @@ fi
 CKPT="$WORK/runs/gpu_check--${TRAIN_STEPS}_chkpt"
 if [[ -d "$CKPT" ]]; then
     if MUJOCO_GL=egl run_step libero "$PYTHON" "$REPO/LIBERO/run_libero_eval.py" --pretrained_checkpoint "$CKPT" \
-        --task_suite_name libero_spatial --task_ids "[0]" --num_trials_per_task 1 --num_envs 0 \
+        --task_suite_name libero_spatial --task_ids "[0]" --num_trials_per_task 1 --num_envs 0 --center_crop false \
         --max_steps_override "$EPISODE_STEPS" --device "$DEVICE" --local_log_dir "$WORK/libero" --progress false; then
         write_json "$WORK/libero.json" true "1 episode, $EPISODE_STEPS policy steps, $WORK/libero/summary.json"
     else
