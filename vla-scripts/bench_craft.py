@@ -276,7 +276,8 @@ def _prepare(cfg: BenchConfig, isolation: str) -> tuple[dict, Path]:
                  seed=cfg.seed, num_images_in_input=cfg.num_images_in_input, use_pro_version=cfg.use_pro_version)
     cache_dir = work / "cache"
     cache_cfg = BuildCacheConfig(cache_dir=cache_dir, data_root_dir=data_root, dataset_name=cfg.dataset_name,
-                                 image_aug=False, device="cpu", overwrite=True, **model)
+                                 image_aug=False, device="cuda" if torch.cuda.is_available() else "cpu",
+                                 overwrite=True, **model)
     if isolation == "sequential":
         _in_child(_build_cache, cache_cfg)  # the θ0 model's memory goes with the process
     else:

@@ -63,6 +63,7 @@ from prismatic.training.train_step import (
     TRAIN_KEYS,
     VAL_KEYS,
     apply_update,
+    autocast_dtype,
     global_step_stats,
     plain_gradients,
     validation_losses,
@@ -146,7 +147,8 @@ def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None) -> TrainResult:
         for message in warnings:
             print(f"[finetune] warning: {message}")
     try:
-        return _train(cfg, env, hooks or TrainHooks())
+        with autocast_dtype(cfg.dtype):  # precision of every forward of the run (issue 16)
+            return _train(cfg, env, hooks or TrainHooks())
     finally:
         if env.distributed and owns_group:  # a process group created by the caller stays the caller's
             torch.distributed.destroy_process_group()

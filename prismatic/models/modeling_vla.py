@@ -80,14 +80,20 @@ class OpenVLAForActionPrediction(PreTrainedModel):
         return self.projector(self.vision_backbone(pixel_values))
 
     def build_layout(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> SequenceLayout:
-        """The assembled LLM input sequence (see prismatic.models.sequence_layout)."""
+                     attention_mask: torch.Tensor, vision_features: torch.Tensor | None = None) -> SequenceLayout:
+        """The assembled LLM input sequence (see prismatic.models.sequence_layout).
+
+        `vision_features`: the vision backbone's output for these pixels, computed elsewhere (CRaFT's θ0 forward reuses
+        the live forward's when the backbone is frozen and identical); the projector still runs here."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, Tp), got shape {tuple(input_ids.shape)}")
         if pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(f"pixel_values batch {pixel_values.shape[0]} != input_ids batch {input_ids.shape[0]}")
         embed = self.get_input_embeddings()
-        patches = self.embed_patches(pixel_values.to(embed.weight.dtype))
+        if vision_features is None:
+            patches = self.embed_patches(pixel_values.to(embed.weight.dtype))
+        else:
+            patches = self.projector(vision_features)
         stop_id = torch.tensor(self.config.stop_token_id, device=input_ids.device)
         return build_sequence_layout(
             prompt_embeds=embed(input_ids),

@@ -46,6 +46,7 @@ from prismatic.training.craft_utils import (
     CRaFTFeatureExtractor,
     CRaFTGradientProjector,
     CRaFTWeightManager,
+    StopForward,
     _is_lora_name,
     all_reduce_mean,
     canonical_param_name,
@@ -139,6 +140,60 @@ def load_snapshot_state(path: Path, model_preset: str) -> dict[str, torch.Tensor
     return {n: p.detach().float() for n, p in policy.vla.named_parameters()}
 
 
+# ---- θ0's reference forward (online anchors) -----------------------------------------------------------------
+def vision_tower_shared(vla: nn.Module, weights: CRaFTWeightManager) -> bool:
+    """True when θ0's vision backbone output is provably the live one's, so θ0's forward may reuse it.
+
+    Holds when no vision parameter is trainable, no adapter sits in the backbone (`--freeze_vision_backbone`; under
+    LoRA, `without_vision` targets), nothing in it acts differently in train and eval mode (the live forward trains,
+    θ0's runs in eval mode: dropout / drop-path / batch norm), and θ0's copies of its tensors (a snapshot) equal the
+    live ones. Anything else (e.g. LoRA on the ViTs, the default) runs θ0's vision tower.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from prismatic.models.modeling_vla import unwrap_vla
+
+    backbone = unwrap_vla(vla).vision_backbone
+    if any(p.requires_grad for p in backbone.parameters()):
+        return False
+    for m in backbone.modules():
+        if isinstance(m, BaseTunerLayer | nn.modules.batchnorm._BatchNorm):
+            return False
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return False
+        if float(getattr(m, "drop_prob", 0.0) or 0.0) > 0:  # timm DropPath
+            return False
+    live = {canonical_param_name(n): p for n, p in vla.named_parameters()}
+    for name, t in weights.theta0_state().items():
+        if name.startswith("vision_backbone.") and not torch.equal(t.to(live[name].device), live[name].detach()):
+            return False
+    return True
+
+
+def reference_features(vla: nn.Module, extractor: CRaFTFeatureExtractor, weights: CRaFTWeightManager,
+                       batch: Mapping[str, Any], device: torch.device,
+                       vision_features: torch.Tensor | None = None) -> torch.Tensor:
+    """θ0's bridge features of a batch, no grad: the features of the full VLA forward with θ0, computed with less.
+
+    The decoder stops after the deepest hooked layer (`StopForward`), no latents are stacked and no head runs;
+    `vision_features` (the live vision backbone's output when `vision_tower_shared`) replaces θ0's vision tower.
+    """
+    from prismatic.models.modeling_vla import unwrap_vla
+    from prismatic.models.sequence_layout import llm_attention_kwargs
+
+    base = unwrap_vla(vla)
+    with torch.no_grad(), weights.reference_weights(), extractor.capture(stop_after_deepest=True):
+        with autocast_context(device):
+            layout = base.build_layout(batch["pixel_values"].to(device), batch["input_ids"].to(device),
+                                       batch["attention_mask"].to(device), vision_features=vision_features)
+            try:
+                base.language_model.model(inputs_embeds=layout.inputs_embeds, use_cache=False, return_dict=True,
+                                          **llm_attention_kwargs(layout))
+            except StopForward:
+                pass
+        return extractor.features(layout)
+
+
 # ---- the step ------------------------------------------------------------------------------------------------
 class CRaFTStep:
     """Builds CRaFT from the flags; `compute_gradients` is the drop-in of `plain_gradients`.
@@ -187,8 +242,10 @@ class CRaFTStep:
         self.weights: CRaFTWeightManager | None = None
         self.cache: CraftCacheReader | None = None
         self.identity: dict[str, str] | None = None
+        self.share_vision = False
         if self.source == "online":
             self.weights = self._build_weight_manager(vla, snapshot, saved)
+            self.share_vision = vision_tower_shared(vla, self.weights)
         else:
             self.identity = self._theta0_identity(vla, snapshot, saved)
             self.cache = CraftCacheReader(cfg.craft_cache_dir)
@@ -227,28 +284,44 @@ class CRaFTStep:
         return model_identity(theta0_vla_state(vla), vla)
 
     # -- the gradient ------------------------------------------------------------------------------------------
-    def _anchors(self, micro: MicroBatch, device: torch.device) -> torch.Tensor:
+    def _anchors(self, micro: MicroBatch, device: torch.device,
+                 vision_features: torch.Tensor | None = None) -> torch.Tensor:
         batch = micro.batch
         if self.cache is not None:
             return self.cache.lookup(batch["sample_ids"], batch["content_hashes"]).to(device)
-        vla = self.policy.vla
-        with torch.no_grad(), self.weights.reference_weights(), self.extractor.capture():
-            with autocast_context(device):
-                out = vla(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
-                          attention_mask=batch["attention_mask"].to(device))
-            return self.extractor.features(out.layout)
+        return reference_features(self.policy.vla, self.extractor, self.weights, batch, device, vision_features)
+
+    @contextlib.contextmanager
+    def _live_vision_output(self):
+        """Online anchors with a shared vision tower: keep the live forward's vision output (detached) for θ0."""
+        box: dict[str, torch.Tensor] = {}
+        if not self.share_vision:
+            yield box
+            return
+        from prismatic.models.modeling_vla import unwrap_vla
+
+        handle = unwrap_vla(self.policy.vla).vision_backbone.register_forward_hook(
+            lambda _m, _a, out: box.__setitem__("features", out.detach()))
+        try:
+            yield box
+        finally:
+            handle.remove()
 
     def compute_gradients(self, model: nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device) -> dict:
         """Drop-in for `plain_gradients`: leaves g = g_act + (λ - c) g_ret in `.grad`, returns the loss numbers."""
         k = len(micro_batches)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next, L_ret
         for micro in micro_batches:
-            anchors = self._anchors(micro, device)
+            # offline: looked up first; online: θ0's forward runs after the live one (it may reuse its vision output;
+            # in eval mode without dropout it draws no random numbers, so the order changes nothing else)
+            anchors = self._anchors(micro, device) if self.cache is not None else None
             sync_off = model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
             with sync_off:
-                with self.extractor.capture():
+                with self.extractor.capture(), self._live_vision_output() as vision:
                     loss, curr, nxt, out = forward_losses(model, micro, device)
                 feats = self.extractor.features(out.vla_output.layout)
+                if anchors is None:
+                    anchors = self._anchors(micro, device, vision.get("features"))
                 loss_ret = retention_loss(feats, anchors)
                 self.projector.accumulate(loss / k, loss_ret / k)
             sums += torch.stack([loss.detach(), curr.detach(), nxt.detach(), loss_ret.detach()]).double().cpu()

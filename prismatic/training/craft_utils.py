@@ -913,6 +913,10 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor, group: str) -> torch.T
     return (hidden.to(torch.float32) * m.unsqueeze(-1)).sum(dim=1) / counts.unsqueeze(-1)
 
 
+class StopForward(Exception):
+    """Raised by the extractor's hook of the deepest needed layer to end a reference forward early."""
+
+
 class CRaFTFeatureExtractor:
     """Bridge features f = [Pool(C_R^(m)) ; Pool(C_AQ^(M))] captured with forward hooks during the normal forward.
 
@@ -959,19 +963,26 @@ class CRaFTFeatureExtractor:
             raise TypeError(f"layer {layer}: hooked module produced {type(t).__name__}, expected a tensor")
         self._captured[layer] = t
 
-    def _register(self) -> None:
+    def _register(self, stop_after_deepest: bool = False) -> None:
         L = self.num_layers
+        deepest = max(self.needed_layers)
+
+        def store(layer: int, value: Any) -> None:
+            self._store(layer, value)
+            if stop_after_deepest and layer == deepest:
+                raise StopForward  # nothing after this layer is needed: caught by the caller's forward
+
         for layer in self.needed_layers:
             if layer == 0:
                 def pre_hook(_m, args, kwargs, layer=layer):
-                    self._store(layer, args[0] if args else kwargs["hidden_states"])
+                    store(layer, args[0] if args else kwargs["hidden_states"])
                 self._handles.append(self.core.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
             elif layer < L:
                 self._handles.append(self.core.layers[layer - 1].register_forward_hook(
-                    lambda _m, _a, out, layer=layer: self._store(layer, out)))
+                    lambda _m, _a, out, layer=layer: store(layer, out)))
             else:
                 self._handles.append(self.core.norm.register_forward_hook(
-                    lambda _m, _a, out, layer=layer: self._store(layer, out)))
+                    lambda _m, _a, out, layer=layer: store(layer, out)))
 
     def _remove(self) -> None:
         for h in self._handles:
@@ -979,12 +990,16 @@ class CRaFTFeatureExtractor:
         self._handles = []
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator[CRaFTFeatureExtractor]:
-        """Hooks live only inside this block (so gradient-checkpoint recomputation in backward is not captured)."""
+    def capture(self, stop_after_deepest: bool = False) -> Iterator[CRaFTFeatureExtractor]:
+        """Hooks live only inside this block (so gradient-checkpoint recomputation in backward is not captured).
+
+        `stop_after_deepest`: the hook of the deepest needed layer raises `StopForward` once it has stored its
+        tensor (a no-grad reference forward needs nothing after it); the caller catches it (`reference_features`).
+        """
         if self._handles:
             raise RuntimeError("CRaFTFeatureExtractor.capture() is already active (nested capture)")
         self._captured = {}
-        self._register()
+        self._register(stop_after_deepest)
         try:
             yield self
         finally:
@@ -1050,6 +1065,18 @@ def _is_lora_name(name: str) -> bool:
     return ".lora_" in name or "lora_embedding" in name or ".lora_magnitude" in name
 
 
+def _plain_train(module: nn.Module) -> bool:
+    """True when `module.train(False)` only sets `training` on the module itself and its children."""
+    if type(module).train is nn.Module.train:
+        return True
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, PreTrainedModel) and not getattr(module, "use_kernels", False) \
+        and type(module).train is PreTrainedModel.train
+
+
 class CRaFTWeightManager:
     """Holds θ0 and swaps it into the live model for the no-grad reference forward (`reference_weights()`).
 
@@ -1105,6 +1132,39 @@ class CRaFTWeightManager:
                     t = t.pin_memory()
             self._theta0[n] = t
         self._active = False
+        # modes saved / restored per reference forward: walk the tree once; eval() of each module is a flag write
+        # unless its class does more in train() (transformers' PreTrainedModel only with kernels)
+        self._modules = list(model.modules())
+        self._modules_plain_train = [(m, _plain_train(m)) for m in self._modules]
+        self._tuner_layers = self._plain_lora_layers(inner) if self.is_lora else None
+
+    @staticmethod
+    def _plain_lora_layers(peft_model: nn.Module) -> list[nn.Module] | None:
+        """The adapter layers whose `_disable_adapters` flag alone switches them to the base layer (peft's LoRA
+        `forward`), when that is all `disable_adapter()` would change; else None (peft's own context is used).
+
+        peft's `disable_adapter()` also walks the model twice (status check, then requires_grad of every adapter
+        tensor on exit): ~0.1 s per micro-batch on the tiny preset, a third of the reference forward. Under
+        torch.no_grad the requires_grad toggling is irrelevant, so flipping the flags is the same computation.
+        """
+        try:
+            from peft.tuners.lora import LoraLayer
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
+        except ImportError:  # pragma: no cover - other peft layouts: keep peft's context
+            return None
+        cfg = peft_model.peft_config.get(getattr(peft_model, "active_adapter", "default"))
+        if cfg is None or cfg.is_prompt_learning or getattr(cfg, "is_adaption_prompt", False):
+            return None
+        layers = []
+        for m in peft_model.modules():
+            if isinstance(m, AuxiliaryTrainingWrapper):
+                return None  # modules_to_save / trainable tokens: peft swaps whole modules
+            if isinstance(m, BaseTunerLayer):
+                if not isinstance(m, LoraLayer) or m.merged or m.disable_adapters:
+                    return None
+                layers.append(m)
+        return layers
 
     @property
     def swapped_names(self) -> list[str]:
@@ -1120,8 +1180,13 @@ class CRaFTWeightManager:
             raise RuntimeError("reference_weights() is already active")
         self._active = True
         saved = {}
-        modes = {m: m.training for m in self.model.modules()} if self.eval_mode else {}
-        adapter_ctx = self.peft_model.disable_adapter() if self.is_lora else contextlib.nullcontext()
+        modes = {m: m.training for m in self._modules} if self.eval_mode else {}
+        if not self.is_lora:
+            adapter_ctx = contextlib.nullcontext()
+        elif self._tuner_layers is not None:
+            adapter_ctx = self._flags_disabled()
+        else:
+            adapter_ctx = self.peft_model.disable_adapter()
         try:
             with torch.no_grad():
                 for n, p in self._params.items():
@@ -1129,7 +1194,11 @@ class CRaFTWeightManager:
                     p.data = self._theta0[n].to(device=p.device, non_blocking=True) if self.storage == "cpu_swap" \
                         else self._theta0[n]
             if self.eval_mode:
-                self.model.eval()
+                for m, plain in self._modules_plain_train:
+                    if plain:
+                        m.__dict__["training"] = False  # what eval() does, without nn.Module.__setattr__'s checks
+                    else:
+                        m.train(False)
             with adapter_ctx:
                 yield self.model
         finally:
@@ -1137,5 +1206,15 @@ class CRaFTWeightManager:
                 for n, data in saved.items():
                     self._params[n].data = data
             for m, training in modes.items():
-                m.training = training
+                m.__dict__["training"] = training
             self._active = False
+
+    @contextlib.contextmanager
+    def _flags_disabled(self) -> Iterator[None]:
+        try:
+            for m in self._tuner_layers:
+                m.__dict__["_disable_adapters"] = True  # a plain attribute (peft's `disable_adapters` reads it)
+            yield
+        finally:
+            for m in self._tuner_layers:
+                m.__dict__["_disable_adapters"] = False

@@ -117,6 +117,9 @@ class FinetuneConfig:
     # ---- drift monitor (prismatic/training/retention_monitor.py) ----------------------------------------------
     retention_monitor: bool = False         # log CRaFT's L_ret against theta_0 (no gradient) for any method
     retention_monitor_freq: int = 100       # every this many optimizer steps (and at the last step)
+    # ---- precision (issue 16) ------------------------------------------------------------------------------------
+    dtype: str = "auto"                     # auto: bf16 autocast on CUDA, fp32 on CPU | bfloat16: bf16 autocast on
+                                            # CPU too (fp32 master weights; tests) | float32: no autocast anywhere
     # fmt: on
 
     @property
@@ -207,6 +210,10 @@ def validate_config(cfg: FinetuneConfig) -> list[str]:
         warnings.append(f"--resume_step {cfg.resume_step} is ignored because --resume is False")
 
     errors.extend(_retention_method_errors(cfg))
+    from prismatic.training.train_step import AUTOCAST_DTYPES  # precision (issue 16)
+
+    if cfg.dtype not in AUTOCAST_DTYPES:
+        errors.append(f"--dtype must be one of {AUTOCAST_DTYPES}, got '{cfg.dtype}'")
     if cfg.use_craft:
         errors.extend(_craft_errors(cfg, warnings))
     if errors:

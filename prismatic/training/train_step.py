@@ -65,10 +65,30 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+AUTOCAST_DTYPES = ("auto", "float32", "bfloat16")
+_autocast_dtype = "auto"  # set for the duration of a run by finetune.py's --dtype (`autocast_dtype`)
+
+
+@contextlib.contextmanager
+def autocast_dtype(name: str):
+    """Inside: `autocast_context` follows --dtype `name` (auto | float32 | bfloat16)."""
+    global _autocast_dtype
+    if name not in AUTOCAST_DTYPES:
+        raise ValueError(f"dtype must be one of {AUTOCAST_DTYPES}, got {name!r}")
+    previous, _autocast_dtype = _autocast_dtype, name
+    try:
+        yield
+    finally:
+        _autocast_dtype = previous
+
+
 def autocast_context(device: torch.device):
-    """bf16 autocast on GPU (upstream), plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on GPU (upstream), plain fp32 on CPU; `--dtype bfloat16` autocasts on CPU too (same path, fp32
+    master weights and fp32 losses), `--dtype float32` nowhere."""
+    if _autocast_dtype == "float32":
+        return contextlib.nullcontext()
+    if device.type == "cuda" or _autocast_dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
