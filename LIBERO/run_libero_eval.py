@@ -51,6 +51,8 @@ from prismatic.cli_errors import UserError, cli_entry, parse_config
 from prismatic.models.precision import DTYPE_CHOICES as DTYPES  # auto, float32, bfloat16
 from prismatic.training.checkpoint_identity import checkpoint_identity, weight_files
 
+DEFAULT_WANDB_PROJECT = "vla-adapter-libero-eval"
+
 
 @dataclass
 class EvalConfig:
@@ -84,9 +86,9 @@ class EvalConfig:
 
     # Logging
     use_wandb: bool = False
-    wandb_project: str = "vla-adapter-libero-eval"
+    wandb_project: str | None = None  # default: the training run's project (its config.yaml), else the default
     wandb_entity: str | None = None
-    wandb_group: str | None = None  # default: the checkpoint's run id (folder name without --<step>_chkpt)
+    wandb_group: str | None = None  # default: the training run's group, else the checkpoint's run id
     wandb_tags: list[str] | None = None  # default: ["eval", <suite>]
     run_name: str | None = None
     # (--debug true: tracebacks for expected errors too; taken out of the arguments by prismatic.cli_errors)
@@ -256,20 +258,45 @@ def run_identity(cfg: EvalConfig, unnorm_key: str, num_images: int, use_proprio:
 
 
 def default_wandb_group(cfg: EvalConfig) -> str:
-    """The checkpoint's run id (`runs/<run id>--<step>_chkpt` -> `<run id>`), else the folder's name."""
+    """The training run's wandb group (`<experiment>/<suite>/<method>`, from the run's config.yaml next to the
+    checkpoint) so the success rate lands beside the training curves; else the checkpoint's run id
+    (`runs/<run id>--<step>_chkpt` -> `<run id>`), else the folder's name."""
+    labels = training_run_labels(cfg)
+    if labels is not None:
+        return labels["group"]
     name = Path(cfg.pretrained_checkpoint).name if cfg.pretrained_checkpoint else "policy"
     head, sep, tail = name.rpartition("--")
     return head if sep and tail.endswith("_chkpt") else name
+
+
+def training_run_labels(cfg: EvalConfig) -> dict | None:
+    """wandb labels of the run that wrote the checkpoint (its `<run id>/config.yaml` beside `<run id>--<step>_chkpt`),
+    the same `wandb_labels` finetune.py used, plus that run's wandb project; None when there is no such run."""
+    if not cfg.pretrained_checkpoint:
+        return None
+    folder = Path(cfg.pretrained_checkpoint)
+    head, sep, tail = folder.name.rpartition("--")
+    config_file = folder.parent / head / "config.yaml"
+    if not (sep and tail.endswith("_chkpt") and config_file.is_file()):
+        return None
+    import yaml
+
+    from prismatic.training.metrics_log import wandb_labels
+
+    config = yaml.safe_load(config_file.read_text()) or {}
+    return {**wandb_labels(config), "project": config.get("wandb_project")}
 
 
 def _init_wandb(cfg: EvalConfig, checkpoint: dict | None):
     import wandb
 
     name = cfg.run_name or f"eval-{cfg.task_suite_name}-{Path(cfg.pretrained_checkpoint).name}"
-    return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=name,
+    labels = training_run_labels(cfg) or {}
+    project = cfg.wandb_project or labels.get("project") or DEFAULT_WANDB_PROJECT
+    return wandb.init(project=project, entity=cfg.wandb_entity, name=name,
                       group=cfg.wandb_group or default_wandb_group(cfg),
                       tags=list(cfg.wandb_tags) if cfg.wandb_tags else ["eval", cfg.task_suite_name],
-                      config={**asdict(cfg), "checkpoint": checkpoint}, job_type="eval")
+                      config={**asdict(cfg), "checkpoint": checkpoint, **labels.get("config", {})}, job_type="eval")
 
 
 def resolve_center_crop(given: bool | None, policy) -> bool | None:

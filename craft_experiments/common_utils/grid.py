@@ -495,7 +495,10 @@ def eval_command(s: Settings, e: Entry) -> list[str]:
             "--task_suite_name", e.suite, "--num_trials_per_task", str(s.eval_trials), "--seed", str(s.eval_seed),
             "--local_log_dir", str(s.run_root / e.run_id / EVAL_SUMMARY.parent), "--num_images_in_input", "2",
             "--use_proprio", "True", "--center_crop", s.image_aug, "--device", s.eval_device,
-            "--num_envs", str(s.num_envs), *s.eval_extra]
+            "--num_envs", str(s.num_envs),
+            # online wandb: the eval joins the training run's project and group (read from its config.yaml); offline
+            # runs keep the success rate in <run>/eval/summary.json, where log_parser reads it
+            *(["--use_wandb", "True"] if s.wandb_mode == "online" else []), *s.eval_extra]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -423,3 +423,25 @@ def test_run_evaluation_counts_a_raising_episode_as_failure_and_resume_keeps_it(
     calls = len(policy.instructions)
     again = run_evaluation(cfg, policy=policy, runner_factory=factory)
     assert len(policy.instructions) == calls and again["num_errors"] == 2  # nothing re-run
+
+
+def test_eval_joins_the_training_runs_wandb_group(tmp_path):
+    """A checkpoint written by finetune.py (`runs/<id>--<step>_chkpt` beside `runs/<id>/config.yaml`): the eval's wandb
+    group, project and method/suite labels are the training run's, so success rates sit beside its curves."""
+    import yaml
+
+    from LIBERO.run_libero_eval import EvalConfig, default_wandb_group, training_run_labels
+
+    runs = tmp_path / "craft_experiments" / "table1"
+    (runs / "t1-craft-s7").mkdir(parents=True)
+    (runs / "t1-craft-s7--20_chkpt").mkdir()
+    (runs / "t1-craft-s7" / "config.yaml").write_text(yaml.safe_dump({
+        "run_root_dir": str(runs), "dataset_name": "libero_goal_no_noops", "use_craft": True, "seed": 7,
+        "model_preset": "tiny", "wandb_project": "vla-craft-training"}))
+    cfg = EvalConfig(pretrained_checkpoint=str(runs / "t1-craft-s7--20_chkpt"), task_suite_name="libero_goal")
+    labels = training_run_labels(cfg)
+    assert default_wandb_group(cfg) == labels["group"] == "table1/libero_goal/craft"
+    assert labels["project"] == "vla-craft-training"
+    assert labels["config"] == {"experiment": "table1", "suite": "libero_goal", "method": "craft"}
+    lone = EvalConfig(pretrained_checkpoint=str(tmp_path / "released-policy"), task_suite_name="libero_goal")
+    assert training_run_labels(lone) is None and default_wandb_group(lone) == "released-policy"
