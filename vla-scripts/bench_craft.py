@@ -32,9 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import draccus
 import psutil
 import torch
+
+from prismatic.cli_errors import cli_entry, parse_config
 
 
 @dataclass
@@ -250,9 +251,9 @@ def print_table(result: dict) -> None:
               f"{r['static_mb']:>11.1f}{r['transient_mb']:>14.1f}{r['peak_mb']:>9.1f}{r['memory_ratio']:>7.2f}")
 
 
-@draccus.wrap()
-def main(cfg: BenchConfig) -> None:
-    print_table(run(cfg))
+@cli_entry("bench_craft")
+def main(argv: list[str] | None = None) -> None:
+    print_table(run(parse_config(BenchConfig, argv)))
 
 
 if __name__ == "__main__":

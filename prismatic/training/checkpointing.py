@@ -11,7 +11,6 @@ as tensors), the data-stream position, the non-finite counters and a `craft` ent
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -23,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prismatic.cli_errors import UserError, disk_full_error
+from prismatic.cli_errors import disk_full_error
+from prismatic.integrity import (  # noqa: F401 - re-exported: the checkpoint API lives here
+    CorruptCheckpointError,
+    file_sha256,
+    folder_sha256,
+    read_complete_marker,
+    verify_checkpoint,
+)
 from prismatic.training.finetune_config import COMPLETE_MARKER, TRAINING_STATE_FILE, parse_checkpoint_dir
 
 TRAINING_STATE_VERSION = 1
@@ -125,26 +131,7 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-# ---- checksums in the COMPLETE marker ----------------------------------------------------------------------------
-class CorruptCheckpointError(UserError):
-    """A checkpoint whose files do not match the sha256 recorded in its COMPLETE marker."""
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def folder_sha256(folder: Path) -> dict[str, str]:
-    """{relative posix path: sha256} of every file under `folder` except the COMPLETE marker."""
-    folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).as_posix() != COMPLETE_MARKER}
-
-
+# ---- checksums in the COMPLETE marker (prismatic/integrity.py) ---------------------------------------------------
 def write_complete_marker(folder: Path, marker: dict) -> None:
     """COMPLETE (json: `marker`, time, sha256 of every file), written atomically and fsynced."""
     record = {**marker, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sha256": folder_sha256(folder)}
@@ -156,41 +143,10 @@ def write_complete_marker(folder: Path, marker: dict) -> None:
     os.replace(tmp, Path(folder) / COMPLETE_MARKER)
 
 
-def read_complete_marker(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / COMPLETE_MARKER).read_text() or "{}")
-    except ValueError:
-        return {}  # older markers were plain text
-
-
 def reseal_checkpoint(folder: Path) -> None:
     """Record the current files' sha256 after a tool added or replaced files in a checkpoint (merge_lora)."""
     marker = {k: v for k, v in read_complete_marker(folder).items() if k not in ("sha256", "time")}
     write_complete_marker(folder, marker)
-
-
-def verify_checkpoint(folder: Path, files: list[str] | None = None) -> None:
-    """Compare the files of a checkpoint with the sha256 in its COMPLETE marker (all, or only `files`).
-
-    Raises CorruptCheckpointError naming the files that changed or are missing. A marker without checksums (a
-    checkpoint written before they were recorded) passes.
-    """
-    folder = Path(folder)
-    recorded = read_complete_marker(folder).get("sha256")
-    if not recorded:
-        return
-    names = sorted(recorded) if files is None else [f for f in files if f in recorded]
-    bad = []
-    for name in names:
-        path = folder / name
-        if not path.is_file():
-            bad.append(f"{name} (missing)")
-        elif file_sha256(path) != recorded[name]:
-            bad.append(f"{name} (sha256 differs)")
-    if bad:
-        raise CorruptCheckpointError(f"checkpoint '{folder}' is corrupt: {', '.join(bad[:5])}"
-                                     f"{' ...' if len(bad) > 5 else ''}",
-                                     "use an earlier checkpoint of the run (or restore this one from a backup)")
 
 
 def _checkpoint_size_estimate(final_dir: Path, tmp_dir: Path) -> int | None:
