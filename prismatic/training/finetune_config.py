@@ -283,14 +283,14 @@ def _craft_errors(cfg: FinetuneConfig, warnings: list[str]) -> list[str]:
     if cfg.craft_anchor_source not in CRAFT_ANCHOR_SOURCES:
         errors.append(f"--craft_anchor_source must be one of {CRAFT_ANCHOR_SOURCES}, got '{cfg.craft_anchor_source}'")
     if not (cfg.craft_retention_budget >= 0 and math.isfinite(cfg.craft_retention_budget)):
-        errors.append(f"--craft_retention_budget (epsilon) must be a finite number >= 0, got "
+        errors.append(f"--craft_retention_budget (epsilon) must be >= 0 and finite, got "
                       f"{cfg.craft_retention_budget}")
     if not (cfg.craft_dual_lr >= 0 and math.isfinite(cfg.craft_dual_lr)):
-        errors.append(f"--craft_dual_lr must be a finite number >= 0, got {cfg.craft_dual_lr}")
+        errors.append(f"--craft_dual_lr must be >= 0 and finite, got {cfg.craft_dual_lr}")
     if not (cfg.craft_delta > 0 and math.isfinite(cfg.craft_delta)):
-        errors.append(f"--craft_delta must be a finite number > 0, got {cfg.craft_delta}")
+        errors.append(f"--craft_delta must be > 0 and finite, got {cfg.craft_delta}")
     if not (cfg.craft_init_lambda >= 0 and math.isfinite(cfg.craft_init_lambda)):
-        errors.append(f"--craft_init_lambda must be a finite number >= 0, got {cfg.craft_init_lambda}")
+        errors.append(f"--craft_init_lambda must be >= 0 and finite, got {cfg.craft_init_lambda}")
     num_layers = expected_num_llm_layers(cfg)
     for name in ("craft_raw_layer", "craft_aq_layer"):
         value = getattr(cfg, name)
