@@ -186,6 +186,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
                             f"{cfg.resume_step}", "pass the step the checkpoint folder was saved at")
     G = global_batch_size(cfg, env.world_size)
     created_run_dir = env.is_main and not run_dir.exists()
+    created_root = env.is_main and not Path(cfg.run_root_dir).exists()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (cfg.resume and (run_dir / CONFIG_FILE).is_file()):  # a resumed run keeps the config it started with
@@ -196,6 +197,8 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
         # a failure before the run logged anything must not leave a folder that passes for a run
         if created_run_dir and not run_folder.run_artefacts(Path(cfg.run_root_dir), run_id):
             ckpt.remove_tree(run_dir)
+            if created_root and not any(Path(cfg.run_root_dir).iterdir()):
+                Path(cfg.run_root_dir).rmdir()
         raise
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from prismatic.cli_errors import UserError, cli_entry, parse_config
-from prismatic.training import checkpointing as ckpt
-from prismatic.training.finetune_config import COMPLETE_MARKER, parse_checkpoint_dir
-from prismatic.training.policy_setup import LORA_BASE_FILE, LORA_DIR, load_training_checkpoint_policy, merged_policy
+from prismatic.integrity import COMPLETE_MARKER, verify_checkpoint
+from prismatic.training.finetune_config import parse_checkpoint_dir
+
+LORA_DIR, LORA_BASE_FILE = "lora_adapter", "lora_base.json"  # as prismatic.training.policy_setup (imported lazily)
 
 
 @dataclass
@@ -48,7 +49,10 @@ def merge_lora_checkpoint(checkpoint_dir: Path, output_dir: Path | None = None,
                         "full fine-tuning checkpoints are already deployable: load them directly")
     if base_checkpoint is not None and not Path(base_checkpoint).exists():
         raise UserError(f"--base_checkpoint '{base_checkpoint}' does not exist", "pass the base VLM's folder")
-    ckpt.verify_checkpoint(checkpoint_dir)  # the sha256 of every file recorded in COMPLETE
+    verify_checkpoint(checkpoint_dir)  # the sha256 of every file recorded in COMPLETE
+    from prismatic.training import checkpointing as ckpt  # torch / transformers: after the checks
+    from prismatic.training.policy_setup import load_training_checkpoint_policy, merged_policy
+
     override = {"vlm_path": str(base_checkpoint)} if base_checkpoint is not None else None
     policy = load_training_checkpoint_policy(checkpoint_dir, base_override=override)
     output_dir = Path(output_dir) if output_dir is not None else checkpoint_dir

@@ -387,6 +387,13 @@ def preflight_main(argv: list[str] | None = None) -> None:
     def check(args: list[str] | None = None) -> None:
         cfg = parse_config(FinetuneConfig, args, raw_string_fields=RAW_STRING_FLAGS)
         if not cfg.resume:
+            import os
+
+            from prismatic.training.run_folder import claim_run_folder
+
             validate_config(cfg)
+            if not cfg.overwrite:  # refuse an existing run now; --overwrite deletes only once training starts
+                claim_run_folder(Path(cfg.run_root_dir), make_run_id(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
+                                 overwrite=False)
 
     check(argv)

@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 from prismatic.cli_errors import UserError
-from prismatic.training.checkpointing import remove_tree
 from prismatic.training.metrics_log import METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -59,6 +58,8 @@ def claim_run_folder(run_root_dir: Path, run_id: str, overwrite: bool) -> None:
         raise UserError(f"run '{run_id}' already exists under '{run_root_dir}' ({shown})",
                         "continue it with --resume True --config_file_path <its checkpoint> --resume_step <step>, "
                         "start it again with --overwrite True (deletes it), or pick another --run_id / --seed")
+    from prismatic.training.checkpointing import remove_tree  # torch: only when something is deleted
+
     for path in [Path(run_root_dir) / run_id] + [p for p in existing if p.name != METRICS_FILE]:
         remove_tree(path)
 

@@ -106,7 +106,8 @@ def test_resume_refuses_changed_run_flags_with_a_list(data_root, finished_run, t
     for changed, shown in (({"lora_rank": 16}, "--lora_rank 16 (run: 4)"),
                            ({"num_images_in_input": 2}, "--num_images_in_input 2 (run: 1)"),
                            ({"use_proprio": False}, "--use_proprio False (run: True)"),
-                           ({"seed": 5, "dataset_name": "other"}, "--seed 5 (run: 7), --dataset_name 'other'")):
+                           ({"seed": 5, "dataset_name": "other"},
+                            "--dataset_name 'other' (run: 'synthetic_libero_no_noops'), --seed 5 (run: 7)")):
         cfg = FinetuneConfig(**base, **changed)
         with pytest.raises(UserError) as err:
             train(cfg, given_flags=set(base) | set(changed))
@@ -193,7 +194,12 @@ def test_flipped_bytes_are_refused_by_every_reader(finished_run, tmp_path):
 
 
 def test_merge_into_the_checkpoint_reseals_it(finished_run, tmp_path):
+    import merge_lora_weights_and_save as merge
     from merge_lora_weights_and_save import merge_lora_checkpoint
+
+    from prismatic.training import policy_setup
+
+    assert (merge.LORA_DIR, merge.LORA_BASE_FILE) == (policy_setup.LORA_DIR, policy_setup.LORA_BASE_FILE)
 
     chkpt = shutil.copytree(finished_run / "done--1_chkpt", tmp_path / "done--1_chkpt")
     merge_lora_checkpoint(chkpt)
