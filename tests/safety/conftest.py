@@ -63,7 +63,6 @@ def shard_of(root: Path) -> Path:
 def finished_run(tmp_path_factory, data_root) -> Path:
     """A tiny LoRA run (rank 4, 2 steps, a checkpoint per step) written by train(): returns its run root."""
     from finetune import train
-
     from prismatic.training.finetune_config import FinetuneConfig
 
     run_root = tmp_path_factory.mktemp("finished") / "runs"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DATASET, tree
-from finetune import TrainHooks, train
 from safetensors.torch import load_file
 
+from finetune import TrainHooks, train
 from prismatic.cli_errors import DiskFullError, UserError, parse_config
 from prismatic.training import checkpointing as ckpt
 from prismatic.training import metrics_log, run_folder
