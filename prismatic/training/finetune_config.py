@@ -291,7 +291,7 @@ def _craft_errors(cfg: FinetuneConfig, warnings: list[str]) -> list[str]:
         errors.append(f"--craft_delta must be > 0 and finite, got {cfg.craft_delta}")
     if not (cfg.craft_init_lambda >= 0 and math.isfinite(cfg.craft_init_lambda)):
         errors.append(f"--craft_init_lambda must be >= 0 and finite, got {cfg.craft_init_lambda}")
-    num_layers = expected_num_llm_layers(cfg)
+    num_layers = expected_num_llm_layers(cfg) if (cfg.craft_raw_layer, cfg.craft_aq_layer) != (None, None) else None
     for name in ("craft_raw_layer", "craft_aq_layer"):
         value = getattr(cfg, name)
         if value is not None and value < 0:
@@ -386,7 +386,9 @@ def preflight_main(argv: list[str] | None = None) -> None:
     @cli_entry("finetune")
     def check(args: list[str] | None = None) -> None:
         cfg = parse_config(FinetuneConfig, args, raw_string_fields=RAW_STRING_FLAGS)
-        if not cfg.resume:
+        if cfg.resume:
+            validate_resume_target(cfg)
+        else:
             import os
 
             from prismatic.training.run_folder import claim_run_folder

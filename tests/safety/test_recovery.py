@@ -316,3 +316,29 @@ def test_few_shot_shortfall_needs_allow_fewer_demos(data_root, tmp_path):
     assert tree(tmp_path / "runs") == set()  # the run folder made before the data was read is removed
     result = train(_cfg(data_root, tmp_path / "runs", num_demos_per_task=50, allow_fewer_demos=True, max_steps=1))
     assert result.final_step == 1
+
+
+def test_full_ft_online_anchors_resume_only_with_the_same_theta0(data_root, tmp_path):
+    runs = tmp_path / "runs"
+    full = dict(use_lora=False, max_steps=1)
+    theta0 = train(_cfg(data_root, runs, run_id="theta0", **full)).last_checkpoint
+    other = train(_cfg(data_root, runs, run_id="other", seed=3, **full)).last_checkpoint
+    craft = _cfg(data_root, runs, run_id="c", use_lora=False, use_craft=True, max_steps=1, config_file_path=theta0)
+    first = train(craft).last_checkpoint
+    recorded = ckpt.load_training_state(first)["craft"]["theta0_sha256"]
+    from prismatic.training.craft_cache import hash_state_dict
+    from prismatic.training.craft_step import load_snapshot_state
+
+    assert recorded == hash_state_dict(load_snapshot_state(theta0, "tiny"))
+    given = {"config_file_path", "resume", "resume_step", "max_steps", "run_root_dir", "craft_snapshot_path"}
+
+    def resume(snapshot):
+        return train(FinetuneConfig(config_file_path=first, resume=True, resume_step=1, max_steps=2, run_root_dir=runs,
+                                    craft_snapshot_path=snapshot), given_flags=given - ({"craft_snapshot_path"}
+                                                                                        if snapshot is None else set()))
+
+    with pytest.raises(UserError, match="is not the θ0 this run started with"):
+        resume(other)
+    with pytest.raises(UserError, match="needs θ0"):
+        resume(None)
+    assert resume(theta0).final_step == 2
