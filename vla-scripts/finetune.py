@@ -172,11 +172,12 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
     resume_state = None
     run_id = parse_checkpoint_dir(Path(cfg.config_file_path))[0] if cfg.resume else make_run_id(cfg, env.world_size)
     run_dir = Path(cfg.run_root_dir) / run_id
+    if not cfg.resume:  # every rank refuses alike (no rank waits at a barrier for one that failed)
+        run_folder.claim_run_folder(Path(cfg.run_root_dir), run_id, cfg.overwrite, delete=env.is_main)
+    barrier(env)
     if env.is_main:
         for note in run_folder.recover_interrupted_saves(Path(cfg.run_root_dir), run_id):
             print(f"[finetune] {note}")
-        if not cfg.resume:
-            run_folder.claim_run_folder(Path(cfg.run_root_dir), run_id, cfg.overwrite)
     barrier(env)
     if cfg.resume:
         ckpt.verify_checkpoint(Path(cfg.config_file_path))  # every file against the sha256 in COMPLETE
@@ -282,6 +283,8 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
             "craft": craft.state_dict() if craft is not None else None,
             **({"related": related.state_dict()} if related is not None else {}),
         }
+        # checked on every rank (the weights are replicated), so a diverged run stops everywhere before writing
+        policy_setup.check_finite_weights(policy, Path(cfg.run_root_dir), run_id, step)
         if env.is_main:
             policy_setup.save_training_checkpoint(cfg, policy, run_root_dir=Path(cfg.run_root_dir), run_id=run_id,
                                                   step=step, training_state=state)

@@ -48,10 +48,11 @@ def run_artefacts(run_root_dir: Path, run_id: str) -> list[Path]:
     return found
 
 
-def claim_run_folder(run_root_dir: Path, run_id: str, overwrite: bool) -> None:
-    """Refuse (or, with --overwrite True, clear) a run id that already holds a run."""
+def claim_run_folder(run_root_dir: Path, run_id: str, overwrite: bool, delete: bool = True) -> None:
+    """Refuse (or, with --overwrite True, clear) a run id that already holds a run. `delete` False: only check
+    (the non-main ranks of a DDP run; rank 0 deletes)."""
     existing = run_artefacts(run_root_dir, run_id)
-    if not existing:
+    if not existing or (overwrite and not delete):
         return
     if not overwrite:
         shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
