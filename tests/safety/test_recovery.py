@@ -154,7 +154,7 @@ def test_metrics_write_failure_is_one_line_naming_the_file(tmp_path, monkeypatch
     assert len(lines) == 1 and lines[0].startswith("error:") and "No space left" in lines[0]
 
 
-def test_log_parser_entry_keeps_the_good_lines_of_a_torn_file(tmp_path):
+def test_reader_keeps_the_good_lines_of_a_torn_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0}\n{"step": 3, "a"')
     records, bad = metrics_log.read_metrics_checked(path, warn=False)
