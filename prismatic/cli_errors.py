@@ -54,17 +54,25 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+LOW_SPACE_BYTES = 64 << 20  # a write error with less free space than this is taken for a full disk
+
+
 def disk_full_error(exc: BaseException, path: Path | str, needed_bytes: int | None = None) -> BaseException:
     """`DiskFullError` naming `path` if `exc` is (or wraps) a disk-full OSError, else `exc` unchanged.
 
-    torch.save reports ENOSPC as a RuntimeError ("unexpected pos ...") whose cause chain holds the OSError, or only
-    in its text: both are recognised.
+    torch.save reports ENOSPC as a RuntimeError ("unexpected pos ...", "file write failed") whose cause chain may
+    hold the OSError or only its text; when neither does, an I/O error with almost no free space left at `path`
+    counts as a full disk too.
     """
     seen = exc
     while seen is not None:
         if is_disk_full(seen) or "No space left on device" in str(seen):
             return DiskFullError(path, needed_bytes)
         seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, (OSError, RuntimeError)):
+        free = _free_bytes(path)
+        if free is not None and free < LOW_SPACE_BYTES:
+            return DiskFullError(path, needed_bytes)
     return exc
 
 

@@ -342,3 +342,15 @@ def test_full_ft_online_anchors_resume_only_with_the_same_theta0(data_root, tmp_
     with pytest.raises(UserError, match="needs θ0"):
         resume(None)
     assert resume(theta0).final_step == 2
+
+
+def test_torch_style_write_error_on_a_full_disk_is_recognised(tmp_path, monkeypatch):
+    import prismatic.cli_errors as cli
+
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4160 vs 4054")
+    assert cli.disk_full_error(torch_error, tmp_path) is torch_error  # plenty of space here: a real error
+    monkeypatch.setattr(cli, "_free_bytes", lambda path: 1000)
+    converted = cli.disk_full_error(torch_error, tmp_path / "x--1_chkpt", needed_bytes=5 << 20)
+    assert isinstance(converted, DiskFullError)
+    assert "x--1_chkpt" in str(converted) and "about 5.0 MiB needed" in str(converted)
+    assert "1000 B free" in str(converted)
