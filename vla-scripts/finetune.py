@@ -56,6 +56,7 @@ from prismatic.training.data_setup import TrainStream, build_training_data
 from prismatic.training.distributed import DistEnv, any_rank, barrier, gather_objects, init_distributed
 from prismatic.training.finetune_config import (
     RAW_STRING_FLAGS,
+    TRAINING_STATE_FILE,
     FinetuneConfig,
     global_batch_size,
     make_run_id,
@@ -180,7 +181,8 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
             print(f"[finetune] {note}")
     barrier(env)
     if cfg.resume:
-        ckpt.verify_checkpoint(Path(cfg.config_file_path))  # every file against the sha256 in COMPLETE
+        # every file against the sha256 in COMPLETE (training_state.pt is checked as it is loaded)
+        ckpt.verify_checkpoint(Path(cfg.config_file_path), skip=(TRAINING_STATE_FILE,))
         resume_state = ckpt.load_training_state(Path(cfg.config_file_path))
         if resume_state["step"] != cfg.resume_step:
             raise UserError(f"{cfg.config_file_path}: training_state step {resume_state['step']} != --resume_step "
