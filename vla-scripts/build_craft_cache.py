@@ -123,6 +123,9 @@ def validate(cfg: BuildCacheConfig) -> None:
         errors.append(f"--num_images_in_input must be 1 or 2, got {cfg.num_images_in_input}")
     if cfg.craft_anchor_type not in ("concat", "raw_only", "aq_only"):
         errors.append(f"--craft_anchor_type must be concat, raw_only or aq_only, got '{cfg.craft_anchor_type}'")
+    if cfg.model_preset == "real" and cfg.vlm_path is None and cfg.config_file_path is None:
+        errors.append("--model_preset real needs --vlm_path or --config_file_path (only --model_preset tiny can be "
+                      "built from scratch)")
     for name in ("vlm_path", "config_file_path", "craft_snapshot_path"):
         value = getattr(cfg, name)
         if value is not None and not Path(value).exists():

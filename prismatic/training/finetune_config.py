@@ -332,6 +332,9 @@ def _run_safety_errors(cfg: FinetuneConfig) -> list[str]:
     if isinstance(cfg.num_images_in_input, int) and cfg.num_images_in_input > 0 \
             and cfg.num_images_in_input not in SUPPORTED_NUM_IMAGES:
         errors.append(f"--num_images_in_input must be 1 (third-person) or 2 (+ wrist), got {cfg.num_images_in_input}")
+    if not cfg.resume and cfg.model_preset == "real" and cfg.vlm_path is None and cfg.config_file_path is None:
+        errors.append("--model_preset real needs --vlm_path or --config_file_path (only --model_preset tiny can be "
+                      "built from scratch)")
     for name in ("run_id", "run_id_note"):
         value = getattr(cfg, name)
         if value is not None and (not str(value).strip() or "/" in str(value) or str(value) in (".", "..")):
