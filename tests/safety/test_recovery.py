@@ -354,3 +354,13 @@ def test_torch_style_write_error_on_a_full_disk_is_recognised(tmp_path, monkeypa
     assert isinstance(converted, DiskFullError)
     assert "x--1_chkpt" in str(converted) and "about 5.0 MiB needed" in str(converted)
     assert "1000 B free" in str(converted)
+
+
+def test_given_flags_are_those_on_the_command_line_and_in_the_yaml(tmp_path):
+    from finetune import given_flag_names
+
+    yaml_path = tmp_path / "flags.yaml"
+    yaml_path.write_text("seed: 3\nlora_rank: 8\n")
+    argv = ["--config_file_path", "runs/x--10_chkpt", "--resume", "True", "--resume_step=10", "--max_steps", "20",
+            "--config_path", str(yaml_path)]
+    assert given_flag_names(argv) == {"config_file_path", "resume", "resume_step", "max_steps", "seed", "lora_rank"}
