@@ -364,3 +364,28 @@ def test_given_flags_are_those_on_the_command_line_and_in_the_yaml(tmp_path):
     argv = ["--config_file_path", "runs/x--10_chkpt", "--resume", "True", "--resume_step=10", "--max_steps", "20",
             "--config_path", str(yaml_path)]
     assert given_flag_names(argv) == {"config_file_path", "resume", "resume_step", "max_steps", "seed", "lora_rank"}
+
+
+@pytest.mark.slow
+def test_readme_resume_command_from_the_command_line(data_root, tmp_path):
+    from conftest import REPO, run_cli
+
+    runs = tmp_path / "runs"
+    first = run_cli([REPO / "vla-scripts" / "finetune.py", "--data_root_dir", data_root, "--dataset_name", DATASET,
+                     "--run_root_dir", runs, "--model_preset", "tiny", "--batch_size", "1", "--num_images_in_input",
+                     "1", "--image_aug", "False", "--wandb_mode", "disabled", "--lora_rank", "4", "--max_steps", "2",
+                     "--save_freq", "1", "--seed", "3", "--use_craft", "True", "--craft_retention_budget", "0.05",
+                     "--run_id", "r"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    uninterrupted = _trainable(runs / "r--2_chkpt")
+    config_before = (runs / "r" / "config.yaml").read_bytes()
+    # the README's command (plus where this test keeps its runs)
+    again = run_cli([REPO / "vla-scripts" / "finetune.py", "--config_file_path", runs / "r--1_chkpt", "--resume",
+                     "True", "--resume_step", "1", "--max_steps", "2", "--use_craft", "True", "--run_root_dir", runs])
+    assert again.returncode == 0, again.stderr[-3000:]
+    recorded = json.loads((runs / "r--2_chkpt" / "run_config.json").read_text())
+    assert (recorded["seed"], recorded["craft_retention_budget"], recorded["lora_rank"]) == (3, 0.05, 4)
+    assert (runs / "r" / "config.yaml").read_bytes() == config_before
+    resumed = _trainable(runs / "r--2_chkpt")
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=0, msg=name)
