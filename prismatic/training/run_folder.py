@@ -135,6 +135,8 @@ def resolve_resume_config(cfg, recorded: dict | None, given: set[str]):
         if isinstance(current, Path) or (value is not None and names[name].type in ("Path", "Path | None")):
             value = Path(value) if value is not None else None
         updates[name] = value
+    if "run_root_dir" not in given and cfg.config_file_path is not None:
+        updates["run_root_dir"] = Path(cfg.config_file_path).parent  # checkpoints are siblings of the run folder
     return dataclasses.replace(cfg, **updates)
 
 
