@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DATASET, REPO, finetune_args, run_cli, shard_of, tree
+from safety_helpers import DATASET, REPO, finetune_args, run_cli, shard_of, tree
 
 FT = REPO / "vla-scripts" / "finetune.py"
 CACHE = REPO / "vla-scripts" / "build_craft_cache.py"

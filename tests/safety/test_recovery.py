@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATASET, tree
 from safetensors.torch import load_file
+from safety_helpers import DATASET, tree
 
 from finetune import TrainHooks, train
 from prismatic.cli_errors import DiskFullError, UserError, parse_config
@@ -368,7 +368,7 @@ def test_given_flags_are_those_on_the_command_line_and_in_the_yaml(tmp_path):
 
 @pytest.mark.slow
 def test_readme_resume_command_from_the_command_line(data_root, tmp_path):
-    from conftest import REPO, run_cli
+    from safety_helpers import REPO, run_cli
 
     runs = tmp_path / "runs"
     first = run_cli([REPO / "vla-scripts" / "finetune.py", "--data_root_dir", data_root, "--dataset_name", DATASET,
