@@ -20,11 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vla-scripts"))  # `from finetune import train`
 
+from prismatic.cli_errors import UserError, cli_entry
 from prismatic.data.collator import VLACollator
 from prismatic.data.loader import make_train_loader
 from prismatic.data.rlds_dataset import RLDSFrameDataset
 from prismatic.data.synthetic_libero import make_synthetic_libero_dataset
 from prismatic.models.tokenizer_tiny import train_tiny_tokenizer
+from prismatic.training.data_setup import dataset_errors_as_user_errors
 
 
 def measure_loader_fps(dataset: RLDSFrameDataset, batch_size: int = 16, num_workers: int = 2,
@@ -74,8 +76,10 @@ def measure_training_fps(data_root_dir: Path, dataset_name: str, run_root_dir: P
     return batch_size * steps / (stamps[-1] - stamps[warmup_steps - 1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli_entry("bench_dataloader")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     exit_on_error=False)
     parser.add_argument("--data_root_dir", type=Path, default=None)
     parser.add_argument("--dataset_name", default="libero_spatial_no_noops")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -84,15 +88,22 @@ def main() -> None:
     parser.add_argument("--no_aug", action="store_true", help="disable training augmentation")
     parser.add_argument("--with_model", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure the tiny preset's training consumption and print the ratio")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.data_root_dir is not None and not args.data_root_dir.is_dir():
+        raise UserError(f"--data_root_dir '{args.data_root_dir}' does not exist",
+                        "pass the folder holding <dataset_name>/1.0.0/, or omit it to use synthetic data")
+    for name in ("batch_size", "num_batches"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}", f"pass a positive --{name}")
     tokenizer = train_tiny_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_root_dir
         if root is None:
             root = Path(tmp)
             make_synthetic_libero_dataset(root, args.dataset_name, num_tasks=4, episodes_per_task=5, steps=60)
-        dataset = RLDSFrameDataset(root, args.dataset_name, tokenizer, num_images_in_input=2, use_proprio=True,
-                                   image_aug=not args.no_aug, seed=7)
+        with dataset_errors_as_user_errors(args):
+            dataset = RLDSFrameDataset(root, args.dataset_name, tokenizer, num_images_in_input=2, use_proprio=True,
+                                       image_aug=not args.no_aug, seed=7)
         cpu_ms = measure_cpu_ms_per_frame(dataset)
         fps = measure_loader_fps(dataset, args.batch_size, args.num_workers, args.num_batches)
         consumed = measure_training_fps(root, args.dataset_name, Path(tmp) / "runs") if args.with_model else None

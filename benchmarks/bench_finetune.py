@@ -22,11 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vla-scripts"))  # `from finetune import train`
 
-import draccus
 import numpy as np
 import torch
 
 from finetune import TrainHooks, train
+from prismatic.cli_errors import cli_entry, parse_config
 from prismatic.training.finetune_config import FinetuneConfig
 
 
@@ -78,8 +78,9 @@ def measure_finetune(cfg: FinetuneConfig, warmup: int) -> dict:
     }
 
 
-@draccus.wrap()
-def main(bench: BenchConfig) -> None:
+@cli_entry("bench_finetune")
+def main(argv: list[str] | None = None) -> None:
+    bench = parse_config(BenchConfig, argv)
     if bench.threads is not None:
         torch.set_num_threads(bench.threads)
     with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:

@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import draccus
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from prismatic.cli_errors import cli_entry, parse_config  # noqa: E402 - after the sys.path line
 
 
 @dataclass
@@ -135,9 +136,11 @@ def bench_closed_loop(cfg: BenchConfig, policy) -> None:
               f"{summary['policy_calls'] / dt:.2f} policy calls/s in {summary['policy_rounds']} rounds)")
 
 
-@draccus.wrap()
-def main(cfg: BenchConfig) -> None:
+@cli_entry("bench_libero")
+def main(argv: list[str] | None = None) -> None:
     import torch
+
+    cfg = parse_config(BenchConfig, argv)
 
     print(f"torch threads {torch.get_num_threads()}")
     if cfg.pretrained_checkpoint:

@@ -45,9 +45,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import draccus
 import psutil
 import torch
+
+from prismatic.cli_errors import UserError, cli_entry, parse_config
 
 MODES = ("baseline", "craft_offline", "craft_online")
 ISOLATIONS = ("auto", "interleaved", "sequential")
@@ -77,8 +78,8 @@ class BenchConfig:
     # fmt: on
 
 
-class BenchError(ValueError):
-    """A bad flag: reported as one line `error: <what> — <how to fix>`, exit 2."""
+class BenchError(UserError, ValueError):
+    """A bad flag: reported as one line `error: <what> — <how to fix>`, exit 2 (through prismatic.cli_errors)."""
 
 
 def validate(cfg: BenchConfig) -> str:
@@ -458,32 +459,10 @@ def print_table(result: dict) -> None:
               f"{online['n_unreached']} tensors ({online['unreached_params'] / 1e6:.2f}M params) reached by neither")
 
 
-def _parse(argv: list[str] | None = None) -> BenchConfig:
-    """draccus, with its errors reduced to one line."""
-    import contextlib
-    import io
-
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return draccus.parse(config_class=BenchConfig, args=argv)
-    except SystemExit as exc:
-        if exc.code in (0, None):
-            raise
-        lines = [line for line in captured.getvalue().splitlines() if line.strip()]
-        raise BenchError(f"{lines[-1] if lines else 'invalid arguments'} — see --help for the flags") from None
-    except Exception as exc:  # draccus decoding errors (e.g. a non-integer --steps)
-        message = str(exc).strip().splitlines()
-        raise BenchError(f"{message[-1] if message else type(exc).__name__} — see --help for the flags") from None
-
-
+@cli_entry("bench_craft")
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = _parse(argv)
-        validate(cfg)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = parse_config(BenchConfig, argv)
+    validate(cfg)
     print_table(run(cfg))
 
 

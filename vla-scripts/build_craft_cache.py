@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import draccus
 import torch
+
+from prismatic.cli_errors import UserError, cli_entry, parse_config
 
 
 @dataclass
@@ -66,13 +67,11 @@ def build_cache(cfg: BuildCacheConfig) -> dict:
         vla_config_hash,
     )
     from prismatic.training.craft_utils import CRaFTFeatureExtractor
+    from prismatic.training.data_setup import dataset_errors_as_user_errors
     from prismatic.training.policy_setup import BASE_KEYS, build_base_policy
     from prismatic.training.train_step import autocast_context
 
-    if cfg.cache_dir is None:
-        raise ValueError("--cache_dir is required (the folder to write the cache into)")
-    if cfg.batch_size <= 0:
-        raise ValueError(f"--batch_size must be > 0, got {cfg.batch_size}")
+    validate(cfg)
     device = torch.device(cfg.device)
     policy = build_base_policy({k: getattr(cfg, k) for k in BASE_KEYS})
     vla = policy.vla
@@ -85,9 +84,10 @@ def build_cache(cfg: BuildCacheConfig) -> dict:
     vla.to(device).eval()
     extractor = CRaFTFeatureExtractor(vla, raw_layer=cfg.craft_raw_layer, aq_layer=cfg.craft_aq_layer,
                                       anchor_type=cfg.craft_anchor_type)
-    dataset = RLDSFrameDataset(cfg.data_root_dir, cfg.dataset_name, policy.processor.tokenizer,
-                               num_images_in_input=cfg.num_images_in_input, use_proprio=cfg.use_proprio,
-                               image_aug=cfg.image_aug, seed=cfg.seed, image_size=policy.processor.image_size)
+    with dataset_errors_as_user_errors(cfg):
+        dataset = RLDSFrameDataset(cfg.data_root_dir, cfg.dataset_name, policy.processor.tokenizer,
+                                   num_images_in_input=cfg.num_images_in_input, use_proprio=cfg.use_proprio,
+                                   image_aug=cfg.image_aug, seed=cfg.seed, image_size=policy.processor.image_size)
     manifest = expected_cache_manifest(identity=identity, extractor=extractor, hidden_size=vla.config.hidden_size,
                                        train_set=dataset, dataset_name=cfg.dataset_name,
                                        num_images=cfg.num_images_in_input,
@@ -103,8 +103,46 @@ def build_cache(cfg: BuildCacheConfig) -> dict:
     return writer.manifest | {"num_samples": dataset.num_frames}
 
 
-@draccus.wrap()
-def main(cfg: BuildCacheConfig) -> None:
+def validate(cfg: BuildCacheConfig) -> None:
+    """Every flag and path, before the model or the data is built (UserError listing the problems)."""
+    from prismatic.training.finetune_config import PRESETS, SUPPORTED_NUM_IMAGES, _dataset_errors
+
+    errors = []
+    if cfg.cache_dir is None:
+        errors.append("--cache_dir is required (the folder to write the cache into)")
+    elif (Path(cfg.cache_dir) / "manifest.json").exists() and not cfg.overwrite:
+        errors.append(f"--cache_dir '{cfg.cache_dir}' already holds a CRaFT cache (pass --overwrite True to rebuild)")
+    for name in ("batch_size", "shard_size"):
+        if not getattr(cfg, name) > 0:
+            errors.append(f"--{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.num_workers < 0:
+        errors.append(f"--num_workers must be >= 0, got {cfg.num_workers}")
+    if cfg.model_preset not in PRESETS:
+        errors.append(f"--model_preset must be one of {PRESETS}, got '{cfg.model_preset}'")
+    if cfg.num_images_in_input not in SUPPORTED_NUM_IMAGES:
+        errors.append(f"--num_images_in_input must be 1 or 2, got {cfg.num_images_in_input}")
+    if cfg.craft_anchor_type not in ("concat", "raw_only", "aq_only"):
+        errors.append(f"--craft_anchor_type must be concat, raw_only or aq_only, got '{cfg.craft_anchor_type}'")
+    if cfg.model_preset == "real" and cfg.vlm_path is None and cfg.config_file_path is None:
+        errors.append("--model_preset real needs --vlm_path or --config_file_path (only --model_preset tiny can be "
+                      "built from scratch)")
+    for name in ("vlm_path", "config_file_path", "craft_snapshot_path"):
+        value = getattr(cfg, name)
+        if value is not None and not Path(value).exists():
+            errors.append(f"--{name} '{value}' does not exist")
+    if not Path(cfg.data_root_dir).is_dir():
+        errors.append(f"--data_root_dir '{cfg.data_root_dir}' does not exist or is not a directory")
+    else:
+        errors.extend(_dataset_errors(Path(cfg.data_root_dir), cfg.dataset_name))
+    if errors:
+        raise UserError("invalid build_craft_cache configuration: " + "; ".join(errors),
+                        "fix the flags listed (see --help)")
+
+
+@cli_entry("build_craft_cache")
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(BuildCacheConfig, argv)
+    validate(cfg)  # before the model is loaded
     manifest = build_cache(cfg)
     print(f"[build_craft_cache] wrote {manifest['num_samples']} anchors (F = {manifest['feature_dim']}) to "
           f"{cfg.cache_dir}")

@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import draccus
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -46,6 +45,7 @@ if str(REPO) not in sys.path:  # runnable as a plain script from any working dir
     sys.path.insert(0, str(REPO))
 
 from finetune import train
+from prismatic.cli_errors import cli_entry, parse_config
 from prismatic.data.loader import make_eval_loader
 from prismatic.data.normalization import unnormalize_bounds_q99
 from prismatic.data.rlds_dataset import RLDSFrameDataset
@@ -162,6 +162,8 @@ def run_training(ft: FinetuneConfig) -> tuple[Path, float]:
         print(f"[demo] resuming {ft.run_id} from {latest[0]}")
         start_step = latest[1]
         ft = replace(ft, resume=True, resume_step=start_step, config_file_path=latest[0])
+    else:
+        ft = replace(ft, overwrite=True)  # no checkpoint of the demo's own run to continue from: start it again
     start = time.perf_counter()
     result = train(ft)
     seconds = time.perf_counter() - start
@@ -544,5 +546,10 @@ def main(cfg: DemoConfig) -> list[dict]:
     return rows
 
 
+@cli_entry("demo")
+def cli_main(argv: list[str] | None = None) -> None:
+    main(parse_config(DemoConfig, argv))
+
+
 if __name__ == "__main__":
-    main(draccus.parse(config_class=DemoConfig))
+    cli_main()

@@ -39,23 +39,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+if __name__ == "__main__":  # bad flags fail in a second, before torch / transformers are imported
+    from prismatic.training.finetune_config import preflight_main
+
+    preflight_main()
+
 import draccus
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from prismatic.cli_errors import UserError, cli_entry, parse_config
 from prismatic.training import checkpointing as ckpt
-from prismatic.training import policy_setup
-from prismatic.training.craft_cache import CacheManifestMismatch
+from prismatic.training import policy_setup, run_folder
 from prismatic.training.data_setup import TrainStream, build_training_data
 from prismatic.training.distributed import DistEnv, any_rank, barrier, gather_objects, init_distributed
 from prismatic.training.finetune_config import (
-    ConfigError,
+    RAW_STRING_FLAGS,
+    TRAINING_STATE_FILE,
     FinetuneConfig,
     global_batch_size,
     make_run_id,
     parse_checkpoint_dir,
     validate_config,
+    validate_resume_target,
 )
 from prismatic.training.lr_schedule import build_lr_scheduler
 from prismatic.training.metrics_log import MetricsLogger
@@ -138,8 +145,17 @@ def save_resolved_config(cfg: FinetuneConfig, run_dir: Path) -> None:
     os.replace(tmp, run_dir / CONFIG_FILE)
 
 
-def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None) -> TrainResult:
-    """Run fine-tuning as configured; returns where things were written. Raises ConfigError on bad flags."""
+def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None, given_flags: set[str] | None = None) -> TrainResult:
+    """Run fine-tuning as configured; returns where things were written. Raises ConfigError on bad flags.
+
+    given_flags: the flags the user set (command line / YAML); on resume the others take the run's values. In-process
+    callers may omit it: flags that differ from their defaults count as given.
+    """
+    if cfg.resume:
+        validate_resume_target(cfg)  # the checkpoint exists, is complete and matches --resume_step
+        given = run_folder.given_flags_from_defaults(cfg) if given_flags is None else set(given_flags)
+        cfg = run_folder.resolve_resume_config(cfg, policy_setup.recorded_run_config(Path(cfg.config_file_path),
+                                                                                     cfg.run_root_dir), given)
     warnings = validate_config(cfg)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     env = init_distributed()
@@ -158,20 +174,42 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
     # ---- run identity, resume state ---------------------------------------------------------------------------
     seed_everything(cfg.seed)
     resume_state = None
+    run_id = parse_checkpoint_dir(Path(cfg.config_file_path))[0] if cfg.resume else make_run_id(cfg, env.world_size)
+    run_dir = Path(cfg.run_root_dir) / run_id
+    if not cfg.resume:  # every rank refuses alike (no rank waits at a barrier for one that failed)
+        run_folder.claim_run_folder(Path(cfg.run_root_dir), run_id, cfg.overwrite, delete=env.is_main)
+    barrier(env)
+    if env.is_main:
+        for note in run_folder.recover_interrupted_saves(Path(cfg.run_root_dir), run_id):
+            print(f"[finetune] {note}")
+    barrier(env)
     if cfg.resume:
-        run_id, _ = parse_checkpoint_dir(Path(cfg.config_file_path))
+        # every file against the sha256 in COMPLETE (training_state.pt is checked as it is loaded)
+        ckpt.verify_checkpoint(Path(cfg.config_file_path), skip=(TRAINING_STATE_FILE,))
         resume_state = ckpt.load_training_state(Path(cfg.config_file_path))
         if resume_state["step"] != cfg.resume_step:
-            raise ValueError(f"{cfg.config_file_path}: training_state step {resume_state['step']} != --resume_step "
-                             f"{cfg.resume_step}")
-    else:
-        run_id = make_run_id(cfg, env.world_size)
-    run_dir = Path(cfg.run_root_dir) / run_id
+            raise UserError(f"{cfg.config_file_path}: training_state step {resume_state['step']} != --resume_step "
+                            f"{cfg.resume_step}", "pass the step the checkpoint folder was saved at")
     G = global_batch_size(cfg, env.world_size)
+    created_run_dir = env.is_main and not run_dir.exists()
+    created_root = env.is_main and not Path(cfg.run_root_dir).exists()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_config(cfg, run_dir)
+        if not (cfg.resume and (run_dir / CONFIG_FILE).is_file()):  # a resumed run keeps the config it started with
+            save_resolved_config(cfg, run_dir)
+    try:
+        return _train_in_run_dir(cfg, env, hooks, run_id, run_dir, resume_state, G)
+    except BaseException:
+        # a failure before the run logged anything must not leave a folder that passes for a run
+        if created_run_dir and not run_folder.run_artefacts(Path(cfg.run_root_dir), run_id):
+            ckpt.remove_tree(run_dir)
+            if created_root and not any(Path(cfg.run_root_dir).iterdir()):
+                Path(cfg.run_root_dir).rmdir()
+        raise
 
+
+def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_id: str, run_dir: Path,
+                      resume_state: dict | None, G: int) -> TrainResult:
     # ---- model, data ------------------------------------------------------------------------------------------
     policy = policy_setup.build_policy(cfg, env)          # LoRA applied; on resume the checkpoint's weights
     start_step = resume_state["step"] if resume_state else 0
@@ -259,6 +297,8 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
             **({"related": related.state_dict()} if related is not None else {}),
             **({"retention_monitor": monitor.state_dict()} if monitor is not None else {}),
         }
+        # checked on every rank (the weights are replicated), so a diverged run stops everywhere before writing
+        policy_setup.check_finite_weights(policy, Path(cfg.run_root_dir), run_id, step)
         if env.is_main:
             policy_setup.save_training_checkpoint(cfg, policy, run_root_dir=Path(cfg.run_root_dir), run_id=run_id,
                                                   step=step, training_state=state)
@@ -347,16 +387,30 @@ def _progress_bar(env: DistEnv, start: int, total: int):
     return tqdm(total=total, initial=start, desc="finetune", dynamic_ncols=True, leave=False)
 
 
-def main() -> None:
-    cfg = draccus.parse(config_class=FinetuneConfig)  # also reads --config_path x.yaml (CLI flags override it)
-    try:
-        result = train(cfg)
-    except (ConfigError, CacheManifestMismatch) as exc:  # bad flags / a cache of another model: no traceback
-        print(f"[finetune] {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+@cli_entry("finetune")
+def main(argv: list[str] | None = None) -> None:
+    """Expected errors (bad flags, data, a full disk, a refused run folder): one `error:` line, exit 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    # also reads --config_path x.yaml (CLI flags override it)
+    cfg = parse_config(FinetuneConfig, args, raw_string_fields=RAW_STRING_FLAGS)
+    result = train(cfg, given_flags=given_flag_names(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[finetune] run {result.run_id}: finished at step {result.final_step}; last checkpoint "
               f"{result.last_checkpoint}{' (stopped by signal)' if result.stopped_by_signal else ''}")
+
+
+def given_flag_names(args: list[str]) -> set[str]:
+    """Flags set on the command line or in the --config_path YAML (what a resume must not silently override)."""
+    names = {a[2:].split("=", 1)[0] for a in args if a.startswith("--")}
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config_path" and i + 1 < len(args) else \
+            arg.split("=", 1)[1] if arg.startswith("--config_path=") else None
+        if path is not None and Path(path).is_file():
+            import yaml
+
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            names |= set(loaded) if isinstance(loaded, dict) else set()
+    return names - {"config_path"}
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import draccus
 import numpy as np
 import torch
 
+from prismatic.cli_errors import UserError, cli_entry, parse_config
 from prismatic.data.collator import VLACollator
 from prismatic.data.rlds_dataset import RLDSFrameDataset
 from prismatic.models.loaders import load_policy
@@ -59,6 +59,10 @@ class DriftConfig:
     dtype: str = "auto"                     # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16; pooled in fp32
 
 
+class DriftConfigError(UserError, ValueError):
+    """Bad measure_drift flags (listed)."""
+
+
 def validate(cfg: DriftConfig) -> None:
     errors = []
     for name in ("reference_path", "finetuned_path", "data_root_dir"):
@@ -74,7 +78,8 @@ def validate(cfg: DriftConfig) -> None:
     if cfg.dtype not in DTYPE_CHOICES:
         errors.append(f"--dtype must be one of {list(DTYPE_CHOICES)}, got '{cfg.dtype}'")
     if errors:
-        raise ValueError("invalid measure_drift configuration:\n  - " + "\n  - ".join(errors))
+        raise DriftConfigError("invalid measure_drift configuration: " + "; ".join(errors),
+                        "fix the flags listed (see --help)")
 
 
 def select_frames(num_frames: int, num_samples: int, seed: int) -> np.ndarray:
@@ -130,8 +135,8 @@ def _check_compatible(ref: PolicyMeta, ft: PolicyMeta, instructions: list[str]) 
         problems.append(f"LLM sizes differ: reference (L={a.num_llm_layers}, D={a.hidden_size}) vs fine-tuned "
                         f"(L={b.num_llm_layers}, D={b.hidden_size})")
     if problems:
-        raise ValueError("the reference and fine-tuned policies cannot be compared on the same inputs: "
-                         + "; ".join(problems))
+        raise DriftConfigError("the reference and fine-tuned policies cannot be compared on the same inputs: "
+                               + "; ".join(problems), "compare policies with the same cameras and proprio")
 
 
 def measure_drift(cfg: DriftConfig) -> dict:
@@ -141,9 +146,13 @@ def measure_drift(cfg: DriftConfig) -> dict:
     reference = _load(Path(cfg.reference_path), cfg.reference_step, cfg, device)
     tokenizer = reference.processor.tokenizer
     # image_aug=True only switches get_frame to the eval center crop; get_frame never draws random augmentation
-    dataset = RLDSFrameDataset(cfg.data_root_dir, cfg.dataset_name, tokenizer,
-                               num_images_in_input=reference.policy_config.num_images_in_input,
-                               image_aug=cfg.center_crop, seed=cfg.seed, image_size=reference.processor.image_size)
+    from prismatic.training.data_setup import dataset_errors_as_user_errors
+
+    with dataset_errors_as_user_errors(cfg):
+        dataset = RLDSFrameDataset(cfg.data_root_dir, cfg.dataset_name, tokenizer,
+                                   num_images_in_input=reference.policy_config.num_images_in_input,
+                                   image_aug=cfg.center_crop, seed=cfg.seed,
+                                   image_size=reference.processor.image_size)
     frames = select_frames(dataset.num_frames, cfg.num_samples, cfg.seed)
     samples = [dataset.get_frame(int(i)) for i in frames]  # eval view: no random augmentation
     instructions = sorted({s["instruction"] for s in samples})
@@ -237,8 +246,9 @@ def write_outputs(report: dict, output_dir: Path) -> None:
         tmp_dir.rmdir()
 
 
-@draccus.wrap()
-def main(cfg: DriftConfig) -> None:
+@cli_entry("measure_drift")
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(DriftConfig, argv)
     report = measure_drift(cfg)
     m = report["craft_default_anchor"]
     print(f"[measure_drift] {report['num_samples']} samples, {report['probe']['num_classes']} tasks; "

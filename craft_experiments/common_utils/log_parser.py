@@ -195,4 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+    from prismatic.cli_errors import cli_entry  # one-line errors, exit 2 (`--debug True`: traceback)
+
+    sys.exit(cli_entry("log_parser")(main)())

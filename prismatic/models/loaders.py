@@ -182,6 +182,10 @@ def load_policy(path: str | Path, *, step: int | None = None, tokenizer_path: st
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"policy folder {directory} does not exist")
+    from prismatic.integrity import verify_checkpoint
+
+    # our checkpoints: the policy's files against the sha256 in COMPLETE (the optimizer state is not read here)
+    verify_checkpoint(directory, skip=("training_state.pt",))
     if (directory / POLICY_CONFIG_NAME).exists():
         return VLAPolicy.from_pretrained(directory, step=step, device=device, dtype=dtype)
     if find_component_file(directory, "action_head", step) is not None:

@@ -22,6 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prismatic.cli_errors import disk_full_error
+from prismatic.integrity import (  # noqa: F401 - re-exported: the checkpoint API lives here
+    CorruptCheckpointError,
+    file_sha256,
+    folder_sha256,
+    read_complete_marker,
+    verify_checkpoint,
+)
 from prismatic.training.finetune_config import COMPLETE_MARKER, TRAINING_STATE_FILE, parse_checkpoint_dir
 
 TRAINING_STATE_VERSION = 1
@@ -79,11 +87,16 @@ def write_checkpoint_atomically(final_dir: Path, write_contents: Callable[[Path]
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        write_contents(tmp_dir)
-        with open(tmp_dir / COMPLETE_MARKER, "w") as f:
-            json.dump({**marker, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            write_contents(tmp_dir)
+            write_complete_marker(tmp_dir, marker)
+        except BaseException as exc:
+            needed = _checkpoint_size_estimate(final_dir, tmp_dir)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            converted = disk_full_error(exc, final_dir, needed)
+            if converted is not exc:
+                raise converted from exc
+            raise
         _fsync_dir(tmp_dir)
         if final_dir.exists():
             os.rename(final_dir, old_dir)
@@ -99,10 +112,52 @@ def write_checkpoint_atomically(final_dir: Path, write_contents: Callable[[Path]
 
 
 def prune_checkpoints(run_root_dir: Path, run_id: str, keep: Path) -> None:
-    """Remove every complete checkpoint of `run_id` except `keep` (for --save_latest_checkpoint_only)."""
+    """Remove every complete checkpoint of `run_id` except `keep` (for --save_latest_checkpoint_only); each is
+    renamed to a hidden trash name first, so an interruption never leaves a partial folder under a checkpoint name."""
     for _, path in list_checkpoints(run_root_dir, run_id):
         if path.resolve() != Path(keep).resolve():
-            shutil.rmtree(path)
+            remove_tree(path)
+
+
+def remove_tree(path: Path) -> None:
+    """Rename `path` to `.<name>.trash-<pid>`, then delete it (start-up removes trash left by a kill)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = path.parent / f".{path.name}.trash-{os.getpid()}"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---- checksums in the COMPLETE marker (prismatic/integrity.py) ---------------------------------------------------
+def write_complete_marker(folder: Path, marker: dict) -> None:
+    """COMPLETE (json: `marker`, time, sha256 of every file), written atomically and fsynced."""
+    record = {**marker, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sha256": folder_sha256(folder)}
+    tmp = Path(folder) / f".{COMPLETE_MARKER}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(folder) / COMPLETE_MARKER)
+
+
+def reseal_checkpoint(folder: Path) -> None:
+    """Record the current files' sha256 after a tool added or replaced files in a checkpoint (merge_lora)."""
+    marker = {k: v for k, v in read_complete_marker(folder).items() if k not in ("sha256", "time")}
+    write_complete_marker(folder, marker)
+
+
+def _checkpoint_size_estimate(final_dir: Path, tmp_dir: Path) -> int | None:
+    """Bytes a checkpoint of this run takes: the newest sibling checkpoint's size, else what was written so far."""
+    try:
+        run_id, _ = parse_checkpoint_dir(final_dir)
+        previous = list_checkpoints(final_dir.parent, run_id)
+        folder = previous[-1][1] if previous else tmp_dir
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) or None
+    except (OSError, ValueError):
+        return None
 
 
 # ---- RNG state as tensors ------------------------------------------------------------------------------------
@@ -141,6 +196,7 @@ def load_training_state(checkpoint: Path) -> dict:
     if not is_complete_checkpoint(checkpoint):
         raise FileNotFoundError(f"'{checkpoint}' is not a complete checkpoint (no {COMPLETE_MARKER} marker or "
                                 "not named '<run id>--<step>_chkpt')")
+    verify_checkpoint(checkpoint, [TRAINING_STATE_FILE])
     path = checkpoint / TRAINING_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{checkpoint}' has no {TRAINING_STATE_FILE}")

@@ -24,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from prismatic.cli_errors import UserError
+
 CACHE_FORMAT_VERSION = 2  # 2: chat-template prompt, head positions one left of patches/queries
 MANIFEST_NAME = "manifest.json"
 REQUIRED_MANIFEST_FIELDS = (
@@ -38,7 +40,7 @@ REQUIRED_MANIFEST_FIELDS = (
 )
 
 
-class CacheManifestMismatch(ValueError):
+class CacheManifestMismatch(UserError, ValueError):
     """The cache was built for another model / layers / transform / dataset than the one requested."""
 
 
@@ -177,7 +179,7 @@ class CraftCacheWriter:
         tmp = self.dir / (name + ".tmp")
         save_file({"features": feats[:n].contiguous()}, str(tmp), metadata=meta)
         os.replace(tmp, self.dir / name)
-        self._shards.append({"file": name, "num_samples": n})
+        self._shards.append({"file": name, "num_samples": n, "sha256": _file_sha256(self.dir / name)})
         self._ids, self._hashes = self._ids[n:], self._hashes[n:]
         self._feats = [feats[n:]] if feats.shape[0] > n else []
 
@@ -219,6 +221,13 @@ class CraftCacheReader:
         self._index: dict[str, tuple[int, int, str]] = {}
         self._shard_files = [s["file"] for s in self.manifest["shards"]]
         self._loaded: dict[int, torch.Tensor] = {}
+        corrupt = [s["file"] for s in self.manifest["shards"]
+                   if "sha256" in s and (not (self.dir / s["file"]).is_file()
+                                         or _file_sha256(self.dir / s["file"]) != s["sha256"])]
+        if corrupt:  # older caches carry no shard checksums and are read as they are
+            raise UserError(f"CRaFT cache {self.dir} is corrupt: {', '.join(corrupt[:5])} missing or its sha256 "
+                            "differs from manifest.json",
+                            "rebuild it with vla-scripts/build_craft_cache.py --overwrite True")
         for si, fname in enumerate(self._shard_files):
             with safe_open(str(self.dir / fname), framework="pt") as f:
                 meta = f.metadata()
@@ -264,3 +273,11 @@ class CraftCacheReader:
         if not rows:
             return torch.zeros(0, self.feature_dim)
         return torch.stack(rows)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from prismatic.cli_errors import UserError
 from prismatic.training.craft_cache import (
     CraftCacheReader,
     build_manifest,
@@ -230,14 +231,22 @@ class CRaFTStep:
                              f"this one {self.source}: θ0 / the cache would differ; keep the same source")
         snapshot = None
         self.snapshot_sha256 = None
+        # θ0's weights hash, recorded when the run starts: a resume must anchor to the same θ0
+        self.theta0_sha256 = saved.get("theta0_sha256")
         if cfg.craft_snapshot_path is not None:
             snapshot = load_snapshot_state(Path(cfg.craft_snapshot_path), cfg.model_preset)
             self.snapshot_sha256 = hash_state_dict(snapshot)
-            if saved.get("snapshot_sha256") not in (None, self.snapshot_sha256):
-                raise ValueError(f"--craft_snapshot_path {cfg.craft_snapshot_path} is not the θ0 snapshot this run "
-                                 "started with (weights hash differs)")
+            recorded = saved.get("snapshot_sha256") or saved.get("theta0_sha256")
+            if recorded not in (None, self.snapshot_sha256):
+                raise UserError(f"--craft_snapshot_path {cfg.craft_snapshot_path} is not the θ0 this run started "
+                                "with (its weights hash differs from the one recorded at the start)",
+                                "pass the model the run started from (or resume without --craft_snapshot_path if "
+                                "the run used none)")
+            self.theta0_sha256 = self.snapshot_sha256
         elif saved and saved.get("snapshot_sha256") is not None:
-            raise ValueError("the resumed CRaFT run anchored to a snapshot: pass the same --craft_snapshot_path")
+            raise UserError("the resumed CRaFT run anchored to a snapshot", "pass the same --craft_snapshot_path")
+        elif not saved and self.source == "online" and not self.is_lora:
+            self.theta0_sha256 = hash_state_dict({n: t.float() for n, t in theta0_vla_state(vla).items()})
 
         self.weights: CRaFTWeightManager | None = None
         self.cache: CraftCacheReader | None = None
@@ -266,8 +275,9 @@ class CRaFTStep:
             return CRaFTWeightManager(vla, storage="copy", snapshot_state=snapshot)
         if self.cfg.resume:
             if not self.is_lora:
-                raise ValueError("resuming a full fine-tuning CRaFT run with online anchors needs θ0: pass "
-                                 "--craft_snapshot_path <the model the run started from>")
+                raise UserError("resuming a full fine-tuning CRaFT run with online anchors needs θ0",
+                                "pass --craft_snapshot_path <the model the run started from> (checked against the "
+                                "weights hash recorded at the start)")
             theta0 = saved.get("theta0")
             if theta0 is None:
                 raise KeyError("the checkpoint's CRaFT state has no θ0 copies ('theta0'): cannot rebuild the anchors")
@@ -354,6 +364,7 @@ class CRaFTStep:
         state: dict[str, Any] = {"version": STATE_VERSION, "dual": self.dual.state_dict(),
                                  "projector": self.projector.state_dict(), "anchor_source": self.source,
                                  "snapshot_sha256": self.snapshot_sha256, "model_identity": self.identity,
+                                 "theta0_sha256": self.theta0_sha256,
                                  "raw_layer": self.extractor.raw_layer, "aq_layer": self.extractor.aq_layer,
                                  "anchor_type": self.extractor.anchor_type}
         if self.weights is not None and self.is_lora and self.snapshot_sha256 is None:

@@ -7,11 +7,13 @@ whatever the world size, accumulation or resume point.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prismatic.cli_errors import UserError
 from prismatic.data.loader import make_eval_loader, make_train_loader
 from prismatic.data.rlds_dataset import RLDSFrameDataset
 from prismatic.models.policy import STATS_NAME, VLAPolicy
@@ -87,11 +89,13 @@ def build_training_data(cfg: FinetuneConfig, policy: VLAPolicy, env: DistEnv, ru
                   num_images_in_input=cfg.num_images_in_input, use_proprio=cfg.use_proprio, image_aug=cfg.image_aug,
                   seed=cfg.seed, val_fraction=VAL_FRACTION if cfg.use_val_set else 0.0,
                   image_size=policy.processor.image_size)
-    train_set = RLDSFrameDataset(**common, num_demos_per_task=cfg.num_demos_per_task, split="train",
-                                 statistics=statistics)
-    val_set = None
-    if cfg.use_val_set:
-        val_set = RLDSFrameDataset(**common, split="val", statistics=train_set.dataset_statistics)
+    with dataset_errors_as_user_errors(cfg):
+        train_set = RLDSFrameDataset(**common, num_demos_per_task=cfg.num_demos_per_task, split="train",
+                                     statistics=statistics)
+        check_few_shot_shortfall(train_set, cfg)
+        val_set = None
+        if cfg.use_val_set:
+            val_set = RLDSFrameDataset(**common, split="val", statistics=train_set.dataset_statistics)
     if env.is_main:
         train_set.save_dataset_statistics(run_dir)
         if cfg.num_demos_per_task is not None:
@@ -101,3 +105,36 @@ def build_training_data(cfg: FinetuneConfig, policy: VLAPolicy, env: DistEnv, ru
                         noise_shape=tuple(head.input_shape_per_sample), noise_std=float(head.noise_std),
                         dataset_statistics=train_set.dataset_statistics)
 
+
+
+# ---- run safety --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def dataset_errors_as_user_errors(cfg: FinetuneConfig):
+    """A dataset that cannot be read (corrupt / truncated / empty shard, episodes shorter than the action chunk,
+    an empty few-shot selection) is the user's data, not a bug: one line naming the dataset."""
+    from prismatic.data.example_codec import ExampleFormatError
+    from prismatic.data.few_shot import EmptySelectionError
+    from prismatic.data.rlds_catalog import DatasetNotFoundError
+    from prismatic.data.tfrecord import CorruptTFRecordError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (CorruptTFRecordError, ExampleFormatError, EmptySelectionError, DatasetNotFoundError, ValueError,
+            KeyError, OSError) as exc:
+        raise UserError(f"dataset '{cfg.dataset_name}' under '{cfg.data_root_dir}' cannot be used: "
+                        f"{str(exc).strip() or type(exc).__name__}",
+                        "re-download or rebuild the dataset (docs/DATASETS.md) or pick another --dataset_name") from exc
+
+
+def check_few_shot_shortfall(train_set: RLDSFrameDataset, cfg: FinetuneConfig) -> None:
+    """--num_demos_per_task N with fewer than N demos for some task is an error unless --allow_fewer_demos True."""
+    if cfg.num_demos_per_task is None or not train_set.few_shot_episodes:
+        return
+    short = [f"{name}: '{task}' has {len(ids)}" for name, tasks in train_set.few_shot_episodes.items()
+             for task, ids in tasks.items() if len(ids) < cfg.num_demos_per_task]
+    if short and not cfg.allow_fewer_demos:
+        raise UserError(f"--num_demos_per_task {cfg.num_demos_per_task}: {len(short)} task(s) have fewer demos "
+                        f"({'; '.join(short[:3])}{' ...' if len(short) > 3 else ''})",
+                        "lower --num_demos_per_task, or pass --allow_fewer_demos True to train on what there is")

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from prismatic.cli_errors import UserError
+
 PRESETS = ("real", "tiny")
 WANDB_MODES = ("online", "offline", "disabled")
 CRAFT_ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
@@ -24,7 +26,7 @@ COMPLETE_MARKER = "COMPLETE"
 TRAINING_STATE_FILE = "training_state.pt"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A flag (or a combination of flags) that cannot work; the message lists every problem found."""
 
 
@@ -120,6 +122,9 @@ class FinetuneConfig:
     # ---- precision (issue 16) ------------------------------------------------------------------------------------
     dtype: str = "auto"                     # auto: bf16 autocast on CUDA, fp32 on CPU | bfloat16: bf16 autocast on
                                             # CPU too (fp32 master weights; tests) | float32: no autocast anywhere
+    # ---- run safety (docs/EXPERIMENTS_AND_TRAINING.md, "Failure and recovery") ------------------------------
+    overwrite: bool = False                 # a fresh run may replace (delete) an existing run of this id
+    allow_fewer_demos: bool = False         # --num_demos_per_task N with fewer demos for a task: keep them all
     # fmt: on
 
     @property
@@ -138,6 +143,7 @@ def make_run_id(cfg: FinetuneConfig, world_size: int) -> str:
     source = cfg.config_file_path or cfg.vlm_path
     model = Path(source).name if source else f"scratch-{cfg.model_preset}"
     run_id = f"{model}+{cfg.dataset_name}+b{global_batch_size(cfg, world_size)}+lr-{cfg.learning_rate}"
+    run_id += f"+seed-{cfg.seed}"  # two seeds of one recipe are two runs, never one folder
     if cfg.use_lora:
         run_id += f"+lora-r{cfg.lora_rank}+dropout-{cfg.lora_dropout}"
     if cfg.use_craft:
@@ -175,6 +181,7 @@ def validate_config(cfg: FinetuneConfig) -> list[str]:
         positive(name)
     for name in ("lr_warmup_steps", "num_workers"):
         positive(name, allow_zero=True)
+    errors.extend(_run_safety_errors(cfg))
     if cfg.use_val_set:
         positive("val_freq")
     if cfg.retention_monitor:
@@ -314,23 +321,28 @@ def _craft_errors(cfg: FinetuneConfig, warnings: list[str]) -> list[str]:
         errors.append(f"--craft_anchor_type must be one of {CRAFT_ANCHOR_TYPES}, got '{cfg.craft_anchor_type}'")
     if cfg.craft_anchor_source not in CRAFT_ANCHOR_SOURCES:
         errors.append(f"--craft_anchor_source must be one of {CRAFT_ANCHOR_SOURCES}, got '{cfg.craft_anchor_source}'")
-    if not cfg.craft_retention_budget >= 0:
-        errors.append(f"--craft_retention_budget (epsilon) must be >= 0, got {cfg.craft_retention_budget}")
-    if not cfg.craft_dual_lr >= 0:
-        errors.append(f"--craft_dual_lr must be >= 0, got {cfg.craft_dual_lr}")
-    if not cfg.craft_delta > 0:
-        errors.append(f"--craft_delta must be > 0, got {cfg.craft_delta}")
-    if not cfg.craft_init_lambda >= 0:
-        errors.append(f"--craft_init_lambda must be >= 0, got {cfg.craft_init_lambda}")
+    if not (cfg.craft_retention_budget >= 0 and math.isfinite(cfg.craft_retention_budget)):
+        errors.append(f"--craft_retention_budget (epsilon) must be >= 0 and finite, got "
+                      f"{cfg.craft_retention_budget}")
+    if not (cfg.craft_dual_lr >= 0 and math.isfinite(cfg.craft_dual_lr)):
+        errors.append(f"--craft_dual_lr must be >= 0 and finite, got {cfg.craft_dual_lr}")
+    if not (cfg.craft_delta > 0 and math.isfinite(cfg.craft_delta)):
+        errors.append(f"--craft_delta must be > 0 and finite, got {cfg.craft_delta}")
+    if not (cfg.craft_init_lambda >= 0 and math.isfinite(cfg.craft_init_lambda)):
+        errors.append(f"--craft_init_lambda must be >= 0 and finite, got {cfg.craft_init_lambda}")
+    num_layers = expected_num_llm_layers(cfg) if (cfg.craft_raw_layer, cfg.craft_aq_layer) != (None, None) else None
     for name in ("craft_raw_layer", "craft_aq_layer"):
         value = getattr(cfg, name)
         if value is not None and value < 0:
             errors.append(f"--{name} must be >= 0 (a hidden-state index), got {value}")
+        elif value is not None and num_layers is not None and value > num_layers:
+            errors.append(f"--{name} {value} is outside the model's hidden states 0..{num_layers} (its LLM has "
+                          f"{num_layers} layers)")
     if cfg.craft_fixed_lambda is not None:
         if cfg.craft_enable_dual:
             errors.append("--craft_fixed_lambda is set but --craft_enable_dual is True: a fixed lambda needs "
                           "--craft_enable_dual False")
-        elif not cfg.craft_fixed_lambda >= 0:
+        elif not (cfg.craft_fixed_lambda >= 0 and math.isfinite(cfg.craft_fixed_lambda)):
             errors.append(f"--craft_fixed_lambda must be >= 0, got {cfg.craft_fixed_lambda}")
     errors.extend(_craft_dual_errors(cfg))
     if cfg.craft_anchor_source == "offline":
@@ -349,3 +361,84 @@ def _craft_errors(cfg: FinetuneConfig, warnings: list[str]) -> list[str]:
             and cfg.craft_init_lambda == 0.0:
         warnings.append("CRaFT with projection off, dual off and lambda 0 is the plain step plus a retention forward")
     return errors
+
+
+# ---- run safety: checks of issue 14 (kept in one block) --------------------------------------------------------
+SUPPORTED_NUM_IMAGES = (1, 2)  # third-person camera (+ wrist camera): the LIBERO RLDS datasets hold two
+
+
+def _run_safety_errors(cfg: FinetuneConfig) -> list[str]:
+    errors = []
+    if isinstance(cfg.num_images_in_input, int) and cfg.num_images_in_input > 0 \
+            and cfg.num_images_in_input not in SUPPORTED_NUM_IMAGES:
+        errors.append(f"--num_images_in_input must be 1 (third-person) or 2 (+ wrist), got {cfg.num_images_in_input}")
+    if not cfg.resume and cfg.model_preset == "real" and cfg.vlm_path is None and cfg.config_file_path is None:
+        errors.append("--model_preset real needs --vlm_path or --config_file_path (only --model_preset tiny can be "
+                      "built from scratch)")
+    for name in ("run_id", "run_id_note"):
+        value = getattr(cfg, name)
+        if value is not None and (not str(value).strip() or "/" in str(value) or str(value) in (".", "..")):
+            errors.append(f"--{name} '{value}' cannot name a folder (empty, '/', '.' or '..')")
+    return errors
+
+
+def expected_num_llm_layers(cfg: FinetuneConfig) -> int | None:
+    """L (text_config.num_hidden_layers) of the model the run will build, read from config.json or the preset
+    without building anything; None if it cannot be known yet (the extractor checks again once built)."""
+    import json
+
+    for source in (cfg.vlm_path, cfg.config_file_path):
+        if source is None:
+            continue
+        path = Path(source) / "config.json"
+        if not path.is_file():
+            continue
+        try:
+            text = json.loads(path.read_text()).get("text_config") or {}
+        except (OSError, ValueError):
+            return None
+        layers = text.get("num_hidden_layers") if isinstance(text, dict) else None
+        return int(layers) if isinstance(layers, int) else None
+    if cfg.vlm_path is None and cfg.config_file_path is None and cfg.model_preset in PRESETS:
+        from prismatic.models.configuration_vla import make_vla_config
+
+        return int(make_vla_config(cfg.model_preset).text_config.num_hidden_layers)
+    return None
+
+
+def validate_resume_target(cfg: FinetuneConfig) -> None:
+    """--resume True: the checkpoint exists, is complete and matches --resume_step (checked before the run's
+    recorded flags are merged in; everything else is checked after)."""
+    errors = []
+    if cfg.config_file_path is not None and not Path(cfg.config_file_path).exists():
+        errors.append(f"--config_file_path '{cfg.config_file_path}' does not exist")
+    else:
+        errors.extend(e for e in _resume_errors(cfg) if "--max_steps" not in e)  # max_steps may be inherited
+    if errors:
+        raise ConfigError("cannot resume:\n  - " + "\n  - ".join(errors))
+
+
+RAW_STRING_FLAGS = ("run_id", "run_id_note")  # never read as YAML (`--run_id off` is the folder "off")
+
+
+def preflight_main(argv: list[str] | None = None) -> None:
+    """finetune.py's first step, before its heavy imports: parse and validate the flags of a fresh run (a resumed
+    run is checked after its recorded flags are merged in). Expected errors exit 2 with one line."""
+    from prismatic.cli_errors import cli_entry, parse_config
+
+    @cli_entry("finetune")
+    def check(args: list[str] | None = None) -> None:
+        cfg = parse_config(FinetuneConfig, args, raw_string_fields=RAW_STRING_FLAGS)
+        if cfg.resume:
+            validate_resume_target(cfg)
+        else:
+            import os
+
+            from prismatic.training.run_folder import claim_run_folder
+
+            validate_config(cfg)
+            if not cfg.overwrite:  # refuse an existing run now; --overwrite deletes only once training starts
+                claim_run_folder(Path(cfg.run_root_dir), make_run_id(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
+                                 overwrite=False)
+
+    check(argv)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
+
+from prismatic.cli_errors import disk_full_error
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -43,8 +46,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk is one clear line naming the file, not a traceback
+            converted = disk_full_error(exc, self.path)
+            if converted is not exc:
+                raise converted from exc
+            raise
         if self._wandb_run is not None:
             self._wandb_run.log({k: float(v) for k, v in metrics.items()}, step=int(step))
 
@@ -88,20 +97,45 @@ def _wandb_id(run_id: str) -> str:
     return hashlib.sha1(run_id.encode()).hexdigest()[:16]
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """All records of a metrics.jsonl file (empty list if it does not exist)."""
+def read_metrics(path: Path, warn: bool = True) -> list[dict]:
+    """All records of a metrics.jsonl file (empty list if it does not exist).
+
+    A line that is not a JSON object (a torn last line after a crash or a full disk) is skipped and reported on
+    stderr; the good lines are kept.
+    """
+    return read_metrics_checked(path, warn=warn)[0]
+
+
+def read_metrics_checked(path: Path, warn: bool = True) -> tuple[list[dict], list[int]]:
+    """(records, 1-based numbers of the unreadable lines)."""
     path = Path(path)
     if not path.is_file():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [], []
+    records, bad = [], []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+            else:
+                bad.append(number)
+    if bad and warn:
+        print(f"warning: {path}: skipped {len(bad)} unreadable line(s) (line {', '.join(map(str, bad[:5]))}; a torn "
+              "write after a crash or a full disk); kept the other records", file=sys.stderr)
+    return records, bad
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop records with step > `step` (left by a run that went past the checkpoint being resumed)."""
-    records = read_metrics(path)
+    """Drop records with step > `step` (left by a run that went past the checkpoint being resumed) and any torn
+    line, so the resumed run appends to a clean file."""
+    records, bad = read_metrics_checked(path)
     kept = [r for r in records if r["step"] <= step]
-    if len(kept) == len(records):
+    if len(kept) == len(records) and not bad:
         return
     tmp = Path(f"{path}.tmp")
     with open(tmp, "w") as f:

@@ -24,18 +24,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from prismatic.cli_errors import UserError
 from prismatic.models.configuration_vla import make_vla_config
 from prismatic.models.loaders import load_policy
 from prismatic.models.modeling_vla import OpenVLAForActionPrediction, apply_lora, lora_target_modules
 from prismatic.models.policy import POLICY_CONFIG_NAME, STATS_NAME, PolicyConfig, VLAPolicy, component_filename
 from prismatic.models.processing_vla import PrismaticProcessor
 from prismatic.training import checkpointing as ckpt
+from prismatic.training import run_folder
 from prismatic.training.distributed import DistEnv
 from prismatic.training.finetune_config import TRAINING_STATE_FILE, FinetuneConfig
 
 LORA_DIR = "lora_adapter"
 TRAINABLE_STATE_FILE = "trainable_state.safetensors"
 LORA_BASE_FILE = "lora_base.json"
+RUN_CONFIG_FILE = "run_config.json"  # the run's resolved flags: what a resume inherits and must not change
 BASE_KEYS = ("vlm_path", "config_file_path", "model_preset", "seed", "use_pro_version", "use_proprio",
              "num_images_in_input")
 
@@ -256,6 +259,7 @@ def save_training_checkpoint(cfg: FinetuneConfig, policy: VLAPolicy, *, run_root
     """Write `{run_root_dir}/{run_id}--{step}_chkpt` atomically (COMPLETE last); prune older ones if asked."""
     final = ckpt.checkpoint_dir(run_root_dir, run_id, step)
     lora = is_lora(policy)
+    check_finite_weights(policy, run_root_dir, run_id, step)
 
     def write(tmp: Path) -> None:
         if not lora:
@@ -269,6 +273,7 @@ def save_training_checkpoint(cfg: FinetuneConfig, policy: VLAPolicy, *, run_root
             write_lora_adapter(policy, tmp / LORA_DIR, base, cfg.lora_rank, cfg.lora_dropout,
                                cfg.freeze_vision_backbone)
         ckpt.save_training_state(tmp / TRAINING_STATE_FILE, training_state)
+        (tmp / RUN_CONFIG_FILE).write_text(json.dumps(run_folder.config_record(cfg), indent=2) + "\n")
 
     marker = {"step": step, "run_id": run_id, "lora": lora, "merged": (not lora) or cfg.merge_lora_during_training}
     ckpt.write_checkpoint_atomically(final, write, marker)
@@ -288,3 +293,32 @@ def training_base(cfg: FinetuneConfig) -> dict:
         meta = Path(cfg.config_file_path) / LORA_DIR / LORA_BASE_FILE
         return json.loads(meta.read_text())["base"] | (_base_override(cfg) or {})
     return {k: getattr(cfg, k) for k in BASE_KEYS}
+
+
+# ---- run safety --------------------------------------------------------------------------------------------------
+def check_finite_weights(policy: VLAPolicy, run_root_dir: Path, run_id: str, step: int) -> None:
+    """A checkpoint whose trainable weights hold NaN / inf is never written (it would pass for complete)."""
+    bad = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
+    if bad:
+        previous = ckpt.list_checkpoints(Path(run_root_dir), run_id)
+        kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no checkpoint was written"
+        raise UserError(f"step {step}: {len(bad)} trainable tensor(s) are not finite (e.g. {bad[0]}); the run "
+                        f"diverged and was not saved ({kept})",
+                        "lower --learning_rate (or raise --lr_warmup_steps) and resume from the previous checkpoint "
+                        "or start again")
+
+
+def recorded_run_config(chkpt: Path, run_root_dir: Path | None = None) -> dict | None:
+    """The flags of the run that wrote `chkpt`: its run_config.json, else the run's config.yaml (older runs)."""
+    chkpt = Path(chkpt)
+    if (chkpt / RUN_CONFIG_FILE).is_file():
+        return json.loads((chkpt / RUN_CONFIG_FILE).read_text())
+    run_id, _ = ckpt.parse_checkpoint_dir(chkpt)
+    for root in {chkpt.parent, Path(run_root_dir) if run_root_dir is not None else chkpt.parent}:
+        path = root / run_id / run_folder.CONFIG_FILE
+        if path.is_file():
+            import yaml
+
+            loaded = yaml.safe_load(path.read_text())
+            return loaded if isinstance(loaded, dict) else None
+    return None

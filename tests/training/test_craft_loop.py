@@ -258,7 +258,7 @@ def test_bad_craft_inputs_fail_clearly(make_cfg, tiny_data_root, tmp_path):
         train(make_cfg(use_craft=True, retention_method="align"))
     with pytest.raises(ConfigError, match="--retention_method must be one of"):
         train(make_cfg(retention_method="l2"))
-    with pytest.raises(ValueError, match=r"raw_layer \(craft_raw_layer\)=9 out of range: valid layers are 0..4"):
+    with pytest.raises(ConfigError, match=r"--craft_raw_layer 9 is outside the model's hidden states 0..4"):
         train(make_cfg(use_craft=True, craft_raw_layer=9))
     good = _cache(tmp_path, tiny_data_root)
     other_model = _cache(tmp_path, tiny_data_root, "other_model", seed=8)

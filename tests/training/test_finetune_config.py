@@ -114,7 +114,7 @@ def test_draccus_cli_and_yaml_round_trip(tmp_path):
 def test_run_id_and_checkpoint_names():
     cfg = FinetuneConfig(batch_size=4, grad_accumulation_steps=2, learning_rate=5e-4, lora_rank=32, run_id_note="x")
     assert global_batch_size(cfg, 2) == 16
-    expected = "scratch-real+libero_spatial_no_noops+b16+lr-0.0005+lora-r32+dropout-0.0--image_aug--x"
+    expected = "scratch-real+libero_spatial_no_noops+b16+lr-0.0005+seed-7+lora-r32+dropout-0.0--image_aug--x"
     assert make_run_id(cfg, 2) == expected
     assert parse_checkpoint_dir(Path("/r/a+b--c--120_chkpt")) == ("a+b--c", 120)
     with pytest.raises(ValueError):
