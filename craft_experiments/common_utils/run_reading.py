@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,26 +84,29 @@ def _to_float(value: Any) -> float:
 
 
 def read_metrics_jsonl(path: Path) -> list[dict]:
-    """Records of a metrics.jsonl file. Raises RunDataError on an empty file, a line that is not a JSON object with
-    an integer `step` (a truncated last line included: the run was cut while writing), or steps that go backwards."""
+    """Records of a metrics.jsonl file. A torn LAST line (the run was cut while writing: crash, full disk) is skipped
+    with a warning and the good lines are kept, as training's own reader does. Raises RunDataError on an empty file,
+    an unreadable line before the last one, a record without an integer `step`, or steps that go backwards."""
     path = Path(path)
     records: list[dict] = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RunDataError(f"{path} line {lineno} is not valid JSON ({exc.msg}; truncated write?): "
-                                   f"{line.strip()[:120]!r}") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise RunDataError(f"{path} line {lineno}: expected an object with an integer 'step', got "
-                                   f"{line.strip()[:120]!r}")
-            if records and record["step"] < records[-1]["step"]:
-                raise RunDataError(f"{path} line {lineno}: step {record['step']} after step {records[-1]['step']} "
-                                   "(steps go backwards: two runs appended to one file?)")
-            records.append(record)
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1)
+             if line.strip()]
+    for index, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if index == len(lines) - 1:
+                print(f"warning: {path}: skipped the torn last line {lineno} ({exc.msg}); kept {len(records)} "
+                      "record(s)", file=sys.stderr)
+                break
+            raise RunDataError(f"{path} line {lineno} is not valid JSON ({exc.msg}): {line.strip()[:120]!r}") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise RunDataError(f"{path} line {lineno}: expected an object with an integer 'step', got "
+                               f"{line.strip()[:120]!r}")
+        if records and record["step"] < records[-1]["step"]:
+            raise RunDataError(f"{path} line {lineno}: step {record['step']} after step {records[-1]['step']} "
+                               "(steps go backwards: two runs appended to one file?)")
+        records.append(record)
     if not records:
         raise RunDataError(f"{path} is empty (no logged step)")
     return records
