@@ -208,9 +208,14 @@ def test_pid_dual_from_metrics_and_resume_exact_through_training_state(make_cfg,
     state_b = ckpt.load_training_state(ckpt.checkpoint_dir(tmp_path / "b", "test", 2 * n))["craft"]["dual"]
     assert state_b == state_a
     assert [h[LAM] for h in resumed.history] == [h[LAM] for h in full.history[n:]]
-    with pytest.raises(ValueError, match="same --craft_dual_mode"):
+    # an explicitly different dual mode on resume is refused (not silently replaced by the run's)
+    from prismatic.cli_errors import UserError
+
+    with pytest.raises(UserError, match=r"--craft_dual_mode 'gradient' \(run: 'pid'\)"):
         train(make_cfg(run_root_dir=tmp_path / "c", resume=True, config_file_path=first, resume_step=n,
-                       **{**common, "craft_dual_mode": "gradient", "craft_dual_kp": 0.0, "craft_dual_kd": 0.0}))
+                       **{**common, "craft_dual_mode": "gradient", "craft_dual_kp": 0.0, "craft_dual_kd": 0.0}),
+              given_flags={"craft_dual_mode", "craft_dual_kp", "craft_dual_kd", "resume", "config_file_path",
+                           "resume_step", "run_root_dir"})
 
 
 # ---- anchors: online == offline ----------------------------------------------------------------------------------
