@@ -55,7 +55,9 @@ from prismatic.training import checkpointing as ckpt
 from prismatic.training.craft_utils import CRaFTFeatureExtractor, retention_loss
 from prismatic.training.finetune_config import TRAINING_STATE_FILE, FinetuneConfig
 from prismatic.training.metrics_log import read_metrics
+from prismatic.training.policy_setup import RUN_CONFIG_FILE
 from prismatic.training.ridge_probe import fit_ridge_probe
+from prismatic.training.run_folder import config_record
 from prismatic.training.update_norms import ADAM_KEY, UPDATE_KEY
 
 PRETRAIN_SET, PRETRAIN_HELDOUT = "demo_pretrain_no_noops", "demo_pretrain_heldout_no_noops"
@@ -220,6 +222,9 @@ def continuation_configs(cfg: DemoConfig, run_root: Path, craft_final: Path,
     for name, fresh in (("cont_inherited", False), ("cont_fresh", True)):
         run_id = f"demo-{name}"
         start = checkpoint_dir(run_root, run_id, cfg.finetune_steps)
+        configs[name] = replace(base, run_id=run_id, run_id_note=name, use_craft=False, retention_method="none",
+                                retention_monitor=True, retention_monitor_freq=1, resume=True,
+                                resume_step=cfg.finetune_steps, config_file_path=start, max_steps=end, save_freq=end)
         if not (checkpoint_dir(run_root, run_id, end) / "COMPLETE").is_file() and not start.is_dir():
             staging = run_root / f"{run_id}.partial" / start.name
             shutil.rmtree(staging.parent, ignore_errors=True)
@@ -228,11 +233,12 @@ def continuation_configs(cfg: DemoConfig, run_root: Path, craft_final: Path,
                 state = ckpt.load_training_state(staging)
                 state["optimizer"]["state"] = {}  # AdamW restarts its moments (and bias correction) at the next step
                 ckpt.save_training_state(staging / TRAINING_STATE_FILE, state)
+            # The copy starts a new run: record the continuation's own flags (plain steps), so the resume guard checks
+            # against them and does not inherit CRaFT's, then re-seal the edited checkpoint's checksums.
+            (staging / RUN_CONFIG_FILE).write_text(json.dumps(config_record(configs[name]), indent=2) + "\n")
+            ckpt.reseal_checkpoint(staging)
             staging.rename(start)
             staging.parent.rmdir()
-        configs[name] = replace(base, run_id=run_id, use_craft=False, retention_method="none", retention_monitor=True,
-                                retention_monitor_freq=1, resume=True, resume_step=cfg.finetune_steps,
-                                config_file_path=start, max_steps=end, save_freq=end)
     return configs
 
 
