@@ -511,6 +511,7 @@ def smoke_data(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.grid
 @pytest.mark.parametrize("name", list(SMOKE_GRIDS))
 def test_smoke_grid_runs_the_real_tools_into_the_tables(tmp_path, smoke_data, name):
     """SMOKE=1 with the real finetune.py, build_craft_cache.py (offline anchors), measure_drift.py and
