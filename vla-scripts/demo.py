@@ -222,7 +222,7 @@ def continuation_configs(cfg: DemoConfig, run_root: Path, craft_final: Path,
     for name, fresh in (("cont_inherited", False), ("cont_fresh", True)):
         run_id = f"demo-{name}"
         start = checkpoint_dir(run_root, run_id, cfg.finetune_steps)
-        configs[name] = replace(base, run_id=run_id, run_id_note=name, use_craft=False, retention_method="none",
+        configs[name] = replace(base, run_id=run_id, use_craft=False, retention_method="none",
                                 retention_monitor=True, retention_monitor_freq=1, resume=True,
                                 resume_step=cfg.finetune_steps, config_file_path=start, max_steps=end, save_freq=end)
         if not (checkpoint_dir(run_root, run_id, end) / "COMPLETE").is_file() and not start.is_dir():
@@ -374,7 +374,10 @@ def training_curves(run_root: Path, out: Path) -> list[Path]:
     log_parser = importlib.util.module_from_spec(spec)
     sys.modules["log_parser"] = log_parser
     spec.loader.exec_module(log_parser)
-    results = log_parser.collect([run_root], ddof=0)
+    # every run but the continuations: those are plain runs of the same seed (log_parser would refuse the collision)
+    runs = [p for p in sorted(run_root.iterdir()) if p.is_dir() and "--" not in p.name and not p.name.startswith(".")
+            and not any(p.name == f"demo-{name}" for name in CONTINUATIONS)]
+    results = log_parser.collect(runs, ddof=0)
     return log_parser.write_outputs(results, out / "log_parser", ddof=0, latex=True, plots=True)
 
 

@@ -82,7 +82,7 @@ def method_label(config: dict) -> str:
         label = retention if retention not in ("none", "craft") else ("freeze" if freeze else "baseline")
         if freeze and label != "freeze":
             label += "+freeze"
-        return label + _note(config)
+        return label
     parts = []
     if not _as_bool(config.get("craft_enable_projection", True)):
         parts.append("noproj")
@@ -116,13 +116,7 @@ def method_label(config: dict) -> str:
     if config.get("craft_max_lambda") is not None:
         parts.append(f"maxlam{_num(config['craft_max_lambda'])}")
     label = "-".join(["craft", *parts])
-    return label + ("+freeze" if freeze else "") + _note(config)
-
-
-def _note(config: dict) -> str:
-    """`--run_id_note` marks a variant the flags do not tell apart (e.g. a continuation of another run)."""
-    note = config.get("run_id_note")
-    return f"+{note}" if note else ""
+    return label + ("+freeze" if freeze else "")
 
 
 def _suite_of(config: dict) -> str:
