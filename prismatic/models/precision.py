@@ -16,9 +16,3 @@ def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}: choose one of {list(DTYPE_CHOICES)}")
     return DTYPES[name]
 
-
-def resolve_device(name: str | None) -> torch.device:
-    """'auto' (or None) -> cuda when available, else cpu; anything else as torch parses it."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -37,7 +37,3 @@ def tokenize_prompt(tokenizer, instruction: str) -> list[int]:
     """Token ids of `build_prompt(instruction)`, no special tokens added: id 0 is `<|im_start|>`."""
     return list(tokenizer(build_prompt(instruction), add_special_tokens=False)["input_ids"])
 
-
-def first_token_id(tokenizer) -> int:
-    """The id every prompt starts with (`<|im_start|>`)."""
-    return int(tokenizer.convert_tokens_to_ids(IM_START))
