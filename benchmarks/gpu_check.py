@@ -9,7 +9,7 @@ after another, each in a fresh process (its own CUDA peak): step time (median), 
 `torch.cuda.max_memory_allocated` (CPU: peak RSS of the process), tokens/s = non-padding LLM positions of the live
 forward per step / step time. Precision: on CUDA the training path's bf16 autocast (fp32 master weights, as
 upstream); on CPU fp32. Writes W/modes.json.
-`summary`: one table from W/modes.json, W/ddp.json (written by gpu_check.sh from the torchrun run) and
+`summary`: one table from W/modes.json, W/ddp.json, W/fsdp.json (written by gpu_check.sh from the torchrun run) and
 W/libero.json (the LIBERO episode's result file), whichever exist.
 """
 
@@ -123,11 +123,23 @@ def summary(work_dir: Path) -> list[str]:
                          f"{r['tokens_per_s']:>10.0f}")
     else:
         lines.append("training modes: not run (no modes.json)")
-    ddp_file = work_dir / "ddp.json"
-    if ddp_file.exists():
-        ddp = json.loads(ddp_file.read_text())
-        lines.append(f"{'torchrun DDP, 1 rank':<24}{'ok' if ddp['ok'] else 'FAILED':>9}  {ddp['detail']}")
-    lines.append(f"{'torchrun FSDP, 1 rank':<24}{'-':>9}  not implemented (no --distributed_strategy in finetune.py)")
+    last = {}
+    for strategy, run_id in (("ddp", "gpu_check"), ("fsdp", "gpu_check_fsdp")):
+        file = work_dir / f"{strategy}.json"
+        if file.exists():
+            rec = json.loads(file.read_text())
+            lines.append(f"{'torchrun ' + strategy.upper() + ', 1 rank':<24}{'ok' if rec['ok'] else 'FAILED':>9}  "
+                         f"{rec['detail']}")
+        metrics = work_dir / "runs" / run_id / "metrics.jsonl"
+        if metrics.exists():
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            if records:
+                last[strategy] = records[-1]
+    if len(last) == 2:  # the same run under both strategies: equal up to float summation order
+        keys = [k for k in ("VLA Train/Loss", "CRaFT/Lambda", "CRaFT/Retention Loss") if k in last["ddp"]]
+        gaps = ", ".join(f"{k.split('/')[-1]} {last['ddp'][k]:.6g} vs {last['fsdp'].get(k, float('nan')):.6g}"
+                         for k in keys)
+        lines.append(f"{'FSDP vs DDP, last step':<24}{'':>9}  {gaps}")
     libero_file = work_dir / "libero.json"
     if libero_file.exists():
         lib = json.loads(libero_file.read_text())

@@ -8,8 +8,8 @@
 #
 # Steps, each timed; one summary table at the end (benchmarks/gpu_check.py summary):
 #   1. plain vs CRaFT offline vs CRaFT online: step time, peak torch.cuda.max_memory_allocated, tokens/s
-#   2. the torchrun code path with world size 1 (DDP; FSDP is not implemented in finetune.py yet): 3 steps of
-#      CRaFT online LoRA through vla-scripts/finetune.py, saving a checkpoint
+#   2. the torchrun code paths with world size 1, DDP then FSDP2 (--distributed_strategy): 3 steps of CRaFT online
+#      LoRA each through vla-scripts/finetune.py, saving a checkpoint; the table compares their last logged loss and λ
 #   3. one LIBERO episode (libero_spatial task 0, MUJOCO_GL=egl) of that checkpoint on the GPU policy (no center
 #      crop: the check trains without augmentation)
 # Exit status: 0 when every step succeeded, 1 otherwise (the table says which); 2 on a bad environment.
@@ -62,24 +62,29 @@ write_json() {  # file, ok (true/false), detail
 run_step modes "$PYTHON" "$REPO/benchmarks/gpu_check.py" modes --work_dir "$WORK" --preset "$PRESET" \
     --batch_size "$BATCH" --num_images 2 --lora_rank "$LORA_RANK" --steps "$STEPS" --warmup "$WARMUP"
 
-# 2. torchrun, world size 1 (DDP code path), CRaFT online, saving the last step
+# 2. torchrun, world size 1, CRaFT online, saving the last step: the DDP code path, then the same run under FSDP2
 MODEL_DIR="$WORK/bench/random_init_${PRESET}_seed7"
 DATA_DIR="$WORK/bench/rlds"
-if [[ -d "$MODEL_DIR" && -d "$DATA_DIR" ]]; then
-    if run_step ddp "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 "$REPO/vla-scripts/finetune.py" \
-        --config_file_path "$MODEL_DIR" --model_preset "$PRESET" --data_root_dir "$DATA_DIR" \
-        --dataset_name synthetic_libero_no_noops --run_root_dir "$WORK/runs" --run_id gpu_check \
-        --batch_size "$BATCH" --num_images_in_input 2 --use_lora True --lora_rank "$LORA_RANK" \
-        --max_steps "$TRAIN_STEPS" --save_freq "$TRAIN_STEPS" --image_aug False --wandb_mode disabled \
-        --use_craft True --craft_anchor_source online; then
-        write_json "$WORK/ddp.json" true "$TRAIN_STEPS CRaFT-online steps, checkpoint $WORK/runs/gpu_check--${TRAIN_STEPS}_chkpt"
+for STRATEGY in ddp fsdp; do
+    RUN_ID=gpu_check; [[ "$STRATEGY" == "fsdp" ]] && RUN_ID=gpu_check_fsdp
+    if [[ -d "$MODEL_DIR" && -d "$DATA_DIR" ]]; then
+        T0=$SECONDS
+        if run_step "$STRATEGY" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 \
+            "$REPO/vla-scripts/finetune.py" --distributed_strategy "$STRATEGY" \
+            --config_file_path "$MODEL_DIR" --model_preset "$PRESET" --data_root_dir "$DATA_DIR" \
+            --dataset_name synthetic_libero_no_noops --run_root_dir "$WORK/runs" --run_id "$RUN_ID" \
+            --batch_size "$BATCH" --num_images_in_input 2 --use_lora True --lora_rank "$LORA_RANK" \
+            --max_steps "$TRAIN_STEPS" --save_freq "$TRAIN_STEPS" --image_aug False --wandb_mode disabled \
+            --use_craft True --craft_anchor_source online; then
+            write_json "$WORK/$STRATEGY.json" true "$TRAIN_STEPS CRaFT-online steps in $((SECONDS - T0)) s (start-up and save included), checkpoint $WORK/runs/${RUN_ID}--${TRAIN_STEPS}_chkpt"
+        else
+            write_json "$WORK/$STRATEGY.json" false "see $WORK/$STRATEGY.log"
+        fi
     else
-        write_json "$WORK/ddp.json" false "see $WORK/ddp.log"
+        write_json "$WORK/$STRATEGY.json" false "step 1 did not prepare the model / data"
+        FAILED=1
     fi
-else
-    write_json "$WORK/ddp.json" false "step 1 did not prepare the model / data"
-    FAILED=1
-fi
+done
 
 # 3. one LIBERO episode of that checkpoint on the policy's device (EGL rendering)
 CKPT="$WORK/runs/gpu_check--${TRAIN_STEPS}_chkpt"

@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prismatic.cli_errors import UserError, cli_entry, parse_config
 from prismatic.training import checkpointing as ckpt
+from prismatic.training import fsdp as fsdp_lib
 from prismatic.training import policy_setup, run_folder
 from prismatic.training.data_setup import TrainStream, build_training_data
 from prismatic.training.distributed import DistEnv, any_rank, barrier, gather_objects, init_distributed
@@ -158,6 +159,8 @@ def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None, given_flags: set
                                                                                      cfg.run_root_dir), given)
     warnings = validate_config(cfg)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    if cfg.distributed_strategy == "fsdp":
+        fsdp_lib.ensure_process_group()  # FSDP needs a process group, also for a single process
     env = init_distributed()
     if env.is_main:
         for message in warnings:
@@ -166,7 +169,7 @@ def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None, given_flags: set
         with autocast_dtype(cfg.dtype):  # precision of every forward of the run (issue 16)
             return _train(cfg, env, hooks or TrainHooks())
     finally:
-        if env.distributed and owns_group:  # a process group created by the caller stays the caller's
+        if owns_group and torch.distributed.is_initialized():  # a caller's process group stays the caller's
             torch.distributed.destroy_process_group()
 
 
@@ -190,6 +193,12 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
         if resume_state["step"] != cfg.resume_step:
             raise UserError(f"{cfg.config_file_path}: training_state step {resume_state['step']} != --resume_step "
                             f"{cfg.resume_step}", "pass the step the checkpoint folder was saved at")
+        saved_strategy = resume_state.get("distributed_strategy", "ddp")
+        if saved_strategy != cfg.distributed_strategy:
+            raise UserError(f"{cfg.config_file_path} was saved by a --distributed_strategy {saved_strategy} run; its "
+                            f"optimizer state cannot be resumed under {cfg.distributed_strategy}",
+                            f"resume with --distributed_strategy {saved_strategy} (the saved policy folder itself "
+                            "loads under either)")
     G = global_batch_size(cfg, env.world_size)
     created_run_dir = env.is_main and not run_dir.exists()
     created_root = env.is_main and not Path(cfg.run_root_dir).exists()
@@ -217,9 +226,15 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
                                resume_from=Path(cfg.config_file_path) if cfg.resume else None)
     policy.norm_stats = dict(data.dataset_statistics)
     policy.to(env.device).train()
+    fsdp = cfg.distributed_strategy == "fsdp"
+    save_template = None
+    if fsdp:
+        # the plain module tree rank 0 fills with the gathered weights to save (parameters on the meta device)
+        save_template = fsdp_lib.meta_template(policy) if env.is_main else None
+        fsdp_lib.shard_policy(policy, env.device, cfg.dtype)  # in place: `policy` is now the FSDP root
     params = [p for p in policy.parameters() if p.requires_grad]
     model = policy
-    if env.distributed:
+    if env.distributed and not fsdp:
         # ONE DDP module around vla + head + proprio projector. Unused parameters exist (last ViT block, SigLIP
         # attn_pool, final ViT norms), hence find_unused_parameters; no buffers need broadcasting.
         model = DDP(policy, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
@@ -270,7 +285,10 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
                 and env.is_main:
             print(f"[finetune] warning: the checkpoint's lr schedule {saved_schedule} is kept; --lr_warmup_steps / "
                   "--num_steps_before_decay / --learning_rate given now do not change a resumed run")
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if fsdp:
+            fsdp_lib.load_full_optimizer_state(policy, optimizer, resume_state["optimizer"])
+        else:
+            optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         consecutive_nonfinite = resume_state["nonfinite"]["consecutive"]
         total_nonfinite = resume_state["nonfinite"]["total"]
@@ -287,7 +305,9 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
         rng = ckpt.capture_rng_state()
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            # FSDP: the full, name-keyed state on rank 0 (collective); DDP: the usual index-keyed one
+            "optimizer": fsdp_lib.full_optimizer_state(policy, optimizer) if fsdp else optimizer.state_dict(),
+            "distributed_strategy": cfg.distributed_strategy,
             "scheduler": scheduler.state_dict(),
             "rng": gather_objects(rng, env),
             "data": data.position_state(step),
@@ -297,11 +317,14 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
             **({"related": related.state_dict()} if related is not None else {}),
             **({"retention_monitor": monitor.state_dict()} if monitor is not None else {}),
         }
-        # checked on every rank (the weights are replicated), so a diverged run stops everywhere before writing
-        policy_setup.check_finite_weights(policy, Path(cfg.run_root_dir), run_id, step)
+        # checked on every rank, so a diverged run stops everywhere before writing
+        policy_setup.check_finite_weights(policy, Path(cfg.run_root_dir), run_id, step, across_ranks=fsdp)
+        # FSDP: rank 0 gets a plain copy with the full weights, written by the same code as under DDP
+        to_save = fsdp_lib.gathered_policy(policy, save_template) if fsdp else policy
         if env.is_main:
-            policy_setup.save_training_checkpoint(cfg, policy, run_root_dir=Path(cfg.run_root_dir), run_id=run_id,
+            policy_setup.save_training_checkpoint(cfg, to_save, run_root_dir=Path(cfg.run_root_dir), run_id=run_id,
                                                   step=step, training_state=state)
+        del to_save
         barrier(env)
         path = ckpt.checkpoint_dir(Path(cfg.run_root_dir), run_id, step)  # the same answer on every rank
         ckpt.restore_rng_state(rng)  # writing (e.g. building the merged VLA) must not shift the training RNG

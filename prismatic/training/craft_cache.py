@@ -47,8 +47,10 @@ class CacheManifestMismatch(UserError, ValueError):
 def hash_state_dict(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over sorted names, dtypes, shapes and raw bytes of every tensor (the θ0 weights identity)."""
     h = hashlib.sha256()
+    from prismatic.training.fsdp import full_tensor
+
     for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
+        t = full_tensor(state[name].detach()).cpu().contiguous()  # FSDP shards: gathered one at a time (collective)
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())

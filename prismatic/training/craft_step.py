@@ -254,7 +254,8 @@ class CRaFTStep:
         self.share_vision = False
         if self.source == "online":
             self.weights = self._build_weight_manager(vla, snapshot, saved)
-            self.share_vision = vision_tower_shared(vla, self.weights)
+            # under FSDP θ0's forward runs through the root module first (below): nothing to share
+            self.share_vision = not self.projector.sharded and vision_tower_shared(vla, self.weights)
         else:
             self.identity = self._theta0_identity(vla, snapshot, saved)
             self.cache = CraftCacheReader(cfg.craft_cache_dir)
@@ -317,11 +318,49 @@ class CRaFTStep:
         finally:
             handle.remove()
 
+    def _reference_features_sharded(self, model: nn.Module, micro: MicroBatch, device: torch.device) -> torch.Tensor:
+        """θ0's features under FSDP: a whole no-grad forward of the root module with θ0 swapped into the shards.
+
+        Every FSDP unit gathers at its own forward, so θ0 must be in place before the root's forward starts, and the
+        root's gathered parameters (kept after a forward) are freed before the live weights return. Runs before the
+        live forward of the micro-batch, whose root parameters FSDP keeps gathered for its backward.
+        """
+        from prismatic.training.fsdp import reshard_root
+
+        with torch.no_grad(), self.weights.reference_weights(), self.extractor.capture():
+            try:
+                with autocast_context(device):
+                    out = model(micro.batch, noise=micro.noise)
+            finally:
+                reshard_root(model)
+            return self.extractor.features(out.vla_output.layout)
+
+    def _sharded_micro_batch(self, model: nn.Module, micro: MicroBatch, device: torch.device, k: int):
+        """FSDP2: autograd.grad cannot reach DTensor shards, so two backward passes with the projector capturing each
+        (FSDP reduce-scatters and averages both); the action-only parameters keep their `.grad` from the first."""
+        anchors = self.cache.lookup(micro.batch["sample_ids"], micro.batch["content_hashes"]).to(device) \
+            if self.cache is not None else self._reference_features_sharded(model, micro, device)
+        with self.extractor.capture():
+            loss, curr, nxt, out = forward_losses(model, micro, device)
+        loss_ret = retention_loss(self.extractor.features(out.vla_output.layout), anchors)
+        for name, value in (("loss_act", loss), ("loss_ret", loss_ret)):
+            if not torch.isfinite(value.detach()):
+                raise FloatingPointError(f"{name} is not finite: {value.item()}")
+        (loss / k).backward(retain_graph=True)
+        self.projector.capture_grads("act")
+        (loss_ret / k).backward()
+        self.projector.capture_grads("ret")
+        return loss, curr, nxt, loss_ret
+
     def compute_gradients(self, model: nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device) -> dict:
         """Drop-in for `plain_gradients`: leaves g = g_act + (λ - c) g_ret in `.grad`, returns the loss numbers."""
         k = len(micro_batches)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next, L_ret
         for micro in micro_batches:
+            if self.projector.sharded:
+                loss, curr, nxt, loss_ret = self._sharded_micro_batch(model, micro, device, k)
+                sums += torch.stack([loss.detach(), curr.detach(), nxt.detach(), loss_ret.detach()]).double().cpu()
+                continue
             # offline: looked up first; online: θ0's forward runs after the live one (it may reuse its vision output;
             # in eval mode without dropout it draws no random numbers, so the order changes nothing else)
             anchors = self._anchors(micro, device) if self.cache is not None else None
@@ -368,7 +407,10 @@ class CRaFTStep:
                                  "raw_layer": self.extractor.raw_layer, "aq_layer": self.extractor.aq_layer,
                                  "anchor_type": self.extractor.anchor_type}
         if self.weights is not None and self.is_lora and self.snapshot_sha256 is None:
-            state["theta0"] = {n: t.detach().cpu().clone() for n, t in self.weights.theta0_state().items()}
+            from prismatic.training.fsdp import full_tensor  # collective for FSDP shards (every rank saves this)
+
+            state["theta0"] = {n: full_tensor(t.detach()).cpu().clone()
+                               for n, t in self.weights.theta0_state().items()}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -1119,11 +1119,22 @@ class CRaFTWeightManager:
                 raise KeyError(f"snapshot_state lacks {len(missing)} parameters needed for θ0, e.g. {missing[:5]}")
         self._params = {n: named[n] for n in selected}
         self._theta0: dict[str, torch.Tensor] = {}
+        # FSDP2 shards: FSDP gathers from its own storage, so θ0 is exchanged in place (local shards), not rebound
+        self.in_place = any(_is_dtensor(p) for p in self._params.values())
         pin = storage == "cpu_swap" and torch.cuda.is_available()
         for n, p in self._params.items():
             src = snapshot_state[n] if snapshot_state is not None else p.detach()
             if tuple(src.shape) != tuple(p.shape):
                 raise ValueError(f"θ0 tensor {n}: snapshot shape {tuple(src.shape)} != model shape {tuple(p.shape)}")
+            if self.in_place:
+                from prismatic.training.fsdp import shard_like
+
+                shard = shard_like(src.detach(), p) if not _is_dtensor(src) else src.detach()
+                local = _local(shard).detach().clone()
+                if storage == "cpu_swap":
+                    local = local.to("cpu").pin_memory() if pin else local.to("cpu")
+                self._theta0[n] = local
+                continue
             if storage == "copy":
                 t = src.detach().to(device=p.device, dtype=p.dtype).clone()
             else:
@@ -1171,7 +1182,23 @@ class CRaFTWeightManager:
         return list(self._params)
 
     def theta0_state(self) -> dict[str, torch.Tensor]:
-        return dict(self._theta0)
+        """θ0 per name; under FSDP2 as DTensors laid out like the parameters (whole tensors: `full_tensor()`)."""
+        if not self.in_place:
+            return dict(self._theta0)
+        from torch.distributed.tensor import DTensor
+
+        return {n: DTensor.from_local(t.to(p.device), p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                      stride=p.stride()) for (n, t), p in zip(self._theta0.items(),
+                                                                             self._params.values(), strict=True)}
+
+    def _exchange(self, names: Sequence[str]) -> None:
+        """Swap live and θ0 values of the local shards in place (exact copies; one tensor of transient memory)."""
+        for n in names:
+            live = _local(self._params[n].data)
+            held = self._theta0[n]
+            tmp = live.clone()
+            live.copy_(held)
+            held.copy_(tmp)
 
     @contextlib.contextmanager
     def reference_weights(self) -> Iterator[nn.Module]:
@@ -1187,9 +1214,14 @@ class CRaFTWeightManager:
             adapter_ctx = self._flags_disabled()
         else:
             adapter_ctx = self.peft_model.disable_adapter()
+        exchanged: list[str] = []
         try:
             with torch.no_grad():
                 for n, p in self._params.items():
+                    if self.in_place:
+                        self._exchange([n])
+                        exchanged.append(n)
+                        continue
                     saved[n] = p.data
                     p.data = self._theta0[n].to(device=p.device, non_blocking=True) if self.storage == "cpu_swap" \
                         else self._theta0[n]
@@ -1203,6 +1235,7 @@ class CRaFTWeightManager:
                 yield self.model
         finally:
             with torch.no_grad():
+                self._exchange(exchanged)
                 for n, data in saved.items():
                     self._params[n].data = data
             for m, training in modes.items():

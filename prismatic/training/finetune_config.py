@@ -122,6 +122,7 @@ class FinetuneConfig:
     # ---- precision (issue 16) ------------------------------------------------------------------------------------
     dtype: str = "auto"                     # auto: bf16 autocast on CUDA, fp32 on CPU | bfloat16: bf16 autocast on
                                             # CPU too (fp32 master weights; tests) | float32: no autocast anywhere
+    distributed_strategy: str = "ddp"       # ddp | fsdp (FSDP2: shards per decoder layer / ViT block; torchrun)
     # ---- run safety (docs/EXPERIMENTS_AND_TRAINING.md, "Failure and recovery") ------------------------------
     overwrite: bool = False                 # a fresh run may replace (delete) an existing run of this id
     allow_fewer_demos: bool = False         # --num_demos_per_task N with fewer demos for a task: keep them all
@@ -163,6 +164,23 @@ def parse_checkpoint_dir(path: Path) -> tuple[str, int]:
     if match is None:
         raise ValueError(f"'{path}' is not a checkpoint folder: expected a name like '<run id>--<step>_chkpt'")
     return match.group("run_id"), int(match.group("step"))
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def _strategy_errors(cfg: FinetuneConfig) -> list[str]:
+    if cfg.distributed_strategy not in STRATEGIES:
+        return [f"--distributed_strategy must be one of {STRATEGIES}, got '{cfg.distributed_strategy}'"]
+    if cfg.distributed_strategy != "fsdp":
+        return []
+    # these run their own θ0 forwards or per-tensor bookkeeping outside the root module: not ported to shards
+    unsupported = [flag for flag, on in (("--retention_monitor True", cfg.retention_monitor),
+                                         ("--log_update_norms True", cfg.log_update_norms),
+                                         (f"--retention_method {cfg.retention_method}",
+                                          cfg.retention_method in ("align", "consft"))) if on]
+    return [f"{flag} is not supported with --distributed_strategy fsdp; drop it or use --distributed_strategy ddp"
+            for flag in unsupported]
 
 
 def validate_config(cfg: FinetuneConfig) -> list[str]:
@@ -223,6 +241,7 @@ def validate_config(cfg: FinetuneConfig) -> list[str]:
         errors.append(f"--dtype must be one of {AUTOCAST_DTYPES}, got '{cfg.dtype}'")
     if cfg.use_craft:
         errors.extend(_craft_errors(cfg, warnings))
+    errors.extend(_strategy_errors(cfg))
     if errors:
         raise ConfigError("invalid fine-tuning configuration:\n  - " + "\n  - ".join(errors))
     return warnings

@@ -296,9 +296,18 @@ def training_base(cfg: FinetuneConfig) -> dict:
 
 
 # ---- run safety --------------------------------------------------------------------------------------------------
-def check_finite_weights(policy: VLAPolicy, run_root_dir: Path, run_id: str, step: int) -> None:
-    """A checkpoint whose trainable weights hold NaN / inf is never written (it would pass for complete)."""
-    bad = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
+def check_finite_weights(policy: VLAPolicy, run_root_dir: Path, run_id: str, step: int,
+                         across_ranks: bool = False) -> None:
+    """A checkpoint whose trainable weights hold NaN / inf is never written (it would pass for complete).
+
+    across_ranks: collective, every rank gets the same answer (FSDP shards: each rank checks its own part)."""
+    trainable = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    if across_ranks:
+        from prismatic.training.fsdp import all_local_finite
+
+        bad = all_local_finite(trainable)
+    else:
+        bad = [n for n, p in trainable if not torch.isfinite(p.detach()).all()]
     if bad:
         previous = ckpt.list_checkpoints(Path(run_root_dir), run_id)
         kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no checkpoint was written"

@@ -32,6 +32,7 @@ RUN_DEFINING_FLAGS = (
     "craft_fixed_lambda", "craft_init_lambda", "craft_dual_lr", "craft_delta",
     "craft_dual_mode", "craft_dual_kp", "craft_dual_kd", "craft_dual_normalize", "craft_max_lambda",
     "align_weight", "align_layer", "align_teacher", "consft_tau", "consft_clip",
+    "distributed_strategy",  # the optimizer state's format (index- or name-keyed) follows it
 )
 # Flags a resume takes from this invocation only (never inherited from the run).
 NOT_INHERITED = ("config_file_path", "resume", "resume_step", "overwrite", "run_id", "run_id_note")

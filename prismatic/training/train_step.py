@@ -123,9 +123,7 @@ def plain_gradients(model: torch.nn.Module, micro_batches: Sequence[MicroBatch],
     sums = torch.zeros(3, dtype=torch.float64)
     extra_sums: dict[str, torch.Tensor] = {}
     for j, micro in enumerate(micro_batches):
-        sync = j == k - 1
-        ctx = model.no_sync() if isinstance(model, DDP) and not sync else contextlib.nullcontext()
-        with ctx:
+        with gradient_sync(model, j == k - 1):
             loss, curr, nxt, out = forward_losses(model, micro, device)
             target, extras = (loss, {}) if objective is None else objective(loss, out, micro)
             (target / k).backward()
@@ -136,11 +134,38 @@ def plain_gradients(model: torch.nn.Module, micro_batches: Sequence[MicroBatch],
             **{key: value / k for key, value in extra_sums.items()}}
 
 
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Inside: gradients are reduced over ranks by this backward only if `sync` (DDP `no_sync`, FSDP2
+    `set_requires_gradient_sync`); micro-batches before the last accumulate locally."""
+    from prismatic.training.fsdp import is_sharded
+
+    if sync:
+        yield
+    elif isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def grad_global_norm(params: Sequence[torch.nn.Parameter]) -> float:
-    """L2 norm over all gradients (already rank-averaged by DDP); params without a grad count as zero."""
-    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    """L2 norm over all gradients (already rank-averaged by DDP / FSDP); params without a grad count as zero.
+    FSDP2 shards: local sums of squares and one all-reduce."""
+    from prismatic.training.fsdp import is_dtensor, sharded_global_norm
+
+    grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
         return 0.0
+    if any(is_dtensor(g) for g in grads):
+        return sharded_global_norm(grads)
+    grads = [g.float() for g in grads]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
@@ -173,16 +198,30 @@ def apply_update(optimizer: torch.optim.Optimizer, scheduler, params: Sequence[t
 def validation_losses(policy: torch.nn.Module, batches, device: torch.device, env: DistEnv) -> dict:
     """Sample-weighted mean loss numbers over this rank's validation batches, summed over ranks (eval mode, no noise).
 
-    Runs the bare policy (not the DDP wrapper): ranks may hold different numbers of batches.
+    Runs the bare policy (not the DDP wrapper): ranks may hold different numbers of batches. Under FSDP every
+    forward is collective, so a rank with fewer batches repeats its last one with weight 0.
     """
+    from prismatic.training.fsdp import is_sharded
+
     was_training = policy.training
     policy.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next (sample-weighted), samples
+    batches = list(batches) if is_sharded(policy) else batches
+    extra = 0
+    if is_sharded(policy) and env.distributed:
+        count = torch.tensor([len(batches)], dtype=torch.int64)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        extra = int(count) - len(batches)
+        if extra and not batches:
+            raise ValueError(f"rank {env.rank} has no validation batch while others have some: with "
+                             "--distributed_strategy fsdp every rank needs one (lower the batch size)")
     try:
         for batch in batches:
             loss, curr, nxt, _ = forward_losses(policy, MicroBatch(to_device(batch, device), None), device)
             n = batch["actions"].shape[0]
             sums += torch.tensor([loss.item() * n, curr.item() * n, nxt.item() * n, n], dtype=torch.float64)
+        for _ in range(extra):  # collective forwards only; nothing added
+            forward_losses(policy, MicroBatch(to_device(batches[-1], device), None), device)
     finally:
         policy.train(was_training)
     if env.distributed:

@@ -32,12 +32,19 @@ def test_summary_table_ratios_from_the_json_files(tmp_path):
     (tmp_path / "modes.json").write_text(json.dumps(dict(preset="real", batch_size=8, num_images=2, use_lora=True,
                                                          steps=5, warmup=2, rows=rows)))
     (tmp_path / "ddp.json").write_text(json.dumps({"ok": True, "detail": "3 steps"}))
+    (tmp_path / "fsdp.json").write_text(json.dumps({"ok": True, "detail": "3 steps"}))
+    for run_id, loss in (("gpu_check", 0.5), ("gpu_check_fsdp", 0.5000004)):
+        (tmp_path / "runs" / run_id).mkdir(parents=True)
+        (tmp_path / "runs" / run_id / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "VLA Train/Loss": 0.9}) + "\n" + json.dumps({"step": 2, "VLA Train/Loss": loss}))
     (tmp_path / "libero.json").write_text(json.dumps({"ok": False, "detail": "see libero.log"}))
     lines = gpu_check.summary(tmp_path)
     table = {line.split()[0]: line.split() for line in lines[2:5]}
     assert table["craft_offline"][1:6] == ["0.700", "1.40", "12", "1.20", "1429"]
     assert table["craft_online"][1:6] == ["0.800", "1.60", "13", "1.30", "1250"]
     assert any(line.startswith("torchrun DDP") and " ok " in line for line in lines)
+    assert any(line.startswith("torchrun FSDP") and " ok " in line for line in lines)
+    assert [line for line in lines if line.startswith("FSDP vs DDP")][0].endswith("Loss 0.5 vs 0.5")
     assert any(line.startswith("LIBERO episode") and "FAILED" in line for line in lines)
 
 
@@ -60,7 +67,7 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # every command was printed before it ran
-    for name in ("modes", "ddp", "libero"):
+    for name in ("modes", "ddp", "fsdp", "libero"):
         assert f"+ [{name}]" in proc.stdout and f"[{name}] ok" in proc.stdout
     modes = json.loads((work / "modes.json").read_text())
     for mode in gpu_check.MODES:
@@ -69,7 +76,8 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"])
     # the same batches in every mode: the same LLM tokens per step
     assert len({modes["rows"][m]["tokens_per_step"] for m in gpu_check.MODES}) == 1
-    assert (work / "runs" / "gpu_check--2_chkpt").is_dir()
+    assert (work / "runs" / "gpu_check--2_chkpt").is_dir() and (work / "runs" / "gpu_check_fsdp--2_chkpt").is_dir()
+    assert "FSDP vs DDP, last step" in proc.stdout
     episodes = [json.loads(line) for line in (work / "libero" / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) == 1
     assert "craft_online" in proc.stdout and "LIBERO episode (EGL)" in proc.stdout
