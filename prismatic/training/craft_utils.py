@@ -565,16 +565,13 @@ class CRaFTGradientProjector:
                 off += g.numel()
 
     def _act_only_sq_norm(self, written: Sequence[bool]) -> torch.Tensor:
-        """||g_act||² over A (their `.grad`, local shards under FSDP2), float64, in chunks."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for k, i in enumerate(self.act_only_index):
-            if not written[k]:
-                continue
-            g = _local(self.params[i].grad).detach().reshape(-1)
-            for start in range(0, g.numel(), FLAT_CHUNK_ELEMENTS):
-                g64 = g[start : start + FLAT_CHUNK_ELEMENTS].to(torch.float64)
-                total += torch.dot(g64, g64)
-        return total
+        """||g_act||² over A (their `.grad`, local shards under FSDP2), float64: one fused norm per tensor (a
+        statistic only: the projection coefficient does not use it)."""
+        grads = [_local(self.params[i].grad).detach() for k, i in enumerate(self.act_only_index) if written[k]]
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+        return torch.stack(norms).square().sum()
 
     @torch.no_grad()
     def step(self, lam: float) -> dict[str, float]:
@@ -635,18 +632,22 @@ class CRaFTGradientProjector:
         return stats
 
     def _flat_partial_sums(self) -> torch.Tensor:
-        """[dot, ||g_ret||², ||g_act||², per-tensor dots over R] from the flat buffer, float64, in chunks of tensors."""
+        """[dot, ||g_ret||², ||g_act||², per-tensor dots over R] from the flat buffer, float64, in chunks of tensors.
+        Keeps the per-tensor ||g_act||², ||g_ret||² over R (`_per_tensor_sq`) for the null conflict share."""
         n = self._n_ret
         out = torch.zeros(3 + len(self.ret_index), dtype=torch.float64, device=self.device)
+        act_sq = torch.zeros(len(self.ret_index), dtype=torch.float64, device=self.device)
+        ret_sq = torch.zeros_like(act_sq)
         for first, start, lengths, lengths_t in self._groups:
             stop = start + sum(lengths)
             a64 = self._flat[start:stop].to(torch.float64)
             r64 = self._flat[n + start : n + stop].to(torch.float64)
-            per = torch.segment_reduce(a64 * r64, "sum", lengths=lengths_t)
-            out[3 + first : 3 + first + len(lengths)] = per
-            out[1] += torch.dot(r64, r64)
-            out[2] += torch.dot(a64, a64)
-        out[0] = out[3:].sum()
+            span = slice(first, first + len(lengths))
+            out[3 + first : 3 + first + len(lengths)] = torch.segment_reduce(a64 * r64, "sum", lengths=lengths_t)
+            act_sq[span] = torch.segment_reduce(a64 * a64, "sum", lengths=lengths_t)
+            ret_sq[span] = torch.segment_reduce(r64 * r64, "sum", lengths=lengths_t)
+        out[0], out[1], out[2] = out[3:].sum(), ret_sq.sum(), act_sq.sum()
+        self._per_tensor_sq = (act_sq, ret_sq)
         return out
 
     # seed of the null conflict statistics; set it to the run's seed (identical on all ranks)
@@ -662,28 +663,19 @@ class CRaFTGradientProjector:
         """The per-tensor conflict shares of g_act against a random g_ret (i.i.d. Gaussian per tensor, scaled to the
         real g_ret's per-tensor norm): what `conflict_ratio_*` reads when the two gradients are unrelated.
 
-        Only the sign of each per-tensor dot enters the shares, and scaling z_i by ||g_ret_i|| > 0 does not change
-        it, so z_i is used unscaled. Tensors where g_ret is exactly zero cannot conflict (as in the real share).
-        Drawn from `null_generator(self.steps)` over the flat (rank-averaged) g_act buffer: identical on every rank.
-        Not computed for sharded (FSDP2) parameters (nan). `reached_ret[j]`: L_ret reached `ret_index[j]` this step.
+        Only the sign of each per-tensor dot enters the shares. For z_i ~ N(0, I), <g_act_i, z_i> ~ N(0, ||g_act_i||²),
+        so its sign is that of ||g_act_i|| · u_i with one u_i ~ N(0, 1) per tensor: drawn from
+        `null_generator(self.steps)` (identical on every rank), no per-element draw. A tensor conflicts iff g_ret_i and
+        g_act_i are non-zero and u_i < 0. Not computed for sharded (FSDP2) parameters (nan). `reached_ret[j]`: L_ret
+        reached `ret_index[j]` this step. Uses the per-tensor squared norms of the last `_flat_partial_sums`.
         """
         if self.sharded:
             return {"conflict_ratio_params_null": math.nan, "conflict_ratio_tensors_null": math.nan}
-        gen = self.null_generator(self.steps)
-        n = self._n_ret  # the buffers hold R (the parameters L_ret reaches), indexed j over `ret_index`
-        dots = torch.zeros(len(self.ret_index), dtype=torch.float64, device=self.device)
-        ret_sq = torch.zeros(len(self.ret_index), dtype=torch.float64, device=self.device)
-        for first, start, lengths, lengths_t in self._groups:
-            stop = start + sum(lengths)
-            z = torch.randn(stop - start, generator=gen, device=self.device, dtype=torch.float32)
-            a64 = self._flat[start:stop].to(torch.float64)
-            r64 = self._flat[n + start : n + stop].to(torch.float64)
-            dots[first : first + len(lengths)] = torch.segment_reduce(a64 * z.to(torch.float64), "sum",
-                                                                      lengths=lengths_t)
-            ret_sq[first : first + len(lengths)] = torch.segment_reduce(r64 * r64, "sum", lengths=lengths_t)
-        dots_l, ret_l = dots.cpu().tolist(), ret_sq.cpu().tolist()
+        u = torch.randn(len(self.ret_index), generator=self.null_generator(self.steps), device=self.device,
+                        dtype=torch.float32).cpu().tolist()
+        act_sq, ret_sq = (t.cpu().tolist() for t in self._per_tensor_sq)
         shared = [j for j, h in enumerate(reached_ret) if h]
-        conflicting = [j for j in shared if ret_l[j] > 0 and dots_l[j] < 0]
+        conflicting = [j for j in shared if ret_sq[j] > 0 and act_sq[j] > 0 and u[j] < 0]
         numel = [self._numels_global[i] for i in self.ret_index]
         shared_numel = sum(numel[j] for j in shared)
         return {
