@@ -122,7 +122,7 @@ def build_action_head(vla_config, policy_config: PolicyConfig) -> L1RegressionAc
 
 @dataclass
 class PolicyOutput:
-    actions: torch.Tensor  # (B, chunk, action_dim), normalised
+    actions: torch.Tensor | None  # (B, chunk, action_dim), normalised; None with `run_head=False`
     vla_output: VLAOutput
 
 
@@ -157,14 +157,17 @@ class VLAPolicy(nn.Module):
     def device(self) -> torch.device:
         return next(self.action_head.parameters()).device
 
-    def forward(self, batch: dict, noise: torch.Tensor | None = None) -> PolicyOutput:
-        """Batch dict of PROJECT_STRUCTURE.md (pixel_values, input_ids, attention_mask, proprio...) -> actions."""
+    def forward(self, batch: dict, noise: torch.Tensor | None = None, run_head: bool = True) -> PolicyOutput:
+        """Batch dict of PROJECT_STRUCTURE.md (pixel_values, input_ids, attention_mask, proprio...) -> actions.
+        `run_head=False`: the VLA's latents only (CRaFT's θ0 forward under FSDP, which must go through the root)."""
         for key in ("pixel_values", "input_ids", "attention_mask"):
             if key not in batch:
                 raise KeyError(f"batch has no '{key}' entry (keys present: {sorted(batch)})")
         device = self.device
         vla_out = self.vla(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device))
+        if not run_head:
+            return PolicyOutput(actions=None, vla_output=vla_out)
         proprio_features = None
         if self.proprio_projector is not None:
             if batch.get("proprio") is None:

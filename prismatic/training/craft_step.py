@@ -319,7 +319,7 @@ class CRaFTStep:
             handle.remove()
 
     def _reference_features_sharded(self, model: nn.Module, micro: MicroBatch, device: torch.device) -> torch.Tensor:
-        """θ0's features under FSDP: a whole no-grad forward of the root module with θ0 swapped into the shards.
+        """θ0's features under FSDP: a no-grad forward of the root module (no head) with θ0 swapped into the shards.
 
         Every FSDP unit gathers at its own forward, so θ0 must be in place before the root's forward starts, and the
         root's gathered parameters (kept after a forward) are freed before the live weights return. Runs before the
@@ -330,7 +330,7 @@ class CRaFTStep:
         with torch.no_grad(), self.weights.reference_weights(), self.extractor.capture():
             try:
                 with autocast_context(device):
-                    out = model(micro.batch, noise=micro.noise)
+                    out = model(micro.batch, run_head=False)
             finally:
                 reshard_root(model)
             return self.extractor.features(out.vla_output.layout)
