@@ -316,6 +316,7 @@ class CRaFTGradientProjector:
         self._flat = torch.zeros(0, dtype=torch.float32, device=self.device)
         self._pending_act: list[torch.Tensor | None] | None = None
         self.num_micro_batches = 0
+        self._stale = False  # the buffers still hold the last step (its combined gradient is what `.grad` of R views)
         # running statistics (restored on resume)
         self.steps = 0
         self.projection_fired_count = 0
@@ -429,6 +430,7 @@ class CRaFTGradientProjector:
         for which, grads in (("g_act", g_act), ("g_ret", g_ret)):
             if len(grads) != len(self.params):
                 raise ValueError(f"{which}: got {len(grads)} gradients for {len(self.params)} parameters")
+        self._begin_step()
         if not self.layout_ready:
             self._build_layout([g is not None for g in g_act], [g is not None for g in g_ret])
         every = range(len(self.params))
@@ -451,6 +453,7 @@ class CRaFTGradientProjector:
                 raise ValueError(f"{name} must be a scalar, got shape {tuple(loss.shape)}")
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"{name} is not finite: {loss.item()}")
+        self._begin_step()
         if not self.layout_ready:
             ret_index = act_index = list(range(len(self.params)))
         else:
@@ -479,6 +482,7 @@ class CRaFTGradientProjector:
         """
         if which not in ("act", "ret"):
             raise ValueError(f"which must be 'act' or 'ret', got {which!r}")
+        self._begin_step()
         grads = [p.grad for p in self.params]
         if not self.layout_ready:
             if which == "act":
@@ -513,11 +517,24 @@ class CRaFTGradientProjector:
             self.num_micro_batches += 1
 
     def reset(self) -> None:
+        """Drop what was accumulated. A `.grad` of R that still views the buffer (the caller kept the last step's
+        gradients instead of zeroing them) is first given its own copy, so nothing the caller holds changes."""
+        if self._stale and self.layout_ready:
+            storage = self._flat.untyped_storage().data_ptr()
+            for i in self.ret_index:
+                g = self.params[i].grad
+                if g is not None and g.untyped_storage().data_ptr() == storage:
+                    self.params[i].grad = g.clone()
+        self._stale = False
         self._flat.zero_()
         if self.layout_ready:
             self._written_local = [False] * len(self.act_only_index)
         self._pending_act = None
         self.num_micro_batches = 0
+
+    def _begin_step(self) -> None:
+        if self._stale:  # the first micro-batch after a step
+            self.reset()
 
     # -- optimizer step -----------------------------------------------------------------------------------------------
     def _world(self) -> int:
@@ -614,10 +631,13 @@ class CRaFTGradientProjector:
                 if reached_act[j] or reached_ret[j]:
                     self._write_grad(self.params[i], g)
         else:
+            # In place: the g_act(R) half of the buffer becomes g_act + a g_ret, and the `.grad` of R are views of it
+            # (fp32 parameters), so the step allocates no gradient memory for R. `reset` (at the next step's first
+            # micro-batch, after the loop's zero_grad dropped the views) zeroes it again.
             n = self._n_ret
-            for first, start, lengths, _ in self._groups:  # one chunk at a time: the transient is one chunk
+            for first, start, lengths, _ in self._groups:
                 stop = start + sum(lengths)
-                flat = torch.add(self._flat[start:stop], self._flat[n + start : n + stop], alpha=a)  # fresh
+                flat = self._flat[start:stop].add_(self._flat[n + start : n + stop], alpha=a)
                 off = 0
                 for j in range(first, first + len(lengths)):
                     i = self.ret_index[j]
@@ -628,7 +648,11 @@ class CRaFTGradientProjector:
         stats["num_micro_batches"] = float(self.num_micro_batches)
         stats.update(self._null_conflict_stats(reached_ret))
         self._update_running(stats)
-        self.reset()
+        if self.sharded:
+            self.reset()
+        else:  # the buffer now holds the `.grad` of R: zeroed when the next step starts
+            self.num_micro_batches = 0
+            self._stale = True
         return stats
 
     def _flat_partial_sums(self) -> torch.Tensor:
@@ -693,7 +717,7 @@ class CRaFTGradientProjector:
             p.grad = DTensor.from_local(g.to(p.dtype), p.device_mesh, p.placements, run_check=False,
                                         shape=p.shape, stride=p.stride())
         else:
-            p.grad = g.to(p.dtype)  # `g` is fresh (never a view of the reusable buffer)
+            p.grad = g.to(p.dtype)  # fp32: a view of the buffer's combined half (see `step`); else a cast copy
 
     def _update_running(self, stats: Mapping[str, float]) -> None:
         self.steps += 1

@@ -180,3 +180,35 @@ def test_a_gradient_outside_the_first_batch_sets_is_refused():
     proj.add_grads([torch.ones(2), None], [None, None])  # first micro-batch: only `a`, by L_act
     with pytest.raises(RuntimeError, match="b, which the first micro-batch's loss did not reach"):
         proj.add_grads([torch.ones(2), torch.ones(2)], [None, None])
+
+
+def test_grads_of_r_view_the_buffer_and_a_kept_grad_survives_the_next_step(setup):
+    """The step allocates no gradient memory for R: their `.grad` view the buffer's combined half. A caller that
+    keeps those gradients past the next step's first micro-batch keeps exactly what it had (copied out first)."""
+    proj = CRaFTGradientProjector(setup.named, delta=DELTA, enable_projection=True)
+    proj.accumulate(*setup.losses(4))
+    proj.step(0.3)
+    ret_names = set(proj.reach()["ret"])
+    storage = proj._flat.untyped_storage().data_ptr()
+    grads = {n: p.grad for n, p in setup.named if p.grad is not None}
+    assert ret_names and all(grads[n].untyped_storage().data_ptr() == storage for n in ret_names)
+    assert all(grads[n].untyped_storage().data_ptr() != storage for n in grads if n not in ret_names)
+    kept = {n: g.clone() for n, g in grads.items()}
+    # next step without zeroing: `.grad` of R no longer views the buffer and still holds the last step's values
+    proj.accumulate(*setup.losses(5))
+    for n, p in setup.named:
+        if n in ret_names:
+            assert p.grad.untyped_storage().data_ptr() != storage and torch.equal(p.grad, kept[n]), n
+    # the second step's result is the rule on the second batch alone (the buffer was zeroed first): as a fresh
+    # projector's, bit for bit
+    stats = proj.step(0.3)
+    got = {n: p.grad.clone() for n, p in setup.named if p.grad is not None}
+    for p in setup.params:
+        p.grad = None
+    fresh = CRaFTGradientProjector(setup.named, delta=DELTA, enable_projection=True)
+    fresh.accumulate(*setup.losses(5))
+    assert fresh.step(0.3)["dot"] == stats["dot"]
+    want = {n: p.grad.clone() for n, p in setup.named if p.grad is not None}
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+    for p in setup.params:
+        p.grad = None
