@@ -371,6 +371,11 @@ class CRaFTGradientProjector:
         self._n_ret = n_r
         self._groups = [(first, start, lengths, torch.tensor(lengths, device=self.device))
                         for first, start, lengths in _contiguous_groups(numels, FLAT_CHUNK_ELEMENTS)]
+        self._ret_index_t = torch.tensor(self.ret_index, dtype=torch.long)
+        # fp32, unsharded: `.grad` can be the buffer's view itself (other dtypes get a cast copy)
+        self._grad_is_view = [self.params[i].dtype == torch.float32 and not _is_dtensor(self.params[i])
+                              for i in self.ret_index]
+        self._scratch = torch.empty(0, dtype=torch.float64, device=self.device)
 
     def _unexpected(self, i: int, which: str) -> RuntimeError:
         return RuntimeError(
@@ -620,9 +625,9 @@ class CRaFTGradientProjector:
         # the global sums over ALL parameters: A and unreached parameters add 0 to <g_act, g_ret> and ||g_ret||²
         sums = torch.zeros(3 + n_p, dtype=torch.float64, device=sums_r.device)
         sums[:3] = sums_r[:3]
+        sums[3:].index_copy_(0, self._ret_index_t.to(sums.device), sums_r[3:])
         has_ret = [False] * n_p
         for j, i in enumerate(self.ret_index):
-            sums[3 + i] = sums_r[3 + j]
             has_ret[i] = reached_ret[j]
         a, stats = _scalars_and_stats(sums, has_ret, self._numels_global, lam, self.delta, self.enable_projection)
         if self.sharded:
@@ -637,14 +642,14 @@ class CRaFTGradientProjector:
             n = self._n_ret
             for first, start, lengths, _ in self._groups:
                 stop = start + sum(lengths)
-                flat = self._flat[start:stop].add_(self._flat[n + start : n + stop], alpha=a)
-                off = 0
-                for j in range(first, first + len(lengths)):
-                    i = self.ret_index[j]
-                    if reached_act[j] or reached_ret[j]:
-                        self._write_grad(self.params[i], flat[off : off + self._numels_local[i]].view(
-                            self._local_shapes[i]))
-                    off += self._numels_local[i]
+                self._flat[start:stop].add_(self._flat[n + start : n + stop], alpha=a)
+            for j, i in enumerate(self.ret_index):
+                if reached_act[j] or reached_ret[j]:
+                    p = self.params[i]
+                    if p.grad is None and self._grad_is_view[j]:
+                        p.grad = self._act[j]  # the buffer's view, made once in `_build_layout`
+                    else:
+                        self._write_grad(p, self._act[j])
         stats["num_micro_batches"] = float(self.num_micro_batches)
         stats.update(self._null_conflict_stats(reached_ret))
         self._update_running(stats)
@@ -657,21 +662,31 @@ class CRaFTGradientProjector:
 
     def _flat_partial_sums(self) -> torch.Tensor:
         """[dot, ||g_ret||², ||g_act||², per-tensor dots over R] from the flat buffer, float64, in chunks of tensors.
-        Keeps the per-tensor ||g_act||², ||g_ret||² over R (`_per_tensor_sq`) for the null conflict share."""
+        Keeps the per-tensor ||g_act||², ||g_ret||² over R (`_per_tensor_sq`) for the null conflict share. The
+        float64 temporaries live in one scratch tensor reused every step (no fresh multi-MB allocation per chunk; at most
+        3 chunks, 6 MB, are kept between steps)."""
         n = self._n_ret
         out = torch.zeros(3 + len(self.ret_index), dtype=torch.float64, device=self.device)
-        act_sq = torch.zeros(len(self.ret_index), dtype=torch.float64, device=self.device)
-        ret_sq = torch.zeros_like(act_sq)
+        sq = torch.zeros(2, len(self.ret_index), dtype=torch.float64, device=self.device)  # act, ret
+        longest = max((sum(lengths) for _, _, lengths, _ in self._groups), default=0)
+        if self._scratch.numel() < 3 * longest:
+            self._scratch = torch.empty(3 * longest, dtype=torch.float64, device=self.device)
         for first, start, lengths, lengths_t in self._groups:
-            stop = start + sum(lengths)
-            a64 = self._flat[start:stop].to(torch.float64)
-            r64 = self._flat[n + start : n + stop].to(torch.float64)
+            m = sum(lengths)
+            a64, r64, prod = (self._scratch[k * longest : k * longest + m] for k in range(3))
+            a64.copy_(self._flat[start : start + m])
+            r64.copy_(self._flat[n + start : n + start + m])
             span = slice(first, first + len(lengths))
-            out[3 + first : 3 + first + len(lengths)] = torch.segment_reduce(a64 * r64, "sum", lengths=lengths_t)
-            act_sq[span] = torch.segment_reduce(a64 * a64, "sum", lengths=lengths_t)
-            ret_sq[span] = torch.segment_reduce(r64 * r64, "sum", lengths=lengths_t)
-        out[0], out[1], out[2] = out[3:].sum(), ret_sq.sum(), act_sq.sum()
-        self._per_tensor_sq = (act_sq, ret_sq)
+            torch.mul(a64, r64, out=prod)
+            out[3 + first : 3 + first + len(lengths)] = torch.segment_reduce(prod, "sum", lengths=lengths_t)
+            torch.mul(a64, a64, out=prod)
+            sq[0, span] = torch.segment_reduce(prod, "sum", lengths=lengths_t)
+            torch.mul(r64, r64, out=prod)
+            sq[1, span] = torch.segment_reduce(prod, "sum", lengths=lengths_t)
+        out[0], out[1], out[2] = out[3:].sum(), sq[1].sum(), sq[0].sum()
+        self._per_tensor_sq = (sq[0], sq[1])
+        if longest > FLAT_CHUNK_ELEMENTS:  # a tensor larger than a chunk (e.g. an embedding table): not kept
+            self._scratch = torch.empty(0, dtype=torch.float64, device=self.device)
         return out
 
     # seed of the null conflict statistics; set it to the run's seed (identical on all ranks)

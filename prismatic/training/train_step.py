@@ -224,6 +224,10 @@ def validation_losses(policy: torch.nn.Module, batches, device: torch.device, en
             forward_losses(policy, MicroBatch(to_device(batches[-1], device), None), device)
     finally:
         policy.train(was_training)
+        if is_sharded(policy):  # FSDP keeps the root gathered after a forward that no backward follows
+            from prismatic.training.fsdp import reshard_root
+
+            reshard_root(policy)
     if env.distributed:
         sums = sums.to(env.device)
         torch.distributed.all_reduce(sums)

@@ -26,12 +26,13 @@ CRAFT = dict(use_craft=True, craft_retention_budget=1e-3, craft_dual_lr=0.05, cr
 VARIANTS = {
     "plain-lora": dict(use_lora=True),
     "plain-full": dict(use_lora=False),
+    "plain-lora-val": dict(use_lora=True, use_val_set=True, val_freq=1),  # collective validation forwards
     "online-lora": dict(use_lora=True, craft_anchor_source="online", **CRAFT),
     "online-full": dict(use_lora=False, craft_anchor_source="online", **CRAFT),
     "offline-lora": dict(use_lora=True, craft_anchor_source="offline", **CRAFT),
     "offline-full": dict(use_lora=False, craft_anchor_source="offline", **CRAFT),
 }
-LOGGED = ("VLA Train/Loss", "CRaFT/Lambda", "CRaFT/Retention Loss")
+LOGGED = ("VLA Train/Loss", "VLA Val/Loss", "CRaFT/Lambda", "CRaFT/Retention Loss")
 
 
 def logged(history: list[dict]) -> dict[str, torch.Tensor]:
