@@ -315,6 +315,7 @@ class CRaFTGradientProjector:
         self.unreached_index: list[int] = []
         self._flat = torch.zeros(0, dtype=torch.float32, device=self.device)
         self._pending_act: list[torch.Tensor | None] | None = None
+        self._scratch = torch.empty(0, dtype=torch.float64, device=self.device)  # `_scratch_f64`
         self.num_micro_batches = 0
         self._stale = False  # the buffers still hold the last step (its combined gradient is what `.grad` of R views)
         # running statistics (restored on resume)
@@ -375,7 +376,6 @@ class CRaFTGradientProjector:
         # fp32, unsharded: `.grad` can be the buffer's view itself (other dtypes get a cast copy)
         self._grad_is_view = [self.params[i].dtype == torch.float32 and not _is_dtensor(self.params[i])
                               for i in self.ret_index]
-        self._scratch = torch.empty(0, dtype=torch.float64, device=self.device)
 
     def _unexpected(self, i: int, which: str) -> RuntimeError:
         return RuntimeError(
@@ -587,13 +587,31 @@ class CRaFTGradientProjector:
                 off += g.numel()
 
     def _act_only_sq_norm(self, written: Sequence[bool]) -> torch.Tensor:
-        """||g_act||² over A (their `.grad`, local shards under FSDP2), float64: one fused norm per tensor (a
-        statistic only: the projection coefficient does not use it)."""
+        """||g_act||² over A (their `.grad`, local shards under FSDP2), float64. Small tensors: fused norms over groups
+        of at most one chunk of elements; large ones (the head's): chunk by chunk through the reusable float64
+        scratch. Never a float64 copy of a whole large tensor, never a float32 accumulation."""
         grads = [_local(self.params[i].grad).detach() for k, i in enumerate(self.act_only_index) if written[k]]
-        if not grads:
-            return torch.zeros((), dtype=torch.float64, device=self.device)
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
-        return torch.stack(norms).square().sum()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        small = [g for g in grads if g.numel() <= FLAT_CHUNK_ELEMENTS]
+        for _, _, lengths in _contiguous_groups([g.numel() for g in small], FLAT_CHUNK_ELEMENTS):
+            group, small = small[: len(lengths)], small[len(lengths) :]
+            total += torch.stack(torch._foreach_norm(group, 2, dtype=torch.float64)).square().sum()
+        for g in grads:
+            if g.numel() <= FLAT_CHUNK_ELEMENTS:
+                continue
+            flat = g.reshape(-1)
+            for start in range(0, flat.numel(), FLAT_CHUNK_ELEMENTS):
+                part = flat[start : start + FLAT_CHUNK_ELEMENTS]
+                g64 = self._scratch_f64()[: part.numel()].copy_(part)
+                total += torch.dot(g64, g64)
+        return total
+
+    def _scratch_f64(self) -> torch.Tensor:
+        """Three chunks of float64 temporaries (6 MB), reused every step: a fresh multi-MB tensor is mmapped and
+        page-faulted each time it is allocated."""
+        if self._scratch.numel() < 3 * FLAT_CHUNK_ELEMENTS:
+            self._scratch = torch.empty(3 * FLAT_CHUNK_ELEMENTS, dtype=torch.float64, device=self.device)
+        return self._scratch
 
     @torch.no_grad()
     def step(self, lam: float) -> dict[str, float]:
@@ -640,9 +658,7 @@ class CRaFTGradientProjector:
             # (fp32 parameters), so the step allocates no gradient memory for R. `reset` (at the next step's first
             # micro-batch, after the loop's zero_grad dropped the views) zeroes it again.
             n = self._n_ret
-            for first, start, lengths, _ in self._groups:
-                stop = start + sum(lengths)
-                self._flat[start:stop].add_(self._flat[n + start : n + stop], alpha=a)
+            self._flat[:n].add_(self._flat[n : 2 * n], alpha=a)  # in place: no transient
             for j, i in enumerate(self.ret_index):
                 if reached_act[j] or reached_ret[j]:
                     p = self.params[i]
@@ -663,17 +679,24 @@ class CRaFTGradientProjector:
     def _flat_partial_sums(self) -> torch.Tensor:
         """[dot, ||g_ret||², ||g_act||², per-tensor dots over R] from the flat buffer, float64, in chunks of tensors.
         Keeps the per-tensor ||g_act||², ||g_ret||² over R (`_per_tensor_sq`) for the null conflict share. The
-        float64 temporaries live in one scratch tensor reused every step (no fresh multi-MB allocation per chunk; at most
-        3 chunks, 6 MB, are kept between steps)."""
-        n = self._n_ret
+        float64 temporaries live in the reused scratch; a tensor larger than a chunk is summed piece by piece."""
+        n, chunk = self._n_ret, FLAT_CHUNK_ELEMENTS
         out = torch.zeros(3 + len(self.ret_index), dtype=torch.float64, device=self.device)
         sq = torch.zeros(2, len(self.ret_index), dtype=torch.float64, device=self.device)  # act, ret
-        longest = max((sum(lengths) for _, _, lengths, _ in self._groups), default=0)
-        if self._scratch.numel() < 3 * longest:
-            self._scratch = torch.empty(3 * longest, dtype=torch.float64, device=self.device)
+        scratch = self._scratch_f64()
         for first, start, lengths, lengths_t in self._groups:
             m = sum(lengths)
-            a64, r64, prod = (self._scratch[k * longest : k * longest + m] for k in range(3))
+            if m > chunk:  # one tensor alone (groups never exceed a chunk otherwise)
+                for off in range(0, m, chunk):
+                    k = min(chunk, m - off)
+                    a64, r64 = scratch[:k], scratch[chunk : chunk + k]
+                    a64.copy_(self._flat[start + off : start + off + k])
+                    r64.copy_(self._flat[n + start + off : n + start + off + k])
+                    out[3 + first] += torch.dot(a64, r64)
+                    sq[0, first] += torch.dot(a64, a64)
+                    sq[1, first] += torch.dot(r64, r64)
+                continue
+            a64, r64, prod = (scratch[i * chunk : i * chunk + m] for i in range(3))
             a64.copy_(self._flat[start : start + m])
             r64.copy_(self._flat[n + start : n + start + m])
             span = slice(first, first + len(lengths))
@@ -685,8 +708,6 @@ class CRaFTGradientProjector:
             sq[1, span] = torch.segment_reduce(prod, "sum", lengths=lengths_t)
         out[0], out[1], out[2] = out[3:].sum(), sq[1].sum(), sq[0].sum()
         self._per_tensor_sq = (sq[0], sq[1])
-        if longest > FLAT_CHUNK_ELEMENTS:  # a tensor larger than a chunk (e.g. an embedding table): not kept
-            self._scratch = torch.empty(0, dtype=torch.float64, device=self.device)
         return out
 
     # seed of the null conflict statistics; set it to the run's seed (identical on all ranks)
