@@ -101,11 +101,10 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, config: Augmentat
     bright_lut = np.clip(levels + (2.0 * bright - 1.0) * config.brightness, 0.0, 1.0)
     factor = config.contrast[0] + contrast * (config.contrast[1] - config.contrast[0])
     x = np.empty(planes.shape, dtype=np.float32)
-    for c in range(3):
-        channel = planes[c]
+    for c, channel in enumerate(planes):
         mean = float(np.bincount(channel.ravel(), minlength=256) @ bright_lut) / channel.size
         lut = np.clip((bright_lut - mean) * factor + mean, 0.0, 1.0).astype(np.float32)
-        np.take(lut, channel, out=x[c], mode="clip")  # mode="clip": no bounds-check buffer; uint8 is in range
+        np.take(lut, channel, out=x[c], mode="clip")  # mode="clip": no bounds-check copy (uint8 is in range)
     s_factor = config.saturation[0] + sat * (config.saturation[1] - config.saturation[0])
     x = adjust_saturation_hue(x, s_factor, (2.0 * hue - 1.0) * config.hue, out=x)
     np.clip(x, 0.0, 1.0, out=x)

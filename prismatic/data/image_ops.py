@@ -86,24 +86,28 @@ def crop_resize_bilinear_planes(image: np.ndarray, area_scale: float = CROP_AREA
     top, bottom, y_weight = _bilinear_axis(height, size, y_start, y_start + side)
     left, right, x_weight = _bilinear_axis(width, size, x_start, x_start + side)
     row0, col0 = int(top.min()), int(left.min())
-    rows, cols = slice(row0, int(bottom.max()) + 1), slice(col0, int(right.max()) + 1)
-    # (3, cols, rows) float32 in [0, 1]: a column of the box is a contiguous row here.
-    columns = image[rows, cols].transpose(2, 1, 0).astype(np.float32, order="C")
-    columns *= np.float32(1.0 / 255.0)
-    lerp = columns[:, left - col0]
-    step = columns[:, right - col0]
-    step -= lerp
-    step *= x_weight[None, :, None]
-    lerp += step  # (3, size, rows): every source row, lerped horizontally
-    lerp_rows = np.ascontiguousarray(lerp.transpose(0, 2, 1))  # (3, rows, size)
-    out = lerp_rows[:, top - row0]
-    step = lerp_rows[:, bottom - row0]
-    step -= out
-    step *= y_weight[None, :, None]
-    out += step
-    np.clip(out, 0.0, 1.0, out=out)
-    out *= np.float32(255.5)
-    return out.astype(np.uint8)
+    box = image[row0:int(bottom.max()) + 1, col0:int(right.max()) + 1]
+    left, right, top, bottom = left - col0, right - col0, top - row0, bottom - row0
+    x_weight, y_weight = x_weight[:, None], y_weight[:, None]
+    result = np.empty((3, size, size), dtype=np.uint8)
+    for c in range(3):  # one plane at a time: its temporaries stay in the L2 cache
+        columns = box[:, :, c].T.astype(np.float32, order="C")  # (cols, rows): a column is a contiguous row
+        columns *= np.float32(1.0 / 255.0)
+        lerp = columns[left]
+        step = columns[right]
+        step -= lerp
+        step *= x_weight
+        lerp += step  # (size, rows): every source row, lerped horizontally
+        lerp_rows = np.ascontiguousarray(lerp.T)  # (rows, size)
+        out = lerp_rows[top]
+        step = lerp_rows[bottom]
+        step -= out
+        step *= y_weight
+        out += step
+        np.clip(out, 0.0, 1.0, out=out)
+        out *= np.float32(255.5)
+        result[c] = out  # truncating cast, as astype(uint8)
+    return result
 
 
 def center_crop(image: np.ndarray, area_scale: float = CROP_AREA_SCALE, size: int = IMAGE_SIZE) -> np.ndarray:
