@@ -65,7 +65,8 @@ def images_to_pixel_values(images: np.ndarray | torch.Tensor | Sequence[np.ndarr
     elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}, got {tuple(out.shape)} "
                          f"{out.dtype}")
-    # One fused multiply-add per normalisation: (x/255 - mean)/std == x * (1/(255 std)) - mean/std.
+    # One fused multiply-add per normalisation: (x/255 - mean)/std == x * (1/(255 std)) - mean/std. (addcmul, not
+    # mul then add: those round differently; tests/data/test_image_fast_paths.py checks every uint8 value.)
     norm = normalization or DEFAULT_NORMALIZATION
     mean = torch.tensor([v for group in norm["mean"] for v in group], dtype=torch.float64)
     std = torch.tensor([v for group in norm["std"] for v in group], dtype=torch.float64)

@@ -83,10 +83,11 @@ def reference_augment(image: np.ndarray, rng: np.random.Generator, config: Augme
     return np.rint(x * np.float32(255.0)).astype(np.uint8).transpose(1, 2, 0)
 
 
-def reference_pixel_values(images: np.ndarray) -> torch.Tensor:
+def reference_pixel_values(images: np.ndarray, normalization: dict | None = None) -> torch.Tensor:
+    norm = normalization or {"mean": ((0.485, 0.456, 0.406), (0.5,) * 3), "std": ((0.229, 0.224, 0.225), (0.5,) * 3)}
     x = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32)
-    mean = torch.tensor([0.485, 0.456, 0.406, 0.5, 0.5, 0.5], dtype=torch.float64)
-    std = torch.tensor([0.229, 0.224, 0.225, 0.5, 0.5, 0.5], dtype=torch.float64)
+    mean = torch.tensor([v for group in norm["mean"] for v in group], dtype=torch.float64)
+    std = torch.tensor([v for group in norm["std"] for v in group], dtype=torch.float64)
     scale = (1.0 / (255.0 * std)).to(torch.float32).view(1, 6, 1, 1)
     bias = (-mean / std).to(torch.float32).view(1, 6, 1, 1)
     return torch.addcmul(bias, torch.cat([x, x], dim=1), scale).reshape(-1, *x.shape[2:])
@@ -150,15 +151,19 @@ def test_augment_equals_the_reference_pipeline():
         assert got.transpose(2, 0, 1).flags.c_contiguous  # channel-planar storage, the collator's layout
 
 
-def test_pixel_values_equal_the_stacked_reference():
+@pytest.mark.parametrize("normalization", [None, {"mean": ((0.484375, 0.455078, 0.40625), (0.5, 0.5, 0.5)),
+                                                    "std": ((0.229492, 0.224609, 0.225586), (0.5, 0.5, 0.5))}])
+def test_pixel_values_equal_the_stacked_reference(normalization):
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (2, 224, 200, 3), dtype=np.uint8)
+    images[0, 0, :256 - 200] = np.arange(200, 256)[:, None]
+    images[0, 1, :] = np.arange(200)[:, None]  # every uint8 value in every channel
     planar = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
-    want = reference_pixel_values(images)
-    assert torch.equal(images_to_pixel_values(images), want)
-    assert torch.equal(images_to_pixel_values(planar), want)
+    want = reference_pixel_values(images, normalization)
+    assert torch.equal(images_to_pixel_values(images, normalization), want)
+    assert torch.equal(images_to_pixel_values(planar, normalization), want)
     out = torch.full((12, 224, 200), float("nan"))
-    assert images_to_pixel_values(list(images), out=out) is out and torch.equal(out, want)
+    assert images_to_pixel_values(list(images), normalization, out=out) is out and torch.equal(out, want)
     with pytest.raises(ValueError, match="out must be"):
         images_to_pixel_values(images, out=torch.empty(6, 224, 200))
 
