@@ -16,6 +16,9 @@ What each side does per frame (2 cameras, 224 px, augmentation on unless --no_au
   recipe), batched and normalised to the same float32 (B, 12, 224, 224) in the graph; the consumer takes numpy
   arrays (torch.from_numpy). It carries the step's action and instruction, not chunks or prompt ids. torch's
   num_workers is 0 for it: tf.data parallelises itself.
+- loader with backend="tf" (the dataset's TFDS reader: TF eager decode_jpeg + lanczos3 per sample, then the same
+  numpy augmentation and collation), num_workers 0 as TensorFlow requires; one round (it is slow: a reference
+  reader for checking the native path, not a throughput path).
 - rounds alternate loader and tf.data so both see the same machine load; the best round of each is reported.
 CPU ms/frame counts every process and thread that worked (loader: main + workers; tf.data: the process).
 """
@@ -228,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
             loader_rounds.append(measure_loader(dataset, args.batch_size, args.num_workers, args.num_batches))
             if pipeline is not None:
                 tf_rounds.append(measure_tf_data(pipeline, args.num_batches))
+        tf_backend = None
+        if args.with_tf:
+            tf_dataset = RLDSFrameDataset(root, args.dataset_name, tokenizer, num_images_in_input=2, use_proprio=True,
+                                          image_aug=aug, seed=7, backend="tf")
+            tf_backend = measure_loader(tf_dataset, args.batch_size, 0, min(args.num_batches, 10), warmup_batches=1)
         load_after = psutil.getloadavg()
         consumed = measure_training_fps(root, args.dataset_name, Path(tmp) / "runs") if args.with_model else None
     best = max(loader_rounds, key=lambda r: r["fps"])
@@ -248,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
               f"ms/frame (= {2000.0 / tf_best['cpu_ms_per_frame']:.0f} frames/s on 2 idle cores)")
         print(f"loader / tf.data: {best['fps'] / tf_best['fps']:.2f}x frames/s, "
               f"{best['cpu_ms_per_frame'] / tf_best['cpu_ms_per_frame']:.2f}x CPU per frame")
+        print(f"loader with backend='tf' (TF eager decode + lanczos3 per sample, num_workers 0): "
+              f"{tf_backend['fps']:.1f} frames/s; CPU {tf_backend['cpu_ms_per_frame']:.2f} ms/frame")
     if consumed is not None:
         print(f"tiny preset training consumes {consumed:.1f} frames/s (LoRA rank 8, batch 8, 2 images); "
               f"loader / consumption = {best['fps'] / consumed:.1f}x (goal >= 5x: the loader is never the bottleneck)")
