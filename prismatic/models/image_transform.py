@@ -61,7 +61,7 @@ def images_to_pixel_values(images: np.ndarray | torch.Tensor | Sequence[np.ndarr
     num, height, width = array.shape[0], array.shape[1], array.shape[2]
     shape = (CHANNELS_PER_IMAGE * num, height, width)
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32)
+        out = torch.empty(shape, dtype=torch.float32, device=array.device)
     elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}, got {tuple(out.shape)} "
                          f"{out.dtype}")
@@ -72,10 +72,10 @@ def images_to_pixel_values(images: np.ndarray | torch.Tensor | Sequence[np.ndarr
     std = torch.tensor([v for group in norm["std"] for v in group], dtype=torch.float64)
     if mean.numel() != CHANNELS_PER_IMAGE or std.numel() != CHANNELS_PER_IMAGE:
         raise ValueError(f"normalisation needs 3 means and 3 stds per ViT, got {norm}")
-    scale = (1.0 / (255.0 * std)).to(torch.float32).view(2, 3, 1, 1)
-    bias = (-mean / std).to(torch.float32).view(2, 3, 1, 1)
+    scale = (1.0 / (255.0 * std)).to(device=out.device, dtype=torch.float32).view(2, 3, 1, 1)
+    bias = (-mean / std).to(device=out.device, dtype=torch.float32).view(2, 3, 1, 1)
     planes = array.permute(0, 3, 1, 2)  # (N, 3, H, W) in [0, 255]
-    x = torch.empty((3, height, width), dtype=torch.float32)
+    x = torch.empty((3, height, width), dtype=torch.float32, device=out.device)
     fused = out.view(num, 2, 3, height, width)  # channels [dino RGB, siglip RGB] per image
     for n in range(num):
         x.copy_(planes[n])
