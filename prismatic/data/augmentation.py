@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from prismatic.data.image_ops import CROP_AREA_SCALE, IMAGE_SIZE, crop_resize_bilinear_planes
 
@@ -103,8 +102,9 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, config: Augmentat
     factor = config.contrast[0] + contrast * (config.contrast[1] - config.contrast[0])
     x = np.empty(planes.shape, dtype=np.float32)
     for c, channel in enumerate(planes):
-        counts = torch.bincount(torch.from_numpy(channel).view(-1), minlength=256).numpy()  # 3x np.bincount's speed
-        mean = float(counts @ bright_lut) / channel.size
+        # np.bincount, not torch.bincount: torch's is faster on one thread but spins its OpenMP pool in a main
+        # process with several threads (num_workers=0), 100x slower on a busy machine.
+        mean = float(np.bincount(channel.ravel(), minlength=256) @ bright_lut) / channel.size
         lut = np.clip((bright_lut - mean) * factor + mean, 0.0, 1.0).astype(np.float32)
         np.take(lut, channel, out=x[c], mode="clip")  # mode="clip": no bounds-check copy (uint8 is in range)
     s_factor = config.saturation[0] + sat * (config.saturation[1] - config.saturation[0])
