@@ -140,11 +140,18 @@ def test_saturation_hue_equals_the_where_formulation():
         np.testing.assert_array_equal(adjust_saturation_hue(planes, s_factor, delta, out=planes), want)
 
 
-def test_augment_equals_the_reference_pipeline():
+@pytest.mark.parametrize("torch_threads", [1, 2])  # the histogram takes torch's path on 1 thread, numpy's otherwise
+def test_augment_equals_the_reference_pipeline(torch_threads):
     rng = np.random.default_rng(2)
     config = AugmentationConfig()
-    for i, image in enumerate(_images(rng, 60)):
-        got = augment_image(image, np.random.default_rng([7, i, 1]), config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        results = [augment_image(image, np.random.default_rng([7, i, 1]), config)
+                   for i, image in enumerate(_images(rng, 60))]
+    finally:
+        torch.set_num_threads(threads)
+    for i, (image, got) in enumerate(zip(_images(np.random.default_rng(2), 60), results, strict=True)):
         want = reference_augment(image, np.random.default_rng([7, i, 1]), config)
         assert got.shape == want.shape == (224, 224, 3) and got.dtype == np.uint8
         np.testing.assert_array_equal(got, want)
