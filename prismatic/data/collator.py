@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
-from prismatic.models.image_transform import images_to_pixel_values
+from prismatic.models.image_transform import CHANNELS_PER_IMAGE, images_to_pixel_values
+
+
+def _empty_batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 tensor for a batch; in a DataLoader worker it lives in shared memory from the start, as
+    torch's default collate does, so handing the batch to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.empty(0, dtype=torch.float32)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.empty(0, dtype=torch.float32).new(storage).view(shape)
 
 
 class VLACollator:
@@ -35,8 +46,12 @@ class VLACollator:
         shapes = {s["images"].shape for s in samples}
         if len(shapes) != 1:
             raise ValueError(f"samples carry images of different shapes {sorted(shapes)}")
+        num, height, width, _ = samples[0]["images"].shape
+        pixel_values = _empty_batch_tensor((len(samples), CHANNELS_PER_IMAGE * num, height, width))
+        for i, s in enumerate(samples):
+            images_to_pixel_values(s["images"], out=pixel_values[i])
         return {
-            "pixel_values": torch.stack([images_to_pixel_values(s["images"]) for s in samples]),
+            "pixel_values": pixel_values,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "actions": torch.as_tensor(np.stack([s["actions"] for s in samples]), dtype=torch.float32),

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from prismatic.data.augmentation import DEFAULT_AUGMENTATION, AugmentationConfig, augment_image
 from prismatic.data.few_shot import EmptySelectionError, select_few_shot_episodes, write_few_shot_episodes
-from prismatic.data.image_ops import IMAGE_SIZE, center_crop
+from prismatic.data.image_ops import IMAGE_SIZE, crop_resize_bilinear_planes
 from prismatic.data.libero_transform import NUM_ACTIONS_CHUNK, chunk_indices, num_chunk_frames, transform_actions
 from prismatic.data.normalization import normalize_bounds_q99
 from prismatic.data.rlds_catalog import DatasetSpec, parse_dataset_spec, resolve_dataset
@@ -207,8 +207,9 @@ class RLDSFrameDataset(Dataset):
         if position is not None:
             rng = np.random.default_rng([self.seed, int(position), camera_index])
             image = augment_image(image, rng, self.augmentation, self.image_size)
-        elif self.image_aug:
-            image = center_crop(image, self.augmentation.crop_area, self.image_size)
+        elif self.image_aug:  # `center_crop`, kept channel-planar like the augmented view
+            image = crop_resize_bilinear_planes(image, self.augmentation.crop_area, 0.5, 0.5,
+                                                self.image_size).transpose(1, 2, 0)
         return image, data
 
     def _sample(self, d: int, local: int, position: int | None) -> dict[str, Any]:
@@ -226,7 +227,8 @@ class RLDSFrameDataset(Dataset):
             digest.update(data)
         digest.update(instruction.encode("utf-8"))
         return {
-            "images": np.stack(images),
+            # (N, H, W, 3) stored channel-planar when the views are: the collator's layout, and no interleaving copy
+            "images": np.stack([image.transpose(2, 0, 1) for image in images]).transpose(0, 2, 3, 1),
             "input_ids": self._prompt_ids[instruction],
             "actions": source.norm_actions[chunk],
             "proprio": source.norm_proprio[step],
