@@ -1234,7 +1234,7 @@ class CRaFTWeightManager:
         return list(self._params)
 
     def theta0_state(self) -> dict[str, torch.Tensor]:
-        """θ0 per name; under FSDP2 as DTensors laid out like the parameters (whole tensors: `full_tensor()`)."""
+        """θ0 per name; under FSDP2 as DTensors laid out like the parameters (whole: `fsdp.full_tensor`)."""
         if not self.in_place:
             return dict(self._theta0)
         from torch.distributed.tensor import DTensor

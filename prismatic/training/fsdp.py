@@ -143,10 +143,14 @@ def meta_template(policy: nn.Module) -> nn.Module:
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: the full fp32 state dict on rank 0 (CPU), {} on the other ranks."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Collective: the full state dict on rank 0 (CPU, one tensor gathered at a time), {} on the other ranks."""
+    keep = dist.get_rank() == 0
+    out = {}
+    for name, value in model.state_dict().items():
+        whole = full_tensor(value.detach())
+        if keep:
+            out[name] = whole.cpu()
+    return out
 
 
 def gathered_policy(model: nn.Module, template: nn.Module | None) -> nn.Module | None:
@@ -164,25 +168,79 @@ def gathered_policy(model: nn.Module, template: nn.Module | None) -> nn.Module |
     return plain
 
 
+def _indexed_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Collective: the optimizer state keyed by parameter name, full tensors on CPU on rank 0 ({} elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    """Collective: the optimizer state keyed by parameter name with whole tensors (CPU) on rank 0, {} elsewhere.
+    {"state": {name: {key: value}}, "param_groups": [{..., "params": [name, ...]}]}: independent of the world size."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = _indexed_params(optimizer)
+    saved = optimizer.state_dict()
+    keep = dist.get_rank() == 0
+    state = {}
+    for index in sorted(saved["state"]):  # the same order on every rank: the gathers are collective
+        entry = {}
+        for key, value in saved["state"][index].items():
+            whole = full_tensor(value) if isinstance(value, torch.Tensor) else value
+            entry[key] = whole.cpu() if isinstance(whole, torch.Tensor) else whole
+        if keep:
+            state[names[id(params[index])]] = entry
+    if not keep:
+        return {}
+    groups = [{**{k: v for k, v in group.items() if k != "params"},
+               "params": [names[id(params[i])] for i in group["params"]]} for group in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping) -> None:
-    """Every rank passes the same full state (read from training_state.pt); each keeps its shard. Not strict:
-    parameters no loss reaches never got an AdamW state (as under DDP, where load_state_dict allows that too)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=dict(state),
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping) -> None:
+    """Every rank passes the same full state (read from training_state.pt) and keeps its own shard of it.
+    Parameters no loss reaches have no AdamW state (as under DDP)."""
+    by_name = dict(model.named_parameters())
+    index = {id(p): i for i, p in enumerate(_indexed_params(optimizer))}
+    unknown = [n for n in saved["state"] if n not in by_name]
+    if unknown:
+        raise ValueError(f"the checkpoint's optimizer state names parameters this model lacks, e.g. {unknown[:3]}")
+    state = {}
+    for name, entry in saved["state"].items():
+        p = by_name[name]
+        state[index[id(p)]] = {
+            key: shard_like(value, p) if isinstance(value, torch.Tensor) and is_dtensor(p)
+            and tuple(value.shape) == tuple(p.shape) else value
+            for key, value in entry.items()}
+    groups = [{**{k: v for k, v in group.items() if k != "params"},
+               "params": [index[id(by_name[n])] for n in group["params"]]} for group in saved["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Collective for DTensors: the whole tensor on every rank; the tensor itself otherwise."""
-    return t.full_tensor() if is_dtensor(t) else t
+    """Collective for DTensors sharded on one dim of a 1-D mesh (FSDP2): the whole tensor on every rank, by one
+    synchronous all_gather of equal-size padded pieces (torch.chunk's layout); the tensor itself otherwise.
+
+    Not DTensor.full_tensor(): on gloo its asynchronous gather of a padded temporary was seen to crash (a segfault
+    reading freed memory in gloo's thread, under load); a synchronous call holds its buffers to the end."""
+    if not is_dtensor(t):
+        return t
+    local = t.to_local()
+    placement = t.placements[0]
+    if t.device_mesh.ndim != 1:
+        raise NotImplementedError("full_tensor: only 1-D device meshes (FSDP2 without HSDP)")
+    if placement.is_replicate():
+        return local
+    if not placement.is_shard():
+        raise NotImplementedError(f"full_tensor: placement {placement} is not supported")
+    dim, group = placement.dim, t.device_mesh.get_group()
+    world, length = dist.get_world_size(group), t.shape[placement.dim]
+    piece = -(-length // world)
+    sizes = [max(0, min(piece, length - r * piece)) for r in range(world)]
+    shape = list(local.shape)
+    shape[dim] = piece
+    send = local.new_zeros(shape)
+    send.narrow(dim, 0, local.shape[dim]).copy_(local)
+    received = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(received, send, group=group)
+    return torch.cat([r.narrow(dim, 0, n) for r, n in zip(received, sizes, strict=True)], dim=dim)
 
 
 def trainable_full_state(policy: nn.Module) -> dict[str, torch.Tensor]:
