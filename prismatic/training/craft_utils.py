@@ -218,7 +218,7 @@ def all_reduce_mean(value: float | torch.Tensor, group: dist.ProcessGroup | None
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-FLAT_CHUNK_ELEMENTS = 1 << 18  # float64 temporaries of the vectorised statistics: 3 x 2 MB per chunk
+FLAT_CHUNK_ELEMENTS = 1 << 18  # float64 temporaries of the vectorised statistics: 2 MB each, reused per chunk
 
 
 def _contiguous_groups(numels: Sequence[int], chunk: int) -> list[tuple[int, int, list[int]]]:
@@ -315,6 +315,7 @@ class CRaFTGradientProjector:
         self.unreached_index: list[int] = []
         self._flat = torch.zeros(0, dtype=torch.float32, device=self.device)
         self._pending_act: list[torch.Tensor | None] | None = None
+        self._scratch: dict[int, torch.Tensor] = {}  # reusable chunk-sized temporaries of the statistics (`_buf`)
         self.num_micro_batches = 0
         # running statistics (restored on resume)
         self.steps = 0
@@ -564,6 +565,21 @@ class CRaFTGradientProjector:
                 g.copy_(bucket[off : off + g.numel()].view(g.shape))
                 off += g.numel()
 
+    def _buf(self, slot: int, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """An uninitialised 1-D temporary of n elements: a view of a reusable buffer (one per slot) when n fits in a
+        chunk, else fresh. A fresh 2 MB temporary per chunk is mmapped and page-faulted each time: at real size that
+        was most of the surgery (the 180M-element head alone is ~690 chunks)."""
+        if n > FLAT_CHUNK_ELEMENTS:
+            return torch.empty(n, dtype=dtype, device=self.device)
+        buf = self._scratch.get(slot)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._scratch[slot] = torch.empty(FLAT_CHUNK_ELEMENTS, dtype=dtype, device=self.device)
+        return buf[:n]
+
+    def _to64(self, slot: int, src: torch.Tensor) -> torch.Tensor:
+        """`src.to(float64)` (the same values) into the slot's reusable buffer."""
+        return self._buf(slot, src.numel()).copy_(src)
+
     def _act_only_sq_norm(self, written: Sequence[bool]) -> torch.Tensor:
         """||g_act||² over A (their `.grad`, local shards under FSDP2), float64, in chunks."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -572,7 +588,7 @@ class CRaFTGradientProjector:
                 continue
             g = _local(self.params[i].grad).detach().reshape(-1)
             for start in range(0, g.numel(), FLAT_CHUNK_ELEMENTS):
-                g64 = g[start : start + FLAT_CHUNK_ELEMENTS].to(torch.float64)
+                g64 = self._to64(0, g[start : start + FLAT_CHUNK_ELEMENTS])
                 total += torch.dot(g64, g64)
         return total
 
@@ -640,9 +656,9 @@ class CRaFTGradientProjector:
         out = torch.zeros(3 + len(self.ret_index), dtype=torch.float64, device=self.device)
         for first, start, lengths, lengths_t in self._groups:
             stop = start + sum(lengths)
-            a64 = self._flat[start:stop].to(torch.float64)
-            r64 = self._flat[n + start : n + stop].to(torch.float64)
-            per = torch.segment_reduce(a64 * r64, "sum", lengths=lengths_t)
+            a64 = self._to64(0, self._flat[start:stop])
+            r64 = self._to64(1, self._flat[n + start : n + stop])
+            per = torch.segment_reduce(torch.mul(a64, r64, out=self._buf(2, stop - start)), "sum", lengths=lengths_t)
             out[3 + first : 3 + first + len(lengths)] = per
             out[1] += torch.dot(r64, r64)
             out[2] += torch.dot(a64, a64)
@@ -675,12 +691,15 @@ class CRaFTGradientProjector:
         ret_sq = torch.zeros(len(self.ret_index), dtype=torch.float64, device=self.device)
         for first, start, lengths, lengths_t in self._groups:
             stop = start + sum(lengths)
-            z = torch.randn(stop - start, generator=gen, device=self.device, dtype=torch.float32)
-            a64 = self._flat[start:stop].to(torch.float64)
-            r64 = self._flat[n + start : n + stop].to(torch.float64)
-            dots[first : first + len(lengths)] = torch.segment_reduce(a64 * z.to(torch.float64), "sum",
-                                                                      lengths=lengths_t)
-            ret_sq[first : first + len(lengths)] = torch.segment_reduce(r64 * r64, "sum", lengths=lengths_t)
+            size = stop - start
+            z = torch.randn(size, generator=gen, device=self.device, dtype=torch.float32,
+                            out=self._buf(4, size, torch.float32))  # the same draws as a fresh tensor
+            a64 = self._to64(0, self._flat[start:stop])
+            r64 = self._to64(1, self._flat[n + start : n + stop])
+            prod = torch.mul(a64, self._to64(2, z), out=self._buf(3, size))
+            dots[first : first + len(lengths)] = torch.segment_reduce(prod, "sum", lengths=lengths_t)
+            prod = torch.mul(r64, r64, out=self._buf(3, size))
+            ret_sq[first : first + len(lengths)] = torch.segment_reduce(prod, "sum", lengths=lengths_t)
         dots_l, ret_l = dots.cpu().tolist(), ret_sq.cpu().tolist()
         shared = [j for j, h in enumerate(reached_ret) if h]
         conflicting = [j for j in shared if ret_l[j] > 0 and dots_l[j] < 0]
