@@ -239,6 +239,12 @@ def _contiguous_groups(numels: Sequence[int], chunk: int) -> list[tuple[int, int
     return groups
 
 
+def _sub_chunks(start: int, stop: int) -> list[tuple[int, int]]:
+    """[start, stop) cut into ranges of at most FLAT_CHUNK_ELEMENTS (a tensor larger than a chunk: its statistics
+    then need chunk-sized temporaries only, not float64 copies of the whole tensor)."""
+    return [(lo, min(lo + FLAT_CHUNK_ELEMENTS, stop)) for lo in range(start, stop, FLAT_CHUNK_ELEMENTS)]
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -656,6 +662,14 @@ class CRaFTGradientProjector:
         out = torch.zeros(3 + len(self.ret_index), dtype=torch.float64, device=self.device)
         for first, start, lengths, lengths_t in self._groups:
             stop = start + sum(lengths)
+            if stop - start > FLAT_CHUNK_ELEMENTS:  # one tensor larger than a chunk: sums over sub-chunks
+                for lo, hi in _sub_chunks(start, stop):
+                    a64 = self._to64(0, self._flat[lo:hi])
+                    r64 = self._to64(1, self._flat[n + lo : n + hi])
+                    out[3 + first] += torch.dot(a64, r64)
+                    out[1] += torch.dot(r64, r64)
+                    out[2] += torch.dot(a64, a64)
+                continue
             a64 = self._to64(0, self._flat[start:stop])
             r64 = self._to64(1, self._flat[n + start : n + stop])
             per = torch.segment_reduce(torch.mul(a64, r64, out=self._buf(2, stop - start)), "sum", lengths=lengths_t)
@@ -680,7 +694,8 @@ class CRaFTGradientProjector:
 
         Only the sign of each per-tensor dot enters the shares, and scaling z_i by ||g_ret_i|| > 0 does not change
         it, so z_i is used unscaled. Tensors where g_ret is exactly zero cannot conflict (as in the real share).
-        Drawn from `null_generator(self.steps)` over the flat (rank-averaged) g_act buffer: identical on every rank.
+        Drawn from `null_generator(self.steps)` over the flat (rank-averaged) g_act buffer, one draw per group of
+        tensors (per sub-chunk of a tensor larger than a chunk): identical on every rank.
         Not computed for sharded (FSDP2) parameters (nan). `reached_ret[j]`: L_ret reached `ret_index[j]` this step.
         """
         if self.sharded:
@@ -691,6 +706,15 @@ class CRaFTGradientProjector:
         ret_sq = torch.zeros(len(self.ret_index), dtype=torch.float64, device=self.device)
         for first, start, lengths, lengths_t in self._groups:
             stop = start + sum(lengths)
+            if stop - start > FLAT_CHUNK_ELEMENTS:  # one tensor larger than a chunk: sums over sub-chunks
+                for lo, hi in _sub_chunks(start, stop):
+                    z = torch.randn(hi - lo, generator=gen, device=self.device, dtype=torch.float32,
+                                    out=self._buf(4, hi - lo, torch.float32))
+                    a64 = self._to64(0, self._flat[lo:hi])
+                    r64 = self._to64(1, self._flat[n + lo : n + hi])
+                    dots[first] += torch.dot(a64, self._to64(2, z))
+                    ret_sq[first] += torch.dot(r64, r64)
+                continue
             size = stop - start
             z = torch.randn(size, generator=gen, device=self.device, dtype=torch.float32,
                             out=self._buf(4, size, torch.float32))  # the same draws as a fresh tensor
