@@ -170,3 +170,33 @@ def test_null_conflict_share_equals_numpy_reference_and_is_seeded():
     # deterministic in the seed (every rank draws the same numbers)
     assert one_step(seed=5)[1]["conflict_ratio_params_null"] == stats["conflict_ratio_params_null"]
     assert proj.running_stats()["conflict_ratio_params_null_mean"] == stats["conflict_ratio_params_null"]
+
+
+def test_null_share_and_dots_over_tensors_larger_than_a_chunk(monkeypatch):
+    """A tensor larger than a chunk is summed over sub-chunks (chunk-sized temporaries): the dot products and norms
+    equal the float64 reference, and the null share uses one draw per tensor."""
+    from prismatic.training import craft_utils
+
+    monkeypatch.setattr(craft_utils, "FLAT_CHUNK_ELEMENTS", 5)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3, 4), (5,), (2, 2, 2), (2,), (3,)]  # groups: [12] in 5+5+2, [5], [8] in 5+3, [2, 3]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    g_act = [torch.randn(s, generator=gen) for s in shapes]
+    g_ret = [torch.randn(s, generator=gen) for s in shapes]
+    proj = craft_utils.CRaFTGradientProjector(params, delta=1e-8)
+    proj.null_seed = 11
+    proj.add_grads(g_act, g_ret)
+    draws = proj.null_generator(0)
+    stats = proj.step(0.0)
+    a = [t.double().numpy().ravel() for t in g_act]
+    r = [t.double().numpy().ravel() for t in g_ret]
+    dots = [float(np.dot(x, y)) for x, y in zip(a, r, strict=True)]
+    assert stats["dot"] == pytest.approx(sum(dots), rel=1e-12)
+    assert stats["grad_norm_ret"] == pytest.approx(np.sqrt(sum(float(np.dot(y, y)) for y in r)), rel=1e-12)
+    assert stats["conflict_ratio_tensors"] == pytest.approx(sum(d < 0 for d in dots) / len(dots))
+    assert stats["grad_norm_act"] == pytest.approx(np.sqrt(sum(float(np.dot(x, x)) for x in a)), rel=1e-12)
+    u = torch.randn(len(a), generator=draws, dtype=torch.float32).double().numpy()  # one draw per tensor
+    null = [i for i in range(len(a)) if np.dot(a[i], a[i]) > 0 and np.dot(r[i], r[i]) > 0 and u[i] < 0]
+    assert stats["conflict_ratio_tensors_null"] == pytest.approx(len(null) / len(a))
+    want = sum(a[i].size for i in null) / sum(x.size for x in a)
+    assert stats["conflict_ratio_params_null"] == pytest.approx(want)
