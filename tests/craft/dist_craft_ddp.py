@@ -94,6 +94,10 @@ def main(out_dir: Path, use_no_sync: bool) -> None:
     torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "lambdas": lams,
                 "stats": stats_all, "bucket_view": bucket_view,
                 "shared_storage": shared_storage}, out_dir / f"rank{rank}.pt")
+    # orderly teardown: the reducer (never engaged in `plain` mode's autograd.grad steps) goes before the group,
+    # and both ranks leave together (an abort at exit was seen once under heavy load)
+    del ddp
+    dist.barrier()
     dist.destroy_process_group()
 
 
