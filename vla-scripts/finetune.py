@@ -159,9 +159,7 @@ def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None, given_flags: set
                                                                                      cfg.run_root_dir), given)
     warnings = validate_config(cfg)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    if cfg.distributed_strategy == "fsdp":
-        fsdp_lib.ensure_process_group()  # FSDP needs a process group, also for a single process
-    env = init_distributed()
+    env = init_distributed(require_group=cfg.distributed_strategy == "fsdp")  # FSDP needs one, even for 1 process
     if env.is_main:
         for message in warnings:
             print(f"[finetune] warning: {message}")

@@ -63,6 +63,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from prismatic.training.fsdp import is_dtensor as _is_dtensor
+from prismatic.training.fsdp import local_part as _local
+
 ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,18 +240,6 @@ def _contiguous_groups(numels: Sequence[int], chunk: int) -> list[tuple[int, int
     if lengths:
         groups.append((first, offset, lengths))
     return groups
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - very old torch
-        return False
-    return isinstance(t, DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
 
 
 class CRaFTGradientProjector:

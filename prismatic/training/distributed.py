@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +26,27 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed() -> DistEnv:
-    """Join the torchrun process group if launched by torchrun (WORLD_SIZE > 1), else a single process."""
+def init_distributed(require_group: bool = False) -> DistEnv:
+    """Join the torchrun process group if launched by torchrun (WORLD_SIZE > 1), else a single process.
+
+    require_group: a process group even for one process (FSDP needs one): torchrun's, or a world of one on a local
+    TCP store when not launched by torchrun.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if world_size > 1 or (require_group and "WORLD_SIZE" in os.environ):
+            dist.init_process_group(backend=backend)
+        elif require_group:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

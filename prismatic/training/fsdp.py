@@ -21,8 +21,6 @@ What changes for the rest of the loop, and where it is handled:
 from __future__ import annotations
 
 import copy
-import os
-import socket
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,8 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-
-STRATEGIES = ("ddp", "fsdp")
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -43,20 +39,6 @@ def is_dtensor(t: torch.Tensor) -> bool:
 def local_part(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor, the tensor itself otherwise."""
     return t.to_local() if is_dtensor(t) else t
-
-
-def ensure_process_group() -> None:
-    """FSDP needs a process group even for one process: join torchrun's, or make a world of one (local TCP store)."""
-    if dist.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "WORLD_SIZE" in os.environ:  # launched by torchrun
-        dist.init_process_group(backend=backend)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def sharding_units(policy: nn.Module) -> list[nn.Module]:
