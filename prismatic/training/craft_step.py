@@ -338,18 +338,12 @@ class CRaFTStep:
     def _sharded_micro_batch(self, model: nn.Module, micro: MicroBatch, device: torch.device, k: int):
         """FSDP2: autograd.grad cannot reach DTensor shards, so two backward passes with the projector capturing each
         (FSDP reduce-scatters and averages both); the action-only parameters keep their `.grad` from the first."""
-        anchors = self.cache.lookup(micro.batch["sample_ids"], micro.batch["content_hashes"]).to(device) \
-            if self.cache is not None else self._reference_features_sharded(model, micro, device)
+        anchors = self._anchors(micro, device) if self.cache is not None \
+            else self._reference_features_sharded(model, micro, device)
         with self.extractor.capture():
             loss, curr, nxt, out = forward_losses(model, micro, device)
         loss_ret = retention_loss(self.extractor.features(out.vla_output.layout), anchors)
-        for name, value in (("loss_act", loss), ("loss_ret", loss_ret)):
-            if not torch.isfinite(value.detach()):
-                raise FloatingPointError(f"{name} is not finite: {value.item()}")
-        (loss / k).backward(retain_graph=True)
-        self.projector.capture_grads("act")
-        (loss_ret / k).backward()
-        self.projector.capture_grads("ret")
+        self.projector.backward_and_capture(loss / k, loss_ret / k)
         return loss, curr, nxt, loss_ret
 
     def compute_gradients(self, model: nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device) -> dict:

@@ -46,8 +46,9 @@ Per-step recipe for the training loop (k = grad_accumulation_steps; `model` may 
 Use non-reentrant gradient checkpointing (reentrant does not support autograd.grad) and never DDP static_graph=True.
 
 FSDP2 (`fully_shard`): autograd.grad cannot reach sharded parameters, so per micro-batch run
-    loss_act.backward(retain_graph=True); projector.capture_grads("act")
-    loss_ret.backward();                  projector.capture_grads("ret")
+    projector.backward_and_capture(loss_act / k, loss_ret / k)   # = loss_act.backward(retain_graph=True);
+                                                                 #   capture_grads("act"); loss_ret.backward();
+                                                                 #   capture_grads("ret")
 (FSDP reduce-scatters and averages each backward); `projector.step` then detects DTensor parameters and uses the
 sharded combine (one scalar all-reduce, no full gradient gathered). The capture path also works without FSDP.
 """
@@ -240,6 +241,15 @@ def _contiguous_groups(numels: Sequence[int], chunk: int) -> list[tuple[int, int
     if lengths:
         groups.append((first, offset, lengths))
     return groups
+
+
+def _check_losses(loss_act: torch.Tensor, loss_ret: torch.Tensor) -> None:
+    """The projection needs two finite scalar losses (the plain step would skip a non-finite one instead)."""
+    for name, loss in (("loss_act", loss_act), ("loss_ret", loss_ret)):
+        if loss.dim() != 0:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(loss.shape)}")
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"{name} is not finite: {loss.item()}")
 
 
 class CRaFTGradientProjector:
@@ -444,11 +454,7 @@ class CRaFTGradientProjector:
         """
         if self.sharded:
             raise RuntimeError("sharded (FSDP2) parameters: use backward + capture_grads('act'/'ret') instead")
-        for name, loss in (("loss_act", loss_act), ("loss_ret", loss_ret)):
-            if loss.dim() != 0:
-                raise ValueError(f"{name} must be a scalar, got shape {tuple(loss.shape)}")
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"{name} is not finite: {loss.item()}")
+        _check_losses(loss_act, loss_ret)
         self._begin_step()
         if not self.layout_ready:
             ret_index = act_index = list(range(len(self.params)))
@@ -467,6 +473,15 @@ class CRaFTGradientProjector:
         del g_ret
         self._add_act(act_index, g_act, owned=True)
         self.num_micro_batches += 1
+
+    def backward_and_capture(self, loss_act: torch.Tensor, loss_ret: torch.Tensor) -> None:
+        """Per micro-batch, for FSDP2 shards (autograd.grad cannot reach them): the two backward passes with a
+        capture after each. Same inputs and checks as `accumulate` (the caller divides by k)."""
+        _check_losses(loss_act, loss_ret)
+        loss_act.backward(retain_graph=True)
+        self.capture_grads("act")
+        loss_ret.backward()
+        self.capture_grads("ret")
 
     def capture_grads(self, which: str) -> None:
         """Move the current `p.grad` (local shard under FSDP2) of R into the `which` ('act'|'ret') buffer, set it None.

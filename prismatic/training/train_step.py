@@ -201,14 +201,15 @@ def validation_losses(policy: torch.nn.Module, batches, device: torch.device, en
     Runs the bare policy (not the DDP wrapper): ranks may hold different numbers of batches. Under FSDP every
     forward is collective, so a rank with fewer batches repeats its last one with weight 0.
     """
-    from prismatic.training.fsdp import is_sharded
+    from prismatic.training.fsdp import is_sharded, reshard_root
 
+    sharded = is_sharded(policy)
     was_training = policy.training
     policy.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next (sample-weighted), samples
-    batches = list(batches) if is_sharded(policy) else batches
+    batches = list(batches) if sharded else batches
     extra = 0
-    if is_sharded(policy) and env.distributed:
+    if sharded and env.distributed:
         count = torch.tensor([len(batches)], dtype=torch.int64)
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
         extra = int(count) - len(batches)
@@ -224,10 +225,7 @@ def validation_losses(policy: torch.nn.Module, batches, device: torch.device, en
             forward_losses(policy, MicroBatch(to_device(batches[-1], device), None), device)
     finally:
         policy.train(was_training)
-        if is_sharded(policy):  # FSDP keeps the root gathered after a forward that no backward follows
-            from prismatic.training.fsdp import reshard_root
-
-            reshard_root(policy)
+        reshard_root(policy)  # FSDP keeps the root gathered after a forward that no backward follows
     if env.distributed:
         sums = sums.to(env.device)
         torch.distributed.all_reduce(sums)
