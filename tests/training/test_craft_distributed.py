@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,8 +12,6 @@ from finetune import train
 from prismatic.training.policy_setup import trainable_state
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 3
 
 sys.path.insert(0, str(HERE))
@@ -23,6 +19,7 @@ from craft_ddp_worker import CRAFT_FLAGS, KEYS, VARIANTS  # noqa: E402
 from ddp_worker import worker_config  # noqa: E402
 from test_craft_loop import _cache  # noqa: E402
 from test_distributed import assert_params_close  # noqa: E402
+from two_ranks import run_two_ranks  # noqa: E402
 
 
 @pytest.mark.distributed
@@ -31,14 +28,9 @@ def test_craft_two_ranks_equal_one_rank_double_batch(tiny_data_root, tmp_path):
     """2 ranks x b=1 == 1 rank x b=2 (same k): parameters, λ, L_ret; replicas identical after every step.
     LoRA + online anchors with k = 1 and 2; full fine-tuning (unused ViT parameters) + offline cache with k = 1."""
     cache_dir = _cache(tmp_path, tiny_data_root)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
     runs = [("lora", 1), ("lora", 2), ("full-offline", 1)]
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(HERE / "craft_ddp_worker.py"),
-           str(tiny_data_root), str(tmp_path / "ddp_runs"), str(tmp_path), "1", str(STEPS),
-           ",".join(f"{v}:{k}" for v, k in runs), str(cache_dir)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_ranks(HERE / "craft_ddp_worker.py", tiny_data_root, tmp_path / "ddp_runs", tmp_path, 1, STEPS,
+                  ",".join(f"{v}:{k}" for v, k in runs), cache_dir, timeout=600)
     for variant, k in runs:
         ranks = [torch.load(tmp_path / f"craft_{variant}_k{k}_rank{r}.pt", weights_only=True) for r in range(2)]
         # bit-identical replicas after every step

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,12 +13,11 @@ from prismatic.training.distributed import init_distributed
 from prismatic.training.policy_setup import build_policy, trainable_state
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 3
 
 sys.path.insert(0, str(HERE))
 from ddp_worker import worker_config  # noqa: E402
+from two_ranks import run_two_ranks  # noqa: E402
 
 
 def assert_params_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -39,12 +36,8 @@ def assert_params_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 @pytest.mark.distributed
 def test_two_ranks_equal_one_rank_double_batch(tiny_data_root, tmp_path):
     """2 ranks x b=1 (k=1 and k=2 micro-batches) == 1 rank x b=2 (k=1) and 1 rank x b=2 (k=2), respectively."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(HERE / "ddp_worker.py"), str(tiny_data_root),
-           str(tmp_path / "ddp_runs"), str(tmp_path), "1", str(STEPS), "1,2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_ranks(HERE / "ddp_worker.py", tiny_data_root, tmp_path / "ddp_runs", tmp_path, 1, STEPS, "1,2",
+                  timeout=300)
 
     for k in (1, 2):
         ranks = [torch.load(tmp_path / f"k{k}_rank{r}.pt", weights_only=True) for r in range(2)]

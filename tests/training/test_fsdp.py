@@ -7,8 +7,6 @@ process group, and once more in this process with batch 2b (the single-process r
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,8 +17,6 @@ from finetune import train
 from prismatic.training.policy_setup import trainable_state
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 3
 
 sys.path.insert(0, str(HERE))
@@ -28,6 +24,7 @@ from ddp_worker import worker_config  # noqa: E402
 from fsdp_worker import VARIANTS  # noqa: E402
 from test_craft_loop import _cache  # noqa: E402
 from test_distributed import assert_params_close  # noqa: E402
+from two_ranks import run_two_ranks  # noqa: E402
 
 
 def relative_gap(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
@@ -35,14 +32,6 @@ def relative_gap(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
     diff = torch.cat([(got[n].double() - want[n].double()).flatten() for n in want])
     ref = torch.cat([want[n].double().flatten() for n in want])
     return float(diff.norm() / ref.norm())
-
-
-def _torchrun(args: list[str]) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.distributed
@@ -54,8 +43,8 @@ def test_fsdp_equals_ddp_equals_one_process(tiny_data_root, tmp_path):
     resumes = [("resume-online-lora", 1), ("resume-offline-full", 2)]
     out = tmp_path / "out"
     out.mkdir()
-    _torchrun([str(HERE / "fsdp_worker.py"), str(tiny_data_root), str(tmp_path / "runs"), str(out), "1", str(STEPS),
-               ",".join(f"{v}:{k}" for v, k in runs + resumes), str(cache_dir)])
+    run_two_ranks(HERE / "fsdp_worker.py", tiny_data_root, tmp_path / "runs", out, 1, STEPS,
+                  ",".join(f"{v}:{k}" for v, k in runs + resumes), cache_dir, timeout=1200)
     for variant, k in runs:
         got = {s: [torch.load(out / f"{s}_{variant}_k{k}_rank{r}.pt", weights_only=True) for r in range(2)]
                for s in ("ddp", "fsdp")}
