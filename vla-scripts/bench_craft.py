@@ -29,7 +29,11 @@ sequential otherwise):
 
 Reported per mode: median wall time and CPU time of a step, their ratios to the baseline; for CRaFT the share of the
 step spent in the gradient surgery (`CRaFTGradientProjector.step`: rank all-reduce, scalars, writing .grad) and the
-projector's buffer size; peak memory and its ratio. On CUDA use torch.cuda.max_memory_allocated instead.
+projector's buffer size; peak memory and its ratio. On CUDA use torch.cuda.max_memory_allocated instead. With
+`--count_flops True` (default) one more step per mode, after the measurement, runs under torch's FlopCounterMode:
+the FLOPs of its matmuls, convolutions and attention (forward and backward; the CPU flash-attention kernels are
+added with torch's formulas for the CUDA ones) and their ratio to the baseline, i.e. the work ratio, which no load
+on the machine moves. Elementwise work (the surgery, AdamW, norms) is not counted.
 Bad flags: one line `error: ... — ...` on stderr, exit 2, before anything is built.
 """
 
@@ -74,6 +78,7 @@ class BenchConfig:
     warmup: int = 3                       # steps (rounds) discarded
     memory_steps: int = 10                # interleaved only: rounds of the memory measurement, after the timing
     threads: int = 1
+    count_flops: bool = True              # one more step per mode under torch's FlopCounterMode: the work ratio
     seed: int = 7
     # fmt: on
 
@@ -174,6 +179,32 @@ def _tensor_bytes(tensors) -> int:
     return total
 
 
+def _flop_mapping() -> dict:
+    """torch's FLOP table lacks the CPU flash-attention kernels SDPA dispatches to here; count them with torch's own
+    formulas for the CUDA kernels (QKᵀ and PV forward; backward with the recomputation of P, GQA by query heads)."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
+def count_flops(fn) -> tuple[int, object]:
+    """(FLOPs of the matmuls, convolutions and attention that fn() runs, forward and backward; fn's result)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
+        result = fn()
+    return counter.get_total_flops(), result
+
+
 class Trainer:
     def __init__(self, name: str, cfg, env) -> None:
         from finetune import seed_everything
@@ -223,6 +254,10 @@ class Trainer:
         if self.craft is not None:
             self.craft.finish_step()
         return time.perf_counter() - t0, time.process_time() - c0
+
+    def step_flops(self) -> int:
+        """FLOPs of one more optimizer step (matmul-like ops; the surgery and AdamW are elementwise and not counted)."""
+        return count_flops(self.step)[0]
 
     def static_bytes(self) -> int:
         tensors = [p for p in self.policy.parameters()] + [p.grad for p in self.policy.parameters()]
@@ -344,7 +379,7 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _run_mode(mode: str, common: dict, flags: dict, warmup: int, steps: int, threads: int) -> dict:
+def _run_mode(mode: str, common: dict, flags: dict, warmup: int, steps: int, threads: int, flops: bool) -> dict:
     from prismatic.training.distributed import init_distributed
     from prismatic.training.finetune_config import FinetuneConfig
 
@@ -363,15 +398,19 @@ def _run_mode(mode: str, common: dict, flags: dict, warmup: int, steps: int, thr
         walls.append(wall)
         cpus.append(cpu)
         loads.append(psutil.getloadavg()[0])
-    return {"walls": walls, "cpus": cpus, "surgery_s": trainer.surgery_s, "surgery_cpu_s": trainer.surgery_cpu_s,
-            "peak_bytes": _peak_rss_bytes(), "static_bytes": trainer.static_bytes(), "load": statistics.mean(loads),
-            **trainer.sizes()}
+    out = {"walls": walls, "cpus": cpus, "surgery_s": trainer.surgery_s, "surgery_cpu_s": trainer.surgery_cpu_s,
+           "peak_bytes": _peak_rss_bytes(), "static_bytes": trainer.static_bytes(), "load": statistics.mean(loads),
+           **trainer.sizes()}
+    if flops:  # after the measurement: the counter's dispatch overhead stays out of the times
+        out["flops"] = trainer.step_flops()
+    return out
 
 
 def run_sequential(cfg: BenchConfig, common: dict, cache_dir: Path) -> dict:
     raw = {}
     for mode, flags in _mode_flags(cache_dir).items():
-        raw[mode] = _in_child(_run_mode, mode, common, flags, cfg.warmup, cfg.steps, cfg.threads)
+        raw[mode] = _in_child(_run_mode, mode, common, flags, cfg.warmup, cfg.steps, cfg.threads,
+                              cfg.count_flops)
     return _rows(raw, "peak RSS of the mode's own process over the measured steps (VmHWM, model included)")
 
 
@@ -401,6 +440,9 @@ def run_interleaved(cfg: BenchConfig, common: dict, cache_dir: Path) -> dict:
             with RssPeak() as peak:
                 tr.step()
             transient[m] = max(transient[m], peak.peak - peak.start)
+    if cfg.count_flops:
+        for m, tr in trainers.items():
+            raw[m]["flops"] = tr.step_flops()
     for m, tr in trainers.items():
         raw[m].update(surgery_s=tr.surgery_s, surgery_cpu_s=tr.surgery_cpu_s, static_bytes=tr.static_bytes(),
                       peak_bytes=tr.static_bytes() + transient[m], load=statistics.mean(raw[m].pop("loads")),
@@ -419,6 +461,7 @@ def _rows(raw: dict, memory_method: str) -> dict:
                    "surgery_cpu_share": r["surgery_cpu_s"] / max(sum(r["cpus"]), 1e-12),
                    "peak_mb": r["peak_bytes"] / 2**20, "static_mb": r["static_bytes"] / 2**20,
                    "memory_ratio": r["peak_bytes"] / base["peak_bytes"], "load": r["load"],
+                   **({"gflops": r["flops"] / 1e9, "flop_ratio": r["flops"] / base["flops"]} if "flops" in r else {}),
                    **{k: v for k, v in r.items() if k in ("trainable_params", "buffer_mb", "ret_params", "n_ret",
                                                           "n_act_only", "n_unreached", "unreached_params")}}
     return {"rows": rows, "memory_method": memory_method}
@@ -445,13 +488,15 @@ def print_table(result: dict) -> None:
           f"({result['memory_total_gib']:.0f} GiB)")
     print(f"memory: {result['memory_method']}; CPU: process CPU time of the step (all threads)")
     print(f"{'mode':<14}{'step s':>9}{'x base':>8}{'CPU s':>9}{'x base':>8}{'surgery':>9}{'(CPU)':>7}"
-          f"{'peak MiB':>10}{'mem x':>7}{'buffers MiB':>13}{'load':>6}")
+          f"{'peak MiB':>10}{'mem x':>7}{'buffers MiB':>13}{'load':>6}"
+          + (f"{'GFLOP':>10}{'x base':>8}" if "gflops" in rows["baseline"] else ""))
     for m, r in rows.items():
         surgery = f"{100 * r['surgery_share']:>8.1f}%{100 * r['surgery_cpu_share']:>6.1f}%" if m != "baseline" \
             else f"{'-':>9}{'-':>7}"
         buffers = f"{r['buffer_mb']:>13.1f}" if "buffer_mb" in r else f"{'-':>13}"
         print(f"{m:<14}{r['step_s']:>9.3f}{r['time_ratio']:>8.2f}{r['cpu_s']:>9.3f}{r['cpu_ratio']:>8.2f}{surgery}"
-              f"{r['peak_mb']:>10.0f}{r['memory_ratio']:>7.2f}{buffers}{r['load']:>6.1f}")
+              f"{r['peak_mb']:>10.0f}{r['memory_ratio']:>7.2f}{buffers}{r['load']:>6.1f}"
+              + (f"{r['gflops']:>10.2f}{r['flop_ratio']:>8.2f}" if "gflops" in r else ""))
     online = rows["craft_online"]
     if "n_ret" in online:
         print(f"projector: g_act/g_ret buffered for {online['n_ret']} tensors ({online['ret_params'] / 1e6:.2f}M "

@@ -40,6 +40,51 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert proc.stderr.startswith("error: --model_preset real has no scratch build here")
 
 
+def _attention_inputs(seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, 7, 8, generator=g, requires_grad=True)  # batch 2, 4 query heads, 7 queries, head dim 8
+    k = torch.randn(2, 2, 9, 8, generator=g, requires_grad=True)  # 2 key/value heads (GQA), 9 keys
+    v = torch.randn(2, 2, 9, 8, generator=g, requires_grad=True)
+    return q, k, v
+
+
+def _explicit_attention(q, k, v):
+    import torch
+
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+def test_cpu_attention_flops_match_explicit_matmuls():
+    """The CPU flash-attention kernel is counted as the matmuls it replaces (torch's table alone sees nothing)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = _attention_inputs()
+    fused = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    ours, out = bench_craft.count_flops(fused)
+    with FlopCounterMode(display=False) as plain:
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with FlopCounterMode(display=False) as explicit:
+        reference = _explicit_attention(q, k, v)
+    torch.testing.assert_close(out, reference)  # same function
+    qk, pv = 2 * 2 * 4 * 7 * 9 * 8, 2 * 2 * 4 * 7 * 9 * 8  # 2 FLOPs per multiply-add, per query head
+    assert explicit.get_total_flops() == qk + pv
+    assert ours == qk + pv
+    assert plain.get_total_flops() in (0, qk + pv)  # 0: why the mapping exists; if torch learns it, it must agree
+
+    grad = torch.randn_like(reference)
+    ours_bwd, _ = bench_craft.count_flops(lambda: torch.autograd.grad(fused(), (q, k, v), grad))
+    with FlopCounterMode(display=False) as explicit_bwd:
+        torch.autograd.grad(_explicit_attention(q, k, v), (q, k, v), grad)
+    # forward + the four backward matmuls, + the recomputation of QKᵀ a flash backward does (torch's CUDA formula)
+    assert explicit_bwd.get_total_flops() == 3 * (qk + pv)
+    assert ours_bwd == 3 * (qk + pv) + qk
+
+
 @pytest.mark.slow
 def test_tiny_interleaved_run_reports_the_projector_sets(tmp_path, capsys):
     cfg = bench_craft.BenchConfig(work_dir=tmp_path, steps=1, warmup=0, memory_steps=1, batch_size=1)
@@ -52,5 +97,9 @@ def test_tiny_interleaved_run_reports_the_projector_sets(tmp_path, capsys):
     assert online["buffer_mb"] * 2**20 == pytest.approx(4 * (2 * online["ret_params"] + 2 * online["n_ret"]
                                                              + online["n_act_only"]))
     assert 0 < online["ret_params"] < online["trainable_params"] and online["n_unreached"] > 0
+    # work: the L_ret VJP adds at most one backward (< 2x the forward+backward), θ0's forward adds more on top
+    offline = rows["craft_offline"]
+    assert rows["baseline"]["flop_ratio"] == 1.0 and 1.0 < offline["flop_ratio"] < 2.0
+    assert offline["flop_ratio"] < online["flop_ratio"] < offline["flop_ratio"] + 1.0
     bench_craft.print_table(result)
     assert "reached by neither" in capsys.readouterr().out
