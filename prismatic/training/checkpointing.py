@@ -92,8 +92,9 @@ def write_checkpoint_atomically(final_dir: Path, write_contents: Callable[[Path]
             write_complete_marker(tmp_dir, marker)
         except BaseException as exc:
             needed = _checkpoint_size_estimate(final_dir, tmp_dir)
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            # judged before the partial folder is removed: removing it frees the space whose lack failed the write
             converted = disk_full_error(exc, final_dir, needed)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
             if converted is not exc:
                 raise converted from exc
             raise

@@ -356,6 +356,26 @@ def test_torch_style_write_error_on_a_full_disk_is_recognised(tmp_path, monkeypa
     assert "1000 B free" in str(converted)
 
 
+def test_full_disk_is_recognised_before_the_partial_folder_frees_its_space(tmp_path, monkeypatch):
+    """torch.save on a full disk fails with a bare 'iostream error' / 'unexpected pos' RuntimeError; the space is
+    low only while the partial folder exists (as in a CI run that filled its disk), so it must be judged first."""
+    import prismatic.cli_errors as cli
+
+    def free_bytes(path):
+        return 1000 if list(tmp_path.glob(".r--2_chkpt.tmp-*")) else 1 << 40
+
+    monkeypatch.setattr(cli, "_free_bytes", free_bytes)
+
+    def write(folder):
+        (folder / "model.safetensors").write_bytes(b"x" * 4096)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 622120512 vs 622120400")
+
+    with pytest.raises(DiskFullError) as err:
+        ckpt.write_checkpoint_atomically(tmp_path / "r--2_chkpt", write, {"step": 2})
+    assert "r--2_chkpt" in str(err.value) and "1000 B free" in str(err.value)
+    assert not list(tmp_path.iterdir())  # the partial folder is gone all the same
+
+
 def test_given_flags_are_those_on_the_command_line_and_in_the_yaml(tmp_path):
     from finetune import given_flag_names
 
