@@ -433,6 +433,8 @@ def run_interleaved(cfg: BenchConfig, common: dict, cache_dir: Path) -> dict:
                 raw[m]["walls"].append(wall)
                 raw[m]["cpus"].append(cpu)
                 raw[m]["loads"].append(psutil.getloadavg()[0])
+    for m, tr in trainers.items():  # the surgery of the timed steps only (the rounds below run it too)
+        raw[m].update(surgery_s=tr.surgery_s, surgery_cpu_s=tr.surgery_cpu_s)
     transient = dict.fromkeys(trainers, 0)
     _malloc_returns_memory()  # memory: freed blocks go back to the OS so that RSS follows live memory
     for _ in range(cfg.memory_steps):
@@ -444,8 +446,8 @@ def run_interleaved(cfg: BenchConfig, common: dict, cache_dir: Path) -> dict:
         for m, tr in trainers.items():
             raw[m]["flops"] = tr.step_flops()
     for m, tr in trainers.items():
-        raw[m].update(surgery_s=tr.surgery_s, surgery_cpu_s=tr.surgery_cpu_s, static_bytes=tr.static_bytes(),
-                      peak_bytes=tr.static_bytes() + transient[m], load=statistics.mean(raw[m].pop("loads")),
+        raw[m].update(static_bytes=tr.static_bytes(), peak_bytes=tr.static_bytes() + transient[m],
+                      load=statistics.mean(raw[m].pop("loads")),
                       **tr.sizes())
     return _rows(raw, "tensors owned by the trainer + transient RSS peak of a step")
 

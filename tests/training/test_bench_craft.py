@@ -86,7 +86,18 @@ def test_cpu_attention_flops_match_explicit_matmuls():
 
 
 @pytest.mark.slow
-def test_tiny_interleaved_run_reports_the_projector_sets(tmp_path, capsys):
+def test_tiny_interleaved_run_reports_the_projector_sets(tmp_path, capsys, monkeypatch):
+    import time
+
+    from prismatic.training.craft_utils import CRaFTGradientProjector
+
+    surgery = CRaFTGradientProjector.step
+
+    def slow_surgery(self, lam):  # 0.3 s of wall time per call: the share must count the timed step's call only
+        time.sleep(0.3)
+        return surgery(self, lam)
+
+    monkeypatch.setattr(CRaFTGradientProjector, "step", slow_surgery)
     cfg = bench_craft.BenchConfig(work_dir=tmp_path, steps=1, warmup=0, memory_steps=1, batch_size=1)
     result = bench_craft.run(cfg)
     rows = result["rows"]
@@ -99,6 +110,8 @@ def test_tiny_interleaved_run_reports_the_projector_sets(tmp_path, capsys):
     assert 0 < online["ret_params"] < online["trainable_params"] and online["n_unreached"] > 0
     # work: the L_ret VJP adds at most one backward (< 2x the forward+backward), θ0's forward adds more on top
     offline = rows["craft_offline"]
+    for row in (online, offline):  # one timed step holds one surgery call (not the memory or FLOP rounds' calls)
+        assert 0.3 / row["step_s"] <= row["surgery_share"] <= 1.0
     assert rows["baseline"]["flop_ratio"] == 1.0 and 1.0 < offline["flop_ratio"] < 2.0
     assert offline["flop_ratio"] < online["flop_ratio"] < offline["flop_ratio"] + 1.0
     bench_craft.print_table(result)
