@@ -106,6 +106,8 @@ def run_modes(args: argparse.Namespace) -> dict:
 
 
 def summary(work_dir: Path) -> list[str]:
+    from prismatic.training.metrics_log import read_metrics
+
     lines = []
     modes_file = work_dir / "modes.json"
     if modes_file.exists():
@@ -130,11 +132,9 @@ def summary(work_dir: Path) -> list[str]:
             rec = json.loads(file.read_text())
             lines.append(f"{'torchrun ' + strategy.upper() + ', 1 rank':<24}{'ok' if rec['ok'] else 'FAILED':>9}  "
                          f"{rec['detail']}")
-        metrics = work_dir / "runs" / run_id / "metrics.jsonl"
-        if metrics.exists():
-            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            if records:
-                last[strategy] = records[-1]
+        records = read_metrics(work_dir / "runs" / run_id / "metrics.jsonl")
+        if records:
+            last[strategy] = records[-1]
     if len(last) == 2:  # the same run under both strategies: equal up to float summation order
         keys = [k for k in ("VLA Train/Loss", "CRaFT/Lambda", "CRaFT/Retention Loss") if k in last["ddp"]]
         gaps = ", ".join(f"{k.split('/')[-1]} {last['ddp'][k]:.6g} vs {last['fsdp'].get(k, float('nan')):.6g}"

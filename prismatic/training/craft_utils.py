@@ -374,9 +374,6 @@ class CRaFTGradientProjector:
         self._groups = [(first, start, lengths, torch.tensor(lengths, device=self.device))
                         for first, start, lengths in _contiguous_groups(numels, FLAT_CHUNK_ELEMENTS)]
         self._ret_index_t = torch.tensor(self.ret_index, dtype=torch.long)
-        # fp32, unsharded: `.grad` can be the buffer's view itself (other dtypes get a cast copy)
-        self._grad_is_view = [self.params[i].dtype == torch.float32 and not _is_dtensor(self.params[i])
-                              for i in self.ret_index]
 
     def _unexpected(self, i: int, which: str) -> RuntimeError:
         return RuntimeError(
@@ -667,11 +664,7 @@ class CRaFTGradientProjector:
             self._flat[:n].add_(self._flat[n : 2 * n], alpha=a)  # in place: no transient
             for j, i in enumerate(self.ret_index):
                 if reached_act[j] or reached_ret[j]:
-                    p = self.params[i]
-                    if p.grad is None and self._grad_is_view[j]:
-                        p.grad = self._act[j]  # the buffer's view, made once in `_build_layout`
-                    else:
-                        self._write_grad(p, self._act[j])
+                    self._write_grad(self.params[i], self._act[j])  # `_act[j]`: the buffer's view (`_build_layout`)
         stats["num_micro_batches"] = float(self.num_micro_batches)
         stats.update(self._null_conflict_stats(reached_ret))
         self._update_running(stats)
