@@ -346,27 +346,30 @@ class CRaFTStep:
         self.projector.backward_and_capture(loss / k, loss_ret / k)
         return loss, curr, nxt, loss_ret
 
+    def _micro_batch(self, model: nn.Module, micro: MicroBatch, device: torch.device, k: int):
+        """DDP / one process: the live forward, the anchors, then both VJPs by autograd.grad (no DDP hook fires,
+        hence no_sync; the projector all-reduces its buffers at the step)."""
+        # offline: looked up first; online: θ0's forward runs after the live one (it may reuse its vision output;
+        # in eval mode without dropout it draws no random numbers, so the order changes nothing else)
+        anchors = self._anchors(micro, device) if self.cache is not None else None
+        sync_off = model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
+        with sync_off:
+            with self.extractor.capture(), self._live_vision_output() as vision:
+                loss, curr, nxt, out = forward_losses(model, micro, device)
+            feats = self.extractor.features(out.vla_output.layout)
+            if anchors is None:
+                anchors = self._anchors(micro, device, vision.get("features"))
+            loss_ret = retention_loss(feats, anchors)
+            self.projector.accumulate(loss / k, loss_ret / k)
+        return loss, curr, nxt, loss_ret
+
     def compute_gradients(self, model: nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device) -> dict:
         """Drop-in for `plain_gradients`: leaves g = g_act + (λ - c) g_ret in `.grad`, returns the loss numbers."""
         k = len(micro_batches)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next, L_ret
+        one_micro_batch = self._sharded_micro_batch if self.projector.sharded else self._micro_batch
         for micro in micro_batches:
-            if self.projector.sharded:
-                loss, curr, nxt, loss_ret = self._sharded_micro_batch(model, micro, device, k)
-                sums += torch.stack([loss.detach(), curr.detach(), nxt.detach(), loss_ret.detach()]).double().cpu()
-                continue
-            # offline: looked up first; online: θ0's forward runs after the live one (it may reuse its vision output;
-            # in eval mode without dropout it draws no random numbers, so the order changes nothing else)
-            anchors = self._anchors(micro, device) if self.cache is not None else None
-            sync_off = model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
-            with sync_off:
-                with self.extractor.capture(), self._live_vision_output() as vision:
-                    loss, curr, nxt, out = forward_losses(model, micro, device)
-                feats = self.extractor.features(out.vla_output.layout)
-                if anchors is None:
-                    anchors = self._anchors(micro, device, vision.get("features"))
-                loss_ret = retention_loss(feats, anchors)
-                self.projector.accumulate(loss / k, loss_ret / k)
+            loss, curr, nxt, loss_ret = one_micro_batch(model, micro, device, k)
             sums += torch.stack([loss.detach(), curr.detach(), nxt.detach(), loss_ret.detach()]).double().cpu()
         means = sums / k
         stats = self.projector.step(self.dual.lam)
