@@ -9,11 +9,11 @@ Without --data_root_dir a synthetic LIBERO-like dataset is written to a temporar
 What each side does per frame (2 cameras, 224 px, augmentation on unless --no_aug):
 - loader: `make_train_loader` with --num_workers workers: read JPEG bytes (pread), decode, Lanczos resize, random
   crop + resize, brightness / contrast / saturation / hue, prompt ids, 8-step action chunk, proprio, and the
-  collated batch with normalised float32 pixel values (B, 12, 224, 224).
+  collated batch with the images as uint8 (B, 2, 3, 224, 224) (normalised on the device by `to_device`).
 - tf.data: `tfds.builder_from_directory` over the same folder, frames shuffled in a buffer, then in a parallel map
   (`num_parallel_calls=AUTOTUNE`, TensorFlow's default thread pools) decode_jpeg, lanczos3 antialiased resize,
   random crop (area 0.9, `crop_and_resize`) + random_brightness / contrast / saturation / hue (upstream's
-  recipe), batched and normalised to the same float32 (B, 12, 224, 224) in the graph; the consumer takes numpy
+  recipe), batched and transposed to the same uint8 (B, 2, 3, 224, 224) in the graph; the consumer takes numpy
   arrays (torch.from_numpy). It carries the step's action and instruction, not chunks or prompt ids. torch's
   num_workers is 0 for it: tf.data parallelises itself.
 - loader with backend="tf" (the dataset's TFDS reader: TF eager decode_jpeg + lanczos3 per sample, then the same
@@ -44,7 +44,6 @@ from prismatic.data.loader import make_train_loader
 from prismatic.data.rlds_catalog import resolve_dataset
 from prismatic.data.rlds_dataset import CAMERAS, RLDSFrameDataset
 from prismatic.data.synthetic_libero import make_synthetic_libero_dataset
-from prismatic.models.image_transform import DEFAULT_NORMALIZATION
 from prismatic.models.tokenizer_tiny import train_tiny_tokenizer
 from prismatic.training.data_setup import dataset_errors_as_user_errors
 
@@ -62,7 +61,7 @@ def _children_cpu_s() -> float:
 
 def measure_loader(dataset: RLDSFrameDataset, batch_size: int = 16, num_workers: int = 2,
                    num_batches: int = 30, warmup_batches: int = 3) -> dict[str, float]:
-    """Frames/s delivered by `make_train_loader` (collated batches, pixel_values included) and the CPU it used:
+    """Frames/s delivered by `make_train_loader` (collated batches, uint8 images included) and the CPU it used:
     {"fps", "cpu_ms_per_frame"} (main process + workers, over the timed batches)."""
     loader = make_train_loader(dataset, per_rank_batch=batch_size, num_workers=num_workers,
                                num_steps=num_batches + warmup_batches)
@@ -72,7 +71,7 @@ def measure_loader(dataset: RLDSFrameDataset, batch_size: int = 16, num_workers:
     cpu0, children0, start = time.process_time(), _children_cpu_s(), time.perf_counter()
     frames = 0
     for _ in range(num_batches):  # read the workers' CPU before the last next() shuts them down
-        frames += next(iterator)["pixel_values"].shape[0]
+        frames += next(iterator)["images"].shape[0]
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu0 + _children_cpu_s() - children0
     for _ in iterator:
@@ -82,7 +81,7 @@ def measure_loader(dataset: RLDSFrameDataset, batch_size: int = 16, num_workers:
 
 def measure_loader_fps(dataset: RLDSFrameDataset, batch_size: int = 16, num_workers: int = 2,
                        num_batches: int = 30, warmup_batches: int = 3) -> float:
-    """Frames per second delivered by `make_train_loader` (collated batches, pixel_values included)."""
+    """Frames per second delivered by `make_train_loader` (collated batches, uint8 images included)."""
     return measure_loader(dataset, batch_size, num_workers, num_batches, warmup_batches)["fps"]
 
 
@@ -105,7 +104,7 @@ def measure_cpu_ms_per_frame(dataset: RLDSFrameDataset, num_frames: int = 64, ba
 
 def make_tf_data_pipeline(data_root_dir: Path, dataset_name: str, batch_size: int = 16, image_size: int = 224,
                           augment: bool = True, seed: int = 7, shuffle_buffer: int = 1000) -> Any:
-    """Endless tf.data pipeline of batches {"pixel_values": float32 (B, 12, S, S), "action", "instruction"} over
+    """Endless tf.data pipeline of batches {"images": uint8 (B, 2, 3, S, S), "action", "instruction"} over
     the same RLDS folder, built the way upstream's tf.data input pipeline works (see the module docstring)."""
     from prismatic.data.rlds_tf_backend import _import_tf
 
@@ -135,19 +134,12 @@ def make_tf_data_pipeline(data_root_dir: Path, dataset_name: str, batch_size: in
         images = tf.stack([image_view(step["observation"][camera]) for camera in CAMERAS])
         return {"images": images, "action": step["action"], "instruction": step["language_instruction"]}
 
-    mean = [v for group in DEFAULT_NORMALIZATION["mean"] for v in group]
-    std = [v for group in DEFAULT_NORMALIZATION["std"] for v in group]
-    scale = tf.constant([1.0 / (255.0 * s) for s in std], tf.float32)[:, None, None]
-    bias = tf.constant([-m / s for m, s in zip(mean, std, strict=True)], tf.float32)[:, None, None]
-
-    def normalise(batch: dict) -> dict:
-        x = tf.transpose(tf.cast(batch.pop("images"), tf.float32), (0, 1, 4, 2, 3))  # (B, N, 3, S, S)
-        x = tf.concat([x, x], axis=2) * scale + bias  # (B, N, 6, S, S): [dino RGB, siglip RGB] per image
-        return {"pixel_values": tf.reshape(x, (-1, 6 * len(CAMERAS), image_size, image_size)), **batch}
+    def planar(batch: dict) -> dict:  # the loader's batch layout: uint8 (B, N, 3, S, S), normalised on the device
+        return {**batch, "images": tf.transpose(batch["images"], (0, 1, 4, 2, 3))}
 
     autotune = tf.data.AUTOTUNE
     return (frames.map(frame, num_parallel_calls=autotune, deterministic=False)
-            .batch(batch_size, drop_remainder=True).map(normalise, num_parallel_calls=autotune)
+            .batch(batch_size, drop_remainder=True).map(planar, num_parallel_calls=autotune)
             .prefetch(autotune))
 
 
@@ -160,7 +152,7 @@ def measure_tf_data(pipeline: Any, num_batches: int = 30, warmup_batches: int = 
     frames = 0
     for _ in range(num_batches):
         batch = next(iterator)
-        frames += torch.from_numpy(batch["pixel_values"].numpy()).shape[0]
+        frames += torch.from_numpy(batch["images"].numpy()).shape[0]
     elapsed = time.perf_counter() - start
     return {"fps": frames / elapsed, "cpu_ms_per_frame": (time.process_time() - cpu0) * 1000.0 / frames}
 

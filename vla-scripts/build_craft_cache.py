@@ -58,6 +58,7 @@ def build_cache(cfg: BuildCacheConfig) -> dict:
     """Compute and write the cache; returns its manifest."""
     from prismatic.data.loader import make_eval_loader
     from prismatic.data.rlds_dataset import RLDSFrameDataset
+    from prismatic.models.image_transform import batch_pixel_values
     from prismatic.training.craft_cache import CraftCacheWriter, hash_state_dict
     from prismatic.training.craft_step import (
         expected_cache_manifest,
@@ -97,7 +98,7 @@ def build_cache(cfg: BuildCacheConfig) -> dict:
     with CraftCacheWriter(cfg.cache_dir, manifest, shard_size=cfg.shard_size, overwrite=cfg.overwrite) as writer:
         for batch in loader:
             with torch.no_grad(), extractor.capture(), autocast_context(device):
-                out = vla(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
+                out = vla(pixel_values=batch_pixel_values(batch, device), input_ids=batch["input_ids"].to(device),
                           attention_mask=batch["attention_mask"].to(device))
             writer.add(batch["sample_ids"], batch["content_hashes"], extractor.features(out.layout))
     return writer.manifest | {"num_samples": dataset.num_frames}

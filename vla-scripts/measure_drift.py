@@ -28,6 +28,7 @@ import torch
 from prismatic.cli_errors import UserError, cli_entry, parse_config
 from prismatic.data.collator import VLACollator
 from prismatic.data.rlds_dataset import RLDSFrameDataset
+from prismatic.models.image_transform import batch_pixel_values
 from prismatic.models.loaders import load_policy
 from prismatic.models.precision import DTYPE_CHOICES, resolve_dtype
 from prismatic.models.prompting import tokenize_prompt
@@ -103,7 +104,7 @@ def extract_features(policy, samples: list[dict], batch_size: int, pad_token_id:
     parts: dict[str, list[torch.Tensor]] = {g: [] for g in GROUPS}
     for start in range(0, len(samples), batch_size):
         batch = collate(samples[start: start + batch_size])
-        out = policy.vla(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
+        out = policy.vla(pixel_values=batch_pixel_values(batch, device), input_ids=batch["input_ids"].to(device),
                          attention_mask=batch["attention_mask"].to(device))
         feats = pooled_layer_features(out)
         for g in GROUPS:

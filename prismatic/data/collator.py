@@ -10,23 +10,24 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from prismatic.models.image_transform import CHANNELS_PER_IMAGE, images_to_pixel_values
 
-
-def _empty_batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """float32 tensor for a batch; in a DataLoader worker it lives in shared memory from the start, as
-    torch's default collate does, so handing the batch to the main process copies nothing."""
+def _empty_batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor for a batch; in a DataLoader worker it lives in shared memory from the start, as torch's default
+    collate does, so handing the batch to the main process copies nothing."""
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
-    storage = torch.empty(0, dtype=torch.float32)._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return torch.empty(0, dtype=torch.float32).new(storage).view(shape)
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 class VLACollator:
     """Right-pads prompt ids and stacks everything into the batch dict.
 
-    Output: pixel_values float32 (B, 6N, H, W); input_ids int64 (B, Tp); attention_mask bool (B, Tp); actions
-    float32 (B, 8, 7); proprio float32 (B, 8); sample_ids, content_hashes, dataset_names: list[str].
+    Output: images uint8 (B, N, 3, H, W), channel-planar; input_ids int64 (B, Tp); attention_mask bool (B, Tp);
+    actions float32 (B, 8, 7); proprio float32 (B, 8); sample_ids, content_hashes, dataset_names: list[str].
+    The images stay uint8 until the device: `train_step.to_device` (or `image_transform.batch_pixel_values`)
+    normalises them there into the model's float32 `pixel_values` (B, 6N, H, W). A float batch would be 8x the
+    bytes, written by the workers and copied to the device.
     """
 
     def __init__(self, pad_token_id: int) -> None:
@@ -47,11 +48,15 @@ class VLACollator:
         if len(shapes) != 1:
             raise ValueError(f"samples carry images of different shapes {sorted(shapes)}")
         num, height, width, _ = samples[0]["images"].shape
-        pixel_values = _empty_batch_tensor((len(samples), CHANNELS_PER_IMAGE * num, height, width))
+        images = _empty_batch_tensor((len(samples), num, 3, height, width), torch.uint8)
         for i, s in enumerate(samples):
-            images_to_pixel_values(s["images"], out=pixel_values[i])
+            image = np.asarray(s["images"])
+            if image.dtype != np.uint8:
+                raise ValueError(f"sample {s.get('sample_id')} carries {image.dtype} images; expected uint8")
+            # the pipeline's images are transposed views of planar arrays: this copy reads them without a transpose
+            images[i].copy_(torch.from_numpy(image).permute(0, 3, 1, 2))
         return {
-            "pixel_values": pixel_values,
+            "images": images,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "actions": torch.as_tensor(np.stack([s["actions"] for s in samples]), dtype=torch.float32),

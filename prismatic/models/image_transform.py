@@ -40,6 +40,50 @@ def normalization_from_preprocessor_config(config: dict) -> dict[str, tuple[tupl
             "std": tuple(tuple(map(float, p["std"])) for p in params)}
 
 
+def _normalization_affine(normalization: dict | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias), float32 (2, 3, 1, 1) each: pixel value = x * scale + bias for uint8 x, per ViT and channel.
+
+    One fused multiply-add per normalisation: (x/255 - mean)/std == x * (1/(255 std)) - mean/std. (addcmul, not
+    mul then add: those round differently; tests/data/test_image_fast_paths.py checks every uint8 value.)
+    """
+    norm = normalization or DEFAULT_NORMALIZATION
+    mean = torch.tensor([v for group in norm["mean"] for v in group], dtype=torch.float64)
+    std = torch.tensor([v for group in norm["std"] for v in group], dtype=torch.float64)
+    if mean.numel() != CHANNELS_PER_IMAGE or std.numel() != CHANNELS_PER_IMAGE:
+        raise ValueError(f"normalisation needs 3 means and 3 stds per ViT, got {norm}")
+    scale = (1.0 / (255.0 * std)).to(device=device, dtype=torch.float32).view(2, 3, 1, 1)
+    bias = (-mean / std).to(device=device, dtype=torch.float32).view(2, 3, 1, 1)
+    return scale, bias
+
+
+def planar_images_to_pixel_values(images: torch.Tensor, normalization: dict | None = None) -> torch.Tensor:
+    """uint8 channel-planar images (B, N, 3, H, W) -> float32 pixel values (B, 6N, H, W) on the images' device.
+
+    The training batch carries its images as uint8 (8x fewer bytes from the loader's workers and to the device); this
+    normalises them where the model runs, with the same fused multiply-add per value as `images_to_pixel_values`,
+    so on CPU the result is bit-identical to normalising each sample in the worker.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 5 or images.shape[2] != 3:
+        raise ValueError(f"expected uint8 images of shape (B, N, 3, H, W), got {tuple(images.shape)} {images.dtype}")
+    batch, num, _, height, width = images.shape
+    scale, bias = _normalization_affine(normalization, images.device)
+    x = images.reshape(batch * num, 3, height, width).to(torch.float32)
+    out = torch.empty((batch * num, 2, 3, height, width), dtype=torch.float32, device=images.device)
+    for vit in range(2):
+        torch.addcmul(bias[vit], x, scale[vit], out=out[:, vit])
+    return out.view(batch, CHANNELS_PER_IMAGE * num, height, width)
+
+
+def batch_pixel_values(batch: dict, device: torch.device | str) -> torch.Tensor:
+    """The model's pixel values of a batch dict, on `device`: its float `pixel_values` (inference pre-processing,
+    or a batch already moved by `train_step.to_device`) or else its uint8 `images` normalised there."""
+    if "pixel_values" in batch:
+        return batch["pixel_values"].to(device)
+    if "images" in batch:
+        return planar_images_to_pixel_values(batch["images"].to(device))
+    raise KeyError(f"batch has neither 'pixel_values' nor 'images' (keys present: {sorted(batch)})")
+
+
 def images_to_pixel_values(images: np.ndarray | torch.Tensor | Sequence[np.ndarray],
                            normalization: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Convert uint8 images (N, H, W, 3) (or a list of (H, W, 3)) to float32 pixel values (6N, H, W).
@@ -65,15 +109,7 @@ def images_to_pixel_values(images: np.ndarray | torch.Tensor | Sequence[np.ndarr
     elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}, got {tuple(out.shape)} "
                          f"{out.dtype}")
-    # One fused multiply-add per normalisation: (x/255 - mean)/std == x * (1/(255 std)) - mean/std. (addcmul, not
-    # mul then add: those round differently; tests/data/test_image_fast_paths.py checks every uint8 value.)
-    norm = normalization or DEFAULT_NORMALIZATION
-    mean = torch.tensor([v for group in norm["mean"] for v in group], dtype=torch.float64)
-    std = torch.tensor([v for group in norm["std"] for v in group], dtype=torch.float64)
-    if mean.numel() != CHANNELS_PER_IMAGE or std.numel() != CHANNELS_PER_IMAGE:
-        raise ValueError(f"normalisation needs 3 means and 3 stds per ViT, got {norm}")
-    scale = (1.0 / (255.0 * std)).to(device=out.device, dtype=torch.float32).view(2, 3, 1, 1)
-    bias = (-mean / std).to(device=out.device, dtype=torch.float32).view(2, 3, 1, 1)
+    scale, bias = _normalization_affine(normalization, out.device)
     planes = array.permute(0, 3, 1, 2)  # (N, 3, H, W) in [0, 255]
     x = torch.empty((3, height, width), dtype=torch.float32, device=out.device)
     fused = out.view(num, 2, 3, height, width)  # channels [dino RGB, siglip RGB] per image

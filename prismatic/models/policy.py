@@ -26,6 +26,7 @@ from torch import nn
 
 from prismatic.data.normalization import normalize_bounds_q99, unnormalize_bounds_q99
 from prismatic.models.action_heads import ACTION_DIM, NUM_ACTIONS_CHUNK, L1RegressionActionHead
+from prismatic.models.image_transform import batch_pixel_values
 from prismatic.models.modeling_vla import (
     OpenVLAForActionPrediction,
     VLAOutput,
@@ -158,13 +159,14 @@ class VLAPolicy(nn.Module):
         return next(self.action_head.parameters()).device
 
     def forward(self, batch: dict, noise: torch.Tensor | None = None, run_head: bool = True) -> PolicyOutput:
-        """Batch dict of PROJECT_STRUCTURE.md (pixel_values, input_ids, attention_mask, proprio...) -> actions.
+        """Batch dict of PROJECT_STRUCTURE.md (pixel_values or uint8 images, input_ids, attention_mask, proprio...) ->
+        actions.
         `run_head=False`: the VLA's latents only (CRaFT's θ0 forward under FSDP, which must go through the root)."""
-        for key in ("pixel_values", "input_ids", "attention_mask"):
+        for key in ("input_ids", "attention_mask"):
             if key not in batch:
                 raise KeyError(f"batch has no '{key}' entry (keys present: {sorted(batch)})")
         device = self.device
-        vla_out = self.vla(pixel_values=batch["pixel_values"].to(device), input_ids=batch["input_ids"].to(device),
+        vla_out = self.vla(pixel_values=batch_pixel_values(batch, device), input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device))
         if not run_head:
             return PolicyOutput(actions=None, vla_output=vla_out)

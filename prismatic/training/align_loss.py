@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prismatic.models.image_transform import batch_pixel_values
 from prismatic.models.modeling_vla import OpenVLAForActionPrediction, VLAOutput, unwrap_vla
 from prismatic.models.vision_backbone import CHANNELS_PER_IMAGE, CHANNELS_PER_VIT
 
@@ -135,7 +136,7 @@ class AlignRetention:
     it must never be registered under the policy (optimizer, DDP, checkpoints of the policy).
 
     Usage per micro-batch (after `out = policy(batch, noise)`):
-        l_align = align.loss(out.vla_output, batch["pixel_values"])      # unweighted L_align (≈ −cosine)
+        l_align = align.loss(out.vla_output, batch_pixel_values(batch, device))  # unweighted L_align (≈ −cosine)
         loss = loss_act + align.weight * l_align
     """
 
@@ -298,7 +299,7 @@ def align_gradients(model: nn.Module, micro_batches, device: torch.device, align
 
     def objective(l1: torch.Tensor, out, micro) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with autocast_context(device):
-            l_align = align.loss(out.vla_output, micro.batch["pixel_values"])
+            l_align = align.loss(out.vla_output, batch_pixel_values(micro.batch, device))
         total = l1 + align.weight * l_align
         return total, {"align_loss": l_align, "total_loss": total}
 

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prismatic.cli_errors import UserError
+from prismatic.models.image_transform import batch_pixel_values
 from prismatic.training.craft_cache import (
     CraftCacheReader,
     build_manifest,
@@ -185,7 +186,7 @@ def reference_features(vla: nn.Module, extractor: CRaFTFeatureExtractor, weights
     base = unwrap_vla(vla)
     with torch.no_grad(), weights.reference_weights(), extractor.capture(stop_after_deepest=True):
         with autocast_context(device):
-            layout = base.build_layout(batch["pixel_values"].to(device), batch["input_ids"].to(device),
+            layout = base.build_layout(batch_pixel_values(batch, device), batch["input_ids"].to(device),
                                        batch["attention_mask"].to(device), vision_features=vision_features)
             try:
                 base.language_model.model(inputs_embeds=layout.inputs_embeds, use_cache=False, return_dict=True,

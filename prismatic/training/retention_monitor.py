@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prismatic.models.image_transform import batch_pixel_values
 from prismatic.training import checkpointing as ckpt
 from prismatic.training.craft_utils import CRaFTFeatureExtractor, CRaFTWeightManager, all_reduce_mean, retention_loss
 from prismatic.training.train_step import MicroBatch, autocast_context
@@ -85,7 +86,8 @@ class RetentionMonitor:
         try:
             self.vla.eval()
             for micro in micro_batches:
-                inputs = {k: micro.batch[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask")}
+                inputs = {k: micro.batch[k].to(device) for k in ("input_ids", "attention_mask")}
+                inputs["pixel_values"] = batch_pixel_values(micro.batch, device)
                 with self.weights.reference_weights(), self.extractor.capture(), autocast_context(device):
                     anchors = self.extractor.features(self.vla(**inputs).layout)
                 with self.extractor.capture(), autocast_context(device):

@@ -16,6 +16,7 @@ from prismatic.data.collator import VLACollator
 from prismatic.data.rlds_dataset import RLDSFrameDataset
 from prismatic.models.loaders import load_policy
 from prismatic.training.craft_utils import CRaFTFeatureExtractor, retention_loss
+from prismatic.training.train_step import to_device
 
 SCRIPT = Path(__file__).resolve().parents[2] / "vla-scripts" / "measure_drift.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -101,7 +102,8 @@ def test_perturbed_policy_matches_craft_retention(script, policies, drift_data_r
         policy = load_policy(path)
         tok = policy.processor.tokenizer
         ds = RLDSFrameDataset(drift_data_root, DATASET, tok, num_images_in_input=2, seed=3)
-        batch = VLACollator(ds.pad_token_id)([ds.get_frame(i) for i in range(ds.num_frames)])
+        batch = to_device(VLACollator(ds.pad_token_id)([ds.get_frame(i) for i in range(ds.num_frames)]),
+                          torch.device("cpu"))
         ext = CRaFTFeatureExtractor(policy.vla)
         with torch.no_grad(), ext.capture():
             out = policy.vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])

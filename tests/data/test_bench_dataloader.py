@@ -12,7 +12,7 @@ import tensorflow as tf  # noqa: F401  pinned in requirements.txt: the real tool
 import torch
 
 from prismatic.data.rlds_dataset import RLDSFrameDataset
-from prismatic.models.image_transform import DINO_STD, images_to_pixel_values
+from prismatic.models.image_transform import DINO_STD, images_to_pixel_values, planar_images_to_pixel_values
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_dataloader.py"
 NAME = "libero_10_no_noops"
@@ -37,8 +37,9 @@ def test_tf_data_pipeline_gives_the_loader_frames(libero_root, tokenizer):
     level = 1.0 / (255.0 * min(DINO_STD)) + 1e-5  # one uint8 level after the largest normalisation scale
     seen = set()
     for batch in pipeline.take(3):
-        pixel_values = torch.from_numpy(batch["pixel_values"].numpy())
-        assert pixel_values.shape == (4, 12, 224, 224) and pixel_values.dtype == torch.float32
+        images = torch.from_numpy(batch["images"].numpy())
+        assert images.shape == (4, 2, 3, 224, 224) and images.dtype == torch.uint8  # the loader's batch layout
+        pixel_values = planar_images_to_pixel_values(images)
         for action, instruction, pixels in zip(batch["action"].numpy(), batch["instruction"].numpy(), pixel_values,
                                                strict=True):
             step = int(np.flatnonzero((table.actions == action).all(axis=1))[0])
@@ -49,7 +50,8 @@ def test_tf_data_pipeline_gives_the_loader_frames(libero_root, tokenizer):
     assert len(seen) > 4  # shuffled frames from several places, not one frame repeated
 
     augmented = next(iter(bench.make_tf_data_pipeline(root, NAME, batch_size=4, augment=True)))
-    for action, pixels in zip(augmented["action"].numpy(), augmented["pixel_values"].numpy(), strict=True):
+    augmented_pixels = planar_images_to_pixel_values(torch.from_numpy(augmented["images"].numpy())).numpy()
+    for action, pixels in zip(augmented["action"].numpy(), augmented_pixels, strict=True):
         step = int(np.flatnonzero((table.actions == action).all(axis=1))[0])
         images = np.stack([native.sources[0].reader.image(camera, step) for camera in ("image", "wrist_image")])
         assert np.abs(pixels - images_to_pixel_values(images).numpy()).max() > 10 * level  # augmentation is on

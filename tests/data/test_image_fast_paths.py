@@ -19,7 +19,8 @@ from prismatic.data.augmentation import AugmentationConfig, adjust_saturation_hu
 from prismatic.data.collator import VLACollator
 from prismatic.data.image_ops import center_crop, crop_resize_bilinear, crop_resize_bilinear_planes
 from prismatic.data.rlds_dataset import RLDSFrameDataset
-from prismatic.models.image_transform import images_to_pixel_values
+from prismatic.models.image_transform import images_to_pixel_values, planar_images_to_pixel_values
+from prismatic.training.train_step import to_device
 
 NAME = "libero_10_no_noops"
 
@@ -173,6 +174,13 @@ def test_pixel_values_equal_the_stacked_reference(normalization):
     assert images_to_pixel_values(list(images), normalization, out=out) is out and torch.equal(out, want)
     with pytest.raises(ValueError, match="out must be"):
         images_to_pixel_values(images, out=torch.empty(6, 224, 200))
+    # the training batch's path: uint8 planar (B, N, 3, H, W) normalised at once on the device
+    batch = np.stack([images, images[::-1], 255 - images])
+    got = planar_images_to_pixel_values(torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 1, 4, 2, 3))),
+                                        normalization)
+    assert torch.equal(got, torch.stack([reference_pixel_values(b, normalization) for b in batch]))
+    with pytest.raises(ValueError, match=r"\(B, N, 3, H, W\)"):
+        planar_images_to_pixel_values(torch.zeros(2, 6, 4, 4, dtype=torch.uint8))
 
 
 def test_dataset_pixels_follow_seed_position_camera(libero_root, tokenizer):
@@ -192,7 +200,9 @@ def test_dataset_pixels_follow_seed_position_camera(libero_root, tokenizer):
             want = reference_augment(resized, np.random.default_rng([5, position, camera_index]), ds.augmentation)
             np.testing.assert_array_equal(sample["images"][camera_index], want)
     batch = VLACollator(ds.pad_token_id)(samples)
-    assert torch.equal(batch["pixel_values"], torch.stack([reference_pixel_values(s["images"]) for s in samples]))
+    assert batch["images"].dtype == torch.uint8 and "pixel_values" not in batch
+    assert torch.equal(to_device(batch, torch.device("cpu"))["pixel_values"],
+                       torch.stack([reference_pixel_values(s["images"]) for s in samples]))
     frame = ds.get_frame(4)  # evaluation view: the center crop
     _, e, t = frame["sample_id"].split("/")
     step = int(source.table.episode_starts[int(e)]) + int(t)
@@ -204,8 +214,13 @@ def test_collator_allocates_shared_memory_in_workers(monkeypatch):
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
     samples = [{"images": images, "input_ids": np.arange(3), "actions": np.zeros((8, 7)), "proprio": np.zeros(8),
                 "sample_id": "a", "content_hash": "h", "dataset_name": "d"}] * 2
-    assert not VLACollator(0)(samples)["pixel_values"].is_shared()
+    assert not VLACollator(0)(samples)["images"].is_shared()
     monkeypatch.setattr(collator_module, "get_worker_info", lambda: object())
-    pixel_values = VLACollator(0)(samples)["pixel_values"]
-    assert pixel_values.is_shared() and pixel_values.shape == (2, 12, 8, 8)
-    assert torch.equal(pixel_values[1], reference_pixel_values(images))
+    batch = VLACollator(0)(samples)
+    assert batch["images"].is_shared() and batch["images"].shape == (2, 2, 3, 8, 8)
+    assert batch["images"].dtype == torch.uint8
+    assert torch.equal(batch["images"][1], torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    images[1, 2, 3] = (7, 8, 9)  # the planar copy puts each channel in its plane
+    batch = VLACollator(0)(samples)
+    assert batch["images"][0, 1, :, 2, 3].tolist() == [7, 8, 9] and int(batch["images"].sum()) == 2 * 24
+    assert torch.equal(to_device(batch, torch.device("cpu"))["pixel_values"][1], reference_pixel_values(images))

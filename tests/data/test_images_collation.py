@@ -19,6 +19,7 @@ from prismatic.data.rlds_dataset import RLDSFrameDataset
 from prismatic.data.synthetic_libero import synthetic_tasks
 from prismatic.models.image_transform import images_to_pixel_values
 from prismatic.models.prompting import build_prompt
+from prismatic.training.train_step import to_device
 
 NAME = "libero_10_no_noops"
 
@@ -64,9 +65,11 @@ def test_collated_batch_dict(libero_root, tokenizer):
     root, episodes = libero_root
     ds = RLDSFrameDataset(root, NAME, tokenizer, num_images_in_input=2, use_proprio=True, image_aug=True, seed=2)
     batch = next(iter(make_train_loader(ds, per_rank_batch=5, num_steps=1)))
-    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "actions", "proprio", "sample_ids",
+    assert set(batch) == {"images", "input_ids", "attention_mask", "actions", "proprio", "sample_ids",
                           "content_hashes", "dataset_names"}
-    assert batch["pixel_values"].shape == (5, 12, 224, 224) and batch["pixel_values"].dtype == torch.float32
+    assert batch["images"].shape == (5, 2, 3, 224, 224) and batch["images"].dtype == torch.uint8
+    pixel_values = to_device(batch, torch.device("cpu"))["pixel_values"]
+    assert pixel_values.shape == (5, 12, 224, 224) and pixel_values.dtype == torch.float32
     assert batch["actions"].shape == (5, 8, 7) and batch["proprio"].shape == (5, 8)
     assert batch["attention_mask"].dtype == torch.bool and batch["input_ids"].dtype == torch.int64
     samples = [ds[p] for p in range(5)]
@@ -76,7 +79,8 @@ def test_collated_batch_dict(libero_root, tokenizer):
         assert batch["input_ids"][i, :n].tolist() == ids
         assert batch["attention_mask"][i].tolist() == [True] * n + [False] * (batch["input_ids"].shape[1] - n)
         assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all()
-        torch.testing.assert_close(batch["pixel_values"][i], images_to_pixel_values(sample["images"]))
+        assert torch.equal(batch["images"][i], torch.from_numpy(sample["images"].transpose(0, 3, 1, 2)))
+        torch.testing.assert_close(pixel_values[i], images_to_pixel_values(sample["images"]), rtol=0, atol=0)
         assert batch["sample_ids"][i] == sample["sample_id"] and batch["dataset_names"][i] == NAME
     assert batch["attention_mask"].sum(1).max() == batch["input_ids"].shape[1]  # right padding to the longest
     # content hash = sha1(raw JPEG bytes of the images used + instruction)
