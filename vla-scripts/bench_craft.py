@@ -74,6 +74,7 @@ class BenchConfig:
     use_lora: bool = True
     lora_rank: int = 4
     use_pro_version: bool = True
+    freeze_vision_backbone: bool = False  # as finetune.py: no update (nor LoRA) in the ViTs; θ0 then reuses them
     steps: int = 30                       # measured steps per mode (interleaved: rounds of one step per mode)
     warmup: int = 3                       # steps (rounds) discarded
     memory_steps: int = 10                # interleaved only: rounds of the memory measurement, after the timing
@@ -320,7 +321,8 @@ def _prepare(cfg: BenchConfig, isolation: str) -> tuple[dict, Path]:
         _build_cache(cache_cfg)
     return dict(data_root_dir=data_root, dataset_name=cfg.dataset_name, run_root_dir=work / "runs",
                 batch_size=cfg.batch_size, max_steps=10**6, learning_rate=1e-4, wandb_mode="disabled",
-                image_aug=False, use_lora=cfg.use_lora, lora_rank=cfg.lora_rank, **model), cache_dir
+                image_aug=False, use_lora=cfg.use_lora, lora_rank=cfg.lora_rank,
+                freeze_vision_backbone=cfg.freeze_vision_backbone, **model), cache_dir
 
 
 def _write_random_init(folder: str, preset: str, seed: int) -> None:
@@ -475,7 +477,8 @@ def run(cfg: BenchConfig) -> dict:
     result = (run_sequential if isolation == "sequential" else run_interleaved)(cfg, common, cache_dir)
     result.update(isolation=isolation, cpu_count=psutil.cpu_count(), threads=cfg.threads, steps=cfg.steps,
                   warmup=cfg.warmup, batch_size=cfg.batch_size, use_lora=cfg.use_lora, lora_rank=cfg.lora_rank,
-                  model_preset=cfg.model_preset, num_images=cfg.num_images_in_input,
+                  freeze_vision_backbone=cfg.freeze_vision_backbone, model_preset=cfg.model_preset,
+                  num_images=cfg.num_images_in_input,
                   model=("random init" if cfg.random_init else str(cfg.vlm_path or cfg.config_file_path or "scratch")),
                   memory_total_gib=psutil.virtual_memory().total / 2**30)
     return result
@@ -485,7 +488,8 @@ def print_table(result: dict) -> None:
     rows = result["rows"]
     print(f"preset {result['model_preset']} ({result['model']}), {rows['baseline']['trainable_params'] / 1e6:.1f}M "
           f"trainable, batch {result['batch_size']}, {result['num_images']} camera(s), LoRA {result['use_lora']} "
-          f"(rank {result['lora_rank']}), fp32; {result['isolation']}, {result['steps']} measured steps per mode "
+          f"(rank {result['lora_rank']}), {'frozen' if result['freeze_vision_backbone'] else 'trained'} ViTs, fp32; "
+          f"{result['isolation']}, {result['steps']} measured steps per mode "
           f"after {result['warmup']} warm-up; torch threads {result['threads']} on {result['cpu_count']} CPUs "
           f"({result['memory_total_gib']:.0f} GiB)")
     print(f"memory: {result['memory_method']}; CPU: process CPU time of the step (all threads)")
