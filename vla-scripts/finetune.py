@@ -319,11 +319,17 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
         policy_setup.check_finite_weights(policy, Path(cfg.run_root_dir), run_id, step, across_ranks=fsdp)
         # FSDP: rank 0 gets a plain copy with the full weights, written by the same code as under DDP
         to_save = fsdp_lib.gathered_policy(policy, save_template) if fsdp else policy
+        failure = None
         if env.is_main:
-            policy_setup.save_training_checkpoint(cfg, to_save, run_root_dir=Path(cfg.run_root_dir), run_id=run_id,
-                                                  step=step, training_state=state)
+            try:
+                policy_setup.save_training_checkpoint(cfg, to_save, run_root_dir=Path(cfg.run_root_dir),
+                                                      run_id=run_id, step=step, training_state=state)
+            except UserError as err:  # e.g. a full disk: every rank must stop, not wait for rank 0 at a barrier
+                failure = err
         del to_save
-        barrier(env)
+        if any_rank(failure is not None, env):  # also the barrier: no rank goes on before the folder exists
+            raise failure or UserError(f"rank 0 could not write the checkpoint of step {step} (its error line "
+                                       "says why)", "fix what rank 0 reports and run the same command again")
         path = ckpt.checkpoint_dir(Path(cfg.run_root_dir), run_id, step)  # the same answer on every rank
         ckpt.restore_rng_state(rng)  # writing (e.g. building the merged VLA) must not shift the training RNG
         return path
