@@ -116,3 +116,14 @@ def test_tiny_interleaved_run_reports_the_projector_sets(tmp_path, capsys, monke
     assert offline["flop_ratio"] < online["flop_ratio"] < offline["flop_ratio"] + 1.0
     bench_craft.print_table(result)
     assert "reached by neither" in capsys.readouterr().out
+
+
+def test_freeze_vision_backbone_reaches_the_trainers_config(tmp_path, monkeypatch):
+    """--freeze_vision_backbone is a training flag: every mode's FinetuneConfig gets it (θ0 then shares the ViTs)."""
+    seen = {}
+    monkeypatch.setattr(bench_craft, "_build_cache", lambda cache_cfg: None)
+    monkeypatch.setattr(bench_craft, "run_interleaved",
+                        lambda cfg, common, cache_dir: seen.update(common) or {"rows": {}})
+    for frozen in (True, False):
+        result = bench_craft.run(bench_craft.BenchConfig(work_dir=tmp_path, freeze_vision_backbone=frozen))
+        assert seen["freeze_vision_backbone"] is frozen and result["freeze_vision_backbone"] is frozen
