@@ -60,14 +60,14 @@ def planar_images_to_pixel_values(images: torch.Tensor, normalization: dict | No
     """uint8 channel-planar images (B, N, 3, H, W) -> float32 pixel values (B, 6N, H, W) on the images' device.
 
     The training batch carries its images as uint8 (8x fewer bytes from the loader's workers and to the device); this
-    normalises them where the model runs, with the same fused multiply-add per value as `images_to_pixel_values`,
-    so on CPU the result is bit-identical to normalising each sample in the worker.
+    normalises them where the model runs. The one normalisation of the project: `images_to_pixel_values`
+    (inference pre-processing) is this function on one sample.
     """
     if images.dtype != torch.uint8 or images.ndim != 5 or images.shape[2] != 3:
         raise ValueError(f"expected uint8 images of shape (B, N, 3, H, W), got {tuple(images.shape)} {images.dtype}")
     batch, num, _, height, width = images.shape
     scale, bias = _normalization_affine(normalization, images.device)
-    x = images.reshape(batch * num, 3, height, width).to(torch.float32)
+    x = images.reshape(batch * num, 3, height, width).contiguous().to(torch.float32)
     out = torch.empty((batch * num, 2, 3, height, width), dtype=torch.float32, device=images.device)
     for vit in range(2):
         torch.addcmul(bias[vit], x, scale[vit], out=out[:, vit])
@@ -85,11 +85,10 @@ def batch_pixel_values(batch: dict, device: torch.device | str) -> torch.Tensor:
 
 
 def images_to_pixel_values(images: np.ndarray | torch.Tensor | Sequence[np.ndarray],
-                           normalization: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           normalization: dict | None = None) -> torch.Tensor:
     """Convert uint8 images (N, H, W, 3) (or a list of (H, W, 3)) to float32 pixel values (6N, H, W).
 
     normalization: {"mean": (dino, siglip), "std": (dino, siglip)}; default ImageNet for DINO, 0.5 for SigLIP.
-    out: a contiguous float32 (6N, H, W) tensor to write into (the collator passes its batch slice: no stack copy).
     Channel-planar inputs (`images.transpose(0, 3, 1, 2)` contiguous, as the training loader makes them) are read
     without a transpose.
     """
@@ -102,19 +101,4 @@ def images_to_pixel_values(images: np.ndarray | torch.Tensor | Sequence[np.ndarr
         raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {tuple(array.shape)}")
     if array.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images, got dtype {array.dtype}")
-    num, height, width = array.shape[0], array.shape[1], array.shape[2]
-    shape = (CHANNELS_PER_IMAGE * num, height, width)
-    if out is None:
-        out = torch.empty(shape, dtype=torch.float32, device=array.device)
-    elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}, got {tuple(out.shape)} "
-                         f"{out.dtype}")
-    scale, bias = _normalization_affine(normalization, out.device)
-    planes = array.permute(0, 3, 1, 2)  # (N, 3, H, W) in [0, 255]
-    x = torch.empty((3, height, width), dtype=torch.float32, device=out.device)
-    fused = out.view(num, 2, 3, height, width)  # channels [dino RGB, siglip RGB] per image
-    for n in range(num):
-        x.copy_(planes[n])
-        for vit in range(2):
-            torch.addcmul(bias[vit], x, scale[vit], out=fused[n, vit])
-    return out
+    return planar_images_to_pixel_values(array.permute(0, 3, 1, 2).unsqueeze(0), normalization)[0]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prismatic.models.image_transform import planar_images_to_pixel_values
+from prismatic.models.image_transform import batch_pixel_values
 from prismatic.training.distributed import DistEnv, all_reduce_mean
 
 TRAIN_KEYS = {
@@ -65,8 +65,8 @@ def head_noise(seed: int, step: int, shape: tuple[int, ...], std: float, device:
 def to_device(batch: dict, device: torch.device) -> dict:
     """The batch's tensors on `device`; a loader batch's uint8 `images` are normalised there into `pixel_values`."""
     moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    if "pixel_values" not in moved and "images" in moved:
-        moved["pixel_values"] = planar_images_to_pixel_values(moved["images"])
+    if "images" in moved:
+        moved["pixel_values"] = batch_pixel_values(moved, device)
     return moved
 
 
