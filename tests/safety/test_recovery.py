@@ -415,17 +415,15 @@ def test_readme_resume_command_from_the_command_line(data_root, tmp_path):
 def test_disk_full_on_rank_0_stops_every_rank_with_one_line(data_root, tmp_path):
     """Under torchrun, rank 0 alone writes the checkpoint; when its disk is full the other rank must stop with it
     (one error line each, exit 2), not wait at a barrier until the process group times out."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    from two_ranks import launch_two_ranks
+
     runs = tmp_path / "runs"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    worker = Path(__file__).with_name("disk_full_worker.py")
     flags = ["--data_root_dir", data_root, "--dataset_name", DATASET, "--run_root_dir", runs, "--run_id", "r",
              "--model_preset", "tiny", "--batch_size", "1", "--max_steps", "1", "--save_freq", "1",
              "--wandb_mode", "disabled", "--image_aug", "False"]
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "--log_dir", tmp_path / "logs",
-                           "--redirects", "3", "--tee", "0", str(worker), *map(str, flags)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = launch_two_ranks(Path(__file__).with_name("disk_full_worker.py"), *flags, timeout=600,
+                            torchrun_options=("--log_dir", tmp_path / "logs", "--redirects", "3", "--tee", "0"))
     assert proc.returncode != 0
     logs = {int(p.parent.name): p.read_text() for p in (tmp_path / "logs").rglob("stderr.log")}
     assert sorted(logs) == [0, 1], proc.stderr[-3000:]
