@@ -3,13 +3,12 @@
 `predict_action` returns a chunk (8, 7) already un-normalised on dims 0-5 (BOUNDS_Q99 with the checkpoint's
 q01/q99). The gripper dim 6 is NOT normalised: it is the model's output in the training convention
 `g = 1 - clip(a_raw, 0, 1)`, i.e. ~1 = open, ~0 = closed. The simulator (robosuite Panda) wants -1 = open,
-+1 = close, so:
++1 = close. Upstream's evaluation rescales [0, 1] -> [-1, 1], takes the sign and flips it (`normalize_gripper_action`
+then `invert_gripper_action`), and so does this module, to the bit:
 
-    g >= 0.5  ->  -1 (open)
-    g <  0.5  ->  +1 (close)
-
-which is upstream's "rescale [0, 1] -> [-1, 1], take the sign, then flip the sign" with the tie (g = 0.5, where
-the sign would be 0) sent to "open" so the command is always +-1.
+    g > 0.5   ->  -1 (open)
+    g < 0.5   ->  +1 (close)
+    g == 0.5  ->  -0.0 (sign 0, flipped: the gripper is commanded neither way, as upstream)
 """
 
 from __future__ import annotations
@@ -25,9 +24,10 @@ SETTLE_ACTION = np.array([0.0] * 6 + [GRIPPER_OPEN], dtype=np.float64)
 
 
 def gripper_to_env(gripper: np.ndarray) -> np.ndarray:
-    """Model gripper output (1 = open, 0 = close) -> simulator command (-1 = open, +1 = close), binarised."""
+    """Model gripper output (1 = open, 0 = close) -> simulator command (-1 = open, +1 = close, -0.0 at exactly 0.5),
+    upstream's `-sign(2 g - 1)` in float64."""
     g = np.asarray(gripper, dtype=np.float64)
-    return np.where(g >= 0.5, GRIPPER_OPEN, GRIPPER_CLOSE)
+    return np.sign(2.0 * g - 1.0) * -1.0
 
 
 def chunk_to_env_actions(chunk: np.ndarray) -> np.ndarray:

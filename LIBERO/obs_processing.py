@@ -1,7 +1,9 @@
 """Simulator observation -> policy inputs: camera images and the 8-dim proprio state.
 
 LIBERO renders its cameras upside down relative to the training data, so both images are rotated by 180 degrees
-(`img[::-1, ::-1]`) before the 224 px resize the data pipeline applied. The proprio vector is the one stored in the
+(`img[::-1, ::-1]`), then go through upstream's `resize_image_for_policy`: JPEG round trip at quality 95 (the RLDS
+training frames were JPEG) and TF's lanczos3 + antialias resize to 224 px (`image_ops.policy_view`, equal to
+TensorFlow's result). The proprio vector is the one stored in the
 RLDS `observation/state`: end-effector position (3), end-effector orientation as axis-angle (3), gripper joint
 positions (2). The (optional) evaluation center crop is applied by `predict_action(center_crop=True)`, not here.
 """
@@ -13,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from prismatic.data.image_ops import IMAGE_SIZE, resize_image
+from prismatic.data.image_ops import IMAGE_SIZE, policy_view
 
 THIRD_PERSON_KEY = "agentview_image"
 WRIST_KEY = "robot0_eye_in_hand_image"
@@ -32,8 +34,9 @@ def rotate_180(image: np.ndarray) -> np.ndarray:
 
 
 def prepare_image(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Rotate a raw LIBERO camera image by 180 degrees and resize it (antialiased Lanczos) to (size, size, 3)."""
-    return resize_image(rotate_180(image), size)
+    """A raw LIBERO camera frame as upstream's evaluation feeds it: rotate 180 degrees, JPEG round trip, lanczos3
+    resize to (size, size, 3)."""
+    return policy_view(rotate_180(image), size)
 
 
 def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
@@ -68,7 +71,7 @@ def extract_proprio(obs: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def policy_images(obs: Mapping[str, np.ndarray], num_images: int, size: int = IMAGE_SIZE) -> list[np.ndarray]:
-    """The policy's input views in training order: [third-person] or [third-person, wrist], rotated and resized."""
+    """The policy's input views in training order: [third-person] or [third-person, wrist], as `prepare_image`."""
     keys = {1: [THIRD_PERSON_KEY], 2: [THIRD_PERSON_KEY, WRIST_KEY]}.get(num_images)
     if keys is None:
         raise ValueError(f"num_images_in_input must be 1 (third-person) or 2 (+ wrist), got {num_images}")

@@ -3,10 +3,14 @@
 Training augmentation (random crop + colour jitter) lives with the data pipeline; everything a deployed policy
 must reproduce exactly lives here, so the evaluation path and the training path cannot drift apart.
 
-Evaluation path of upstream VLA-Adapter (a frame that is not already 224 px): JPEG encode/decode at quality 95
-(LIBERO's RLDS frames were JPEG too), resize, then for models trained with crop augmentation a center crop of area
-0.9 resampled bilinearly the way TensorFlow's `crop_and_resize` does. `jpeg_roundtrip` and `center_crop` equal
-TensorFlow's results exactly (tests/data/test_image_ops_tf.py runs TensorFlow side by side).
+One image path, upstream VLA-Adapter's, everywhere:
+- training: stored JPEG -> decode (TF's decoder settings) -> `resize_image` to 224 (TF lanczos3 + antialias, round,
+  clip; dlimp's `resize_image` in upstream's RLDS pipeline);
+- evaluation (`policy_view`, upstream's `resize_image_for_policy`): raw camera frame -> JPEG encode/decode at quality
+  95 with TF's settings -> the same resize (RLDS stored JPEG frames, so the policy sees what it was trained on);
+- then, for models trained with crop augmentation, a center crop of area 0.9 resampled bilinearly the way
+  TensorFlow's `crop_and_resize` does.
+Each step equals TensorFlow's result bit for bit (tests/data/test_image_ops_tf.py runs TensorFlow side by side).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import io
 import numpy as np
 import simplejpeg
 from PIL import Image
+
+from prismatic.data import lanczos
 
 IMAGE_SIZE = 224
 CROP_AREA_SCALE = 0.9  # upstream's random-resized-crop scale; eval uses the same area as a center crop
@@ -39,11 +45,26 @@ def _check_uint8_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def resize_image(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Antialiased Lanczos resize of a uint8 (H, W, 3) image to (size, size, 3) (within 1 level of TF lanczos3)."""
+    """uint8 (H, W, 3) -> uint8 (size, size, 3), equal to TF's `resize(lanczos3, antialias=True)` + round + clip.
+    A frame already at `size` is returned as it is (TF's resize at scale 1 is the identity after rounding)."""
     image = _check_uint8_rgb(image)
     if image.shape[:2] == (size, size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
+    return lanczos.resize_hwc(image, size)
+
+
+def resize_image_planes(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """`resize_image` as channel-planar uint8 (3, size, size): the training batch's layout, without a transpose."""
+    image = _check_uint8_rgb(image)
+    if image.shape[:2] == (size, size):
+        return np.ascontiguousarray(image.transpose(2, 0, 1))
+    return lanczos.resize_planes(image, size)
+
+
+def policy_view(frame: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A raw camera frame as upstream's evaluation feeds it to the policy (`resize_image_for_policy`): JPEG round
+    trip at quality 95, then the lanczos3 resize to (size, size, 3). Always round-trips, as upstream does."""
+    return lanczos.resize_hwc(jpeg_roundtrip(frame), size)
 
 
 def _bilinear_axis(n_in: int, n_out: int, start: np.float32, stop: np.float32

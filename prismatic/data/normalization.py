@@ -40,6 +40,14 @@ def normalize_bounds_q99(x: np.ndarray, stats: Mapping, what: str = "action") ->
     return np.where(mask, out, x).astype(np.float32)
 
 
+def normalize_proprio_for_eval(state: np.ndarray, stats: Mapping) -> np.ndarray:
+    """The robot state as upstream's evaluation normalises it (`normalize_proprio`): `normalize_bounds_q99`, then
+    every dim clipped to [-1, 1], masked-out dims included (upstream's training leaves those unclipped; its
+    evaluation clips them, and this follows the evaluation). Dims with min == max stay 0 as in training, where
+    upstream's evaluation formula would give +-1: the policy is fed what it was trained on (docs/LIBERO_EVAL.md)."""
+    return np.clip(normalize_bounds_q99(state, stats, "proprio"), -1.0, 1.0)
+
+
 def unnormalize_bounds_q99(x_norm: np.ndarray, stats: Mapping, what: str = "action") -> np.ndarray:
     """Invert `normalize_bounds_q99` on masked dims: x = (x_norm + 1) / 2 * (q99 - q01 + 1e-8) + q01."""
     x_norm = np.asarray(x_norm, dtype=np.float64)

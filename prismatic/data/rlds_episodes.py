@@ -18,7 +18,7 @@ import simplejpeg
 
 from prismatic.data import rlds_schema as S
 from prismatic.data.example_codec import BytesRefs, ExampleFormatError, bytes_values, scan_example
-from prismatic.data.image_ops import IMAGE_SIZE, resize_image
+from prismatic.data.image_ops import IMAGE_SIZE, resize_image_planes
 from prismatic.data.rlds_catalog import DOCS_HINT, DatasetLayout
 from prismatic.data.tfrecord import iter_records
 
@@ -189,8 +189,9 @@ class NativeImageReader:
         return data
 
     def image(self, camera: str, step: int, size: int = IMAGE_SIZE) -> np.ndarray:
-        """Decoded and resized (antialiased Lanczos) uint8 image of one step."""
-        return resize_image(decode_jpeg(self.jpeg_bytes(camera, step)), size)
+        """Decoded and resized uint8 image (H, W, 3) of one step, as TF's decode_jpeg + lanczos3 antialias resize; a
+        view of channel-planar memory, the batch's layout (stacking the views then copies without interleaving)."""
+        return resize_image_planes(decode_jpeg(self.jpeg_bytes(camera, step)), size).transpose(1, 2, 0)
 
     def __del__(self) -> None:
         if self._pid == os.getpid():

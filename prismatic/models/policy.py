@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prismatic.data.normalization import normalize_bounds_q99, unnormalize_bounds_q99
+from prismatic.data.normalization import normalize_proprio_for_eval, unnormalize_bounds_q99
 from prismatic.models.action_heads import ACTION_DIM, NUM_ACTIONS_CHUNK, L1RegressionActionHead
 from prismatic.models.image_transform import batch_pixel_values
 from prismatic.models.modeling_vla import (
@@ -226,7 +226,7 @@ class VLAPolicy(nn.Module):
             if "proprio" not in stats:
                 raise KeyError(f"statistics for {unnorm_key!r} have no 'proprio' entry (keys: {sorted(stats)})")
             state = np.stack([np.asarray(p, dtype=np.float64) for p in proprios])
-            inputs["proprio"] = torch.as_tensor(normalize_bounds_q99(state, stats["proprio"], "proprio"),
+            inputs["proprio"] = torch.as_tensor(normalize_proprio_for_eval(state, stats["proprio"]),
                                                 dtype=torch.float32)
         was_training = self.training
         self.eval()

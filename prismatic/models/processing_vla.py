@@ -1,10 +1,13 @@
 """`PrismaticProcessor`: inference-time pre-processing shared by every deployed policy.
 
 Images, as upstream's evaluation: uint8 (H, W, 3) -> (if not already `image_size`) JPEG round trip at quality 95 and
-antialiased Lanczos resize -> optional center crop (area 0.9, bilinear, TF semantics; on for policies trained with
-crop augmentation) -> 6-channel DINO/SigLIP pixel values, normalised with the folder's statistics (released folders
-store them bf16-rounded in `preprocessor_config.json`). Text: `build_prompt(instruction)` tokens (chat template, no
-BOS). Saved as the tokenizer files + `prismatic_processor_config.json`.
+TF's lanczos3 + antialias resize (`image_ops.policy_view`, upstream's `resize_image_for_policy`) -> optional center
+crop (area 0.9, bilinear, TF semantics; on for policies trained with crop augmentation) -> 6-channel DINO/SigLIP
+pixel values, normalised with the folder's statistics (released folders store them bf16-rounded in
+`preprocessor_config.json`). A frame already at `image_size` is taken as an evaluation view made by
+`policy_view` (LIBERO's `prepare_image` makes them), as upstream's `prepare_images_for_vla` does. Text:
+`build_prompt(instruction)` tokens (chat template, no BOS). Saved as the tokenizer files +
+`prismatic_processor_config.json`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 
 from prismatic.data import image_ops
-from prismatic.data.image_ops import IMAGE_SIZE, jpeg_roundtrip, resize_image
+from prismatic.data.image_ops import IMAGE_SIZE, policy_view
 from prismatic.models.image_transform import (
     DEFAULT_NORMALIZATION,
     images_to_pixel_values,
@@ -63,7 +66,7 @@ class PrismaticProcessor:
         for image in images:
             view = np.asarray(image)
             if view.shape[:2] != (self.image_size, self.image_size):
-                view = resize_image(jpeg_roundtrip(view), self.image_size)
+                view = policy_view(view, self.image_size)
             views.append(image_ops.center_crop(view, size=self.image_size) if crop else view)
         return images_to_pixel_values(np.stack(views), self.normalization)
 

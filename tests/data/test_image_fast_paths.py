@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import simplejpeg
 import torch
-from PIL import Image
+from tf_reference import tf_decode_resize
 
 from prismatic.data import collator as collator_module
 from prismatic.data.augmentation import AugmentationConfig, adjust_saturation_hue, augment_image
@@ -181,8 +180,9 @@ def test_pixel_values_equal_the_stacked_reference(normalization):
 
 
 def test_dataset_pixels_follow_seed_position_camera(libero_root, tokenizer):
-    """A training sample's pixels = reference augmentation of the decoded, resized frame with the generator of
-    (seed, position, camera); the batch's pixel values = the reference conversion of those images."""
+    """A training sample's pixels = reference augmentation of TensorFlow's decode + lanczos3 resize of the same stored
+    JPEG bytes (upstream's RLDS pipeline) with the generator of (seed, position, camera); the batch's pixel values =
+    the reference conversion of those images."""
     root, _ = libero_root
     ds = RLDSFrameDataset(root, NAME, tokenizer, num_images_in_input=2, image_aug=True, seed=5)
     source = ds.sources[0]
@@ -191,9 +191,7 @@ def test_dataset_pixels_follow_seed_position_camera(libero_root, tokenizer):
         _, e, t = sample["sample_id"].split("/")
         step = int(source.table.episode_starts[int(e)]) + int(t)
         for camera_index, camera in enumerate(("image", "wrist_image")):
-            decoded = simplejpeg.decode_jpeg(source.reader.jpeg_bytes(camera, step), colorspace="RGB", fastdct=True,
-                                             fastupsample=False)
-            resized = np.asarray(Image.fromarray(decoded).resize((224, 224), Image.Resampling.LANCZOS))
+            resized = tf_decode_resize(source.reader.jpeg_bytes(camera, step))
             want = reference_augment(resized, np.random.default_rng([5, position, camera_index]), ds.augmentation)
             np.testing.assert_array_equal(sample["images"][camera_index], want)
     batch = VLACollator(ds.pad_token_id)(samples)
@@ -203,7 +201,8 @@ def test_dataset_pixels_follow_seed_position_camera(libero_root, tokenizer):
     frame = ds.get_frame(4)  # evaluation view: the center crop
     _, e, t = frame["sample_id"].split("/")
     step = int(source.table.episode_starts[int(e)]) + int(t)
-    resized = source.reader.image("image", step)
+    resized = tf_decode_resize(source.reader.jpeg_bytes("image", step))
+    np.testing.assert_array_equal(source.reader.image("image", step), resized)
     np.testing.assert_array_equal(frame["images"][0], center_crop(resized))
 
 

@@ -7,9 +7,8 @@ import hashlib
 
 import numpy as np
 import pytest
-import simplejpeg
 import torch
-from PIL import Image
+from tf_reference import tf_decode_resize
 
 from prismatic.data.augmentation import AugmentationConfig, adjust_saturation_hue, augment_image
 from prismatic.data.collator import VLACollator
@@ -56,9 +55,8 @@ def test_decode_and_resize_pipeline(libero_root, tokenizer):
     step = int(source.table.episode_starts[int(e)]) + int(t)
     for cam_index, camera in enumerate(("image", "wrist_image")):
         data = source.reader.jpeg_bytes(camera, step)
-        decoded = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
-        expected = np.asarray(Image.fromarray(decoded).resize((224, 224), Image.Resampling.LANCZOS))
-        np.testing.assert_array_equal(sample["images"][cam_index], expected)
+        # upstream's RLDS frame: TensorFlow's decode_jpeg + lanczos3 antialias resize of the same stored bytes
+        np.testing.assert_array_equal(sample["images"][cam_index], tf_decode_resize(data))
 
 
 def test_collated_batch_dict(libero_root, tokenizer):

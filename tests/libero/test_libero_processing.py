@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from scipy.spatial.transform import Rotation
+from tf_reference import camera_frame, tf_center_crop, tf_policy_view
 
 from LIBERO.action_processing import SETTLE_ACTION, chunk_to_env_actions, gripper_to_env
 from LIBERO.obs_processing import (
@@ -17,6 +20,9 @@ from LIBERO.obs_processing import (
     rotate_180,
 )
 from LIBERO.policy_runner import PolicyRunner
+from prismatic.data.normalization import normalize_proprio_for_eval, unnormalize_bounds_q99
+from prismatic.models.image_transform import DINO_MEAN, DINO_STD
+from prismatic.models.processing_vla import PrismaticProcessor
 
 
 def test_rotate_180_matches_rot90_twice():
@@ -26,13 +32,32 @@ def test_rotate_180_matches_rot90_twice():
     assert out[0, 0].tolist() == img[-1, -1].tolist() and out.flags["C_CONTIGUOUS"]
 
 
-def test_prepare_image_is_rotation_then_lanczos_224():
-    img = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    expected = np.asarray(Image.fromarray(np.ascontiguousarray(np.rot90(img, 2))).resize((224, 224),
-                                                                                       Image.Resampling.LANCZOS))
-    out = prepare_image(img)
+@pytest.mark.parametrize("camera,seed", [("agentview", 0), ("wrist", 1)])
+def test_prepare_image_is_upstreams_eval_view(camera, seed):
+    """A raw 256 px LIBERO frame -> rotate 180 -> upstream's resize_image_for_policy, computed by TensorFlow (JPEG
+    round trip, lanczos3 antialias, round, clip): bit for bit."""
+    frame = camera_frame(seed, camera)
+    out = prepare_image(frame)
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(out, tf_policy_view(np.ascontiguousarray(np.rot90(frame, 2))))
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_raw_frames_to_pixel_values_match_upstream(tiny_tokenizer, crop):
+    """The whole path an evaluation runs: simulator observation (raw agentview + wrist frames) -> policy_images ->
+    the processor (center crop when trained with crop augmentation) -> normalised pixel values, against
+    TensorFlow's upstream views normalised in numpy."""
+    obs = {"agentview_image": camera_frame(4, "agentview"), "robot0_eye_in_hand_image": camera_frame(5, "wrist")}
+    processor = PrismaticProcessor(tiny_tokenizer, num_images=2, center_crop=crop)
+    got = processor.preprocess_images(policy_images(obs, 2)).numpy()
+    planes = []
+    for key in ("agentview_image", "robot0_eye_in_hand_image"):
+        view = tf_policy_view(np.ascontiguousarray(obs[key][::-1, ::-1]))
+        view = tf_center_crop(view) if crop else view
+        x = view.astype(np.float32).transpose(2, 0, 1) / 255.0
+        mean = np.array(DINO_MEAN, np.float32)[:, None, None]
+        planes += [(x - mean) / np.array(DINO_STD, np.float32)[:, None, None], (x - 0.5) / 0.5]
+    np.testing.assert_allclose(got, np.concatenate(planes), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -71,8 +96,7 @@ def test_policy_images_order_and_count():
     obs = {"agentview_image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
            "robot0_eye_in_hand_image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)}
     two = policy_images(obs, 2, size=32)
-    ref = [np.asarray(Image.fromarray(np.ascontiguousarray(obs[k][::-1, ::-1])).resize((32, 32),
-                                                                                     Image.Resampling.LANCZOS))
+    ref = [tf_policy_view(np.ascontiguousarray(obs[k][::-1, ::-1]), 32)
            for k in ("agentview_image", "robot0_eye_in_hand_image")]
     np.testing.assert_array_equal(two[0], ref[0])
     np.testing.assert_array_equal(two[1], ref[1])
@@ -81,19 +105,35 @@ def test_policy_images_order_and_count():
         policy_images(obs, 3)
 
 
-def _upstream_style_gripper(g: np.ndarray) -> np.ndarray:
-    """Independent reference: rescale [0,1] -> [-1,1], sign (tie -> +1 = open in model space), flip sign."""
-    s = np.sign(2.0 * g - 1.0)
-    s[s == 0] = 1.0
-    return -s
+UPSTREAM = json.loads((Path(__file__).parent / "upstream_eval_arithmetic.json").read_text())
 
 
-def test_gripper_mapping_known_values():
-    g = np.array([1.0, 0.9, 0.51, 0.5, 0.49, 0.1, 0.0, -0.3, 1.4])
-    expected = np.array([-1, -1, -1, -1, 1, 1, 1, 1, -1], dtype=np.float64)  # -1 open, +1 close
-    np.testing.assert_array_equal(gripper_to_env(g), expected)
-    np.testing.assert_array_equal(gripper_to_env(g), _upstream_style_gripper(g))
+def test_gripper_mapping_equals_upstream_golden():
+    """Upstream's normalize_gripper_action + invert_gripper_action, run by tests/parity/
+    generate_eval_arithmetic_golden.py on upstream's own code: equal to the bit, -0.0 at exactly 0.5 included."""
+    got = gripper_to_env(np.array(UPSTREAM["inputs"]["gripper"]))
+    np.testing.assert_array_equal(got, UPSTREAM["gripper_env"])
+    assert np.signbit(got).tolist() == UPSTREAM["gripper_env_signbit"]
+    assert got[UPSTREAM["inputs"]["gripper"].index(0.5)] == 0.0  # the tie commands neither way, as upstream
     assert SETTLE_ACTION.tolist() == [0, 0, 0, 0, 0, 0, -1]  # settle: no motion, gripper open
+
+
+def test_eval_proprio_normalisation_equals_upstream_golden():
+    """Upstream's normalize_proprio on edge cases: masked dims clipped to [-1, 1] (1.7 -> 1.0), bounds exceeded.
+    The one deliberate difference: the constant dim (min == max) is 0 here, as in upstream's and this project's
+    training, where upstream's evaluation formula gives +-1 (docs/LIBERO_EVAL.md)."""
+    stats = UPSTREAM["inputs"]["proprio_stats"]
+    constant = np.array(stats["min"]) == np.array(stats["max"])
+    assert constant.tolist().count(True) == 1
+    for state, want in zip(UPSTREAM["inputs"]["states"], UPSTREAM["normalize_proprio"], strict=True):
+        got = normalize_proprio_for_eval(np.array(state), stats)
+        np.testing.assert_allclose(got[~constant], np.array(want)[~constant], rtol=1e-6, atol=1e-7)
+        assert got[constant].tolist() == [0.0] and abs(np.array(want)[constant][0]) == 1.0
+
+
+def test_action_unnormalisation_equals_upstream_golden():
+    got = unnormalize_bounds_q99(np.array(UPSTREAM["inputs"]["normalized_actions"]), UPSTREAM["inputs"]["action_stats"])
+    np.testing.assert_allclose(got, UPSTREAM["unnormalize_actions"], rtol=1e-6, atol=1e-7)  # float32 output
 
 
 def test_chunk_to_env_actions_keeps_arm_dims():
@@ -101,7 +141,7 @@ def test_chunk_to_env_actions_keeps_arm_dims():
     chunk[:, 6] = np.linspace(0, 1, 8)
     out = chunk_to_env_actions(chunk)
     np.testing.assert_array_equal(out[:, :6], chunk[:, :6])
-    np.testing.assert_array_equal(out[:, 6], _upstream_style_gripper(chunk[:, 6]))
+    np.testing.assert_array_equal(out[:, 6], -np.sign(2.0 * chunk[:, 6] - 1.0))
     with pytest.raises(ValueError, match=r"shape \(K, 7\)"):
         chunk_to_env_actions(np.zeros((8, 6)))
     bad = chunk.copy()

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from libero_fakes import ScriptedPolicy, SpyPolicy, needs_libero
+
+from LIBERO.obs_processing import prepare_image
+from prismatic.data.image_ops import center_crop
 
 pytestmark = [pytest.mark.libero, needs_libero]
 
@@ -30,6 +35,22 @@ def _fresh_env(bddl_file: str, resolution: int = 256):
     env = OffScreenRenderEnv(bddl_file_name=bddl_file, camera_heights=resolution, camera_widths=resolution)
     env.seed(0)
     return env
+
+
+def _assert_views_equal_tensorflow(frames: list[np.ndarray], tmp_path: Path) -> None:
+    """prepare_image (+ center crop) of raw simulator frames == upstream's TensorFlow path. TensorFlow runs in a
+    child process: loaded beside MuJoCo's EGL contexts it crashes the next env creation in this process."""
+    np.savez(tmp_path / "frames.npz", *frames)
+    script = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from tf_reference import tf_center_crop, "
+              "tf_policy_view; f = np.load(sys.argv[2]); views = [tf_policy_view(np.ascontiguousarray("
+              "f[k][::-1, ::-1])) for k in sorted(f.files)]; np.savez(sys.argv[3], *views, *[tf_center_crop(v) "
+              "for v in views])")
+    subprocess.run([sys.executable, "-c", script, str(Path(__file__).parents[1]), str(tmp_path / "frames.npz"),
+                    str(tmp_path / "views.npz")], check=True, capture_output=True)
+    want = np.load(tmp_path / "views.npz")
+    for i, frame in enumerate(frames):
+        np.testing.assert_array_equal(prepare_image(frame), want[f"arr_{i}"])
+        np.testing.assert_array_equal(center_crop(prepare_image(frame)), want[f"arr_{i + len(frames)}"])
 
 
 @pytest.mark.slow
@@ -71,6 +92,8 @@ def test_one_spatial_episode_from_saved_checkpoint(tiny_checkpoint, tmp_path):
         np.testing.assert_allclose(env.get_sim_state(), roll["final_state"], atol=1e-6)
         assert bool(env.check_success()) == record["success"] == bool(done)
         np.testing.assert_allclose(roll["proprio"][-1][:3], obs["robot0_eef_pos"], atol=1e-5)
+        # Real rendered frames of both cameras: the evaluation view equals upstream's, computed by TensorFlow.
+        _assert_views_equal_tensorflow([obs["agentview_image"], obs["robot0_eye_in_hand_image"]], tmp_path)
         env.set_init_state(roll["final_state"])
         assert bool(env.check_success()) == record["success"]
     finally:

@@ -5,20 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tf_reference import tf_center_crop, tf_policy_view
 
-from prismatic.data.image_ops import center_crop, jpeg_roundtrip
 from prismatic.models.image_transform import DINO_MEAN, DINO_STD
 from prismatic.models.processing_vla import PrismaticProcessor
 from prismatic.models.prompting import build_prompt
 
 
 def _by_hand(image: np.ndarray, crop: bool) -> np.ndarray:
-    """JPEG round trip + Lanczos resize to 224 (+ TF-style center crop; both primitives are checked against
-    TensorFlow in tests/data/test_image_ops_tf.py) then DINO/SigLIP normalisation, in numpy."""
-    view = np.asarray(Image.fromarray(jpeg_roundtrip(image)).resize((224, 224), Image.Resampling.LANCZOS))
+    """Upstream's view, computed by TensorFlow (JPEG round trip + lanczos3 to 224, + center crop), then DINO/SigLIP
+    normalisation in numpy."""
+    view = tf_policy_view(image)
     if crop:
-        view = center_crop(view)
+        view = tf_center_crop(view)
     x = view.astype(np.float32).transpose(2, 0, 1) / 255.0
     dino = (x - np.array(DINO_MEAN, np.float32)[:, None, None]) / np.array(DINO_STD, np.float32)[:, None, None]
     return np.concatenate([dino, (x - 0.5) / 0.5])
