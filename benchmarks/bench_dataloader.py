@@ -7,7 +7,7 @@ to what the tiny preset consumes when training (LoRA, same batch), all measured 
 Without --data_root_dir a synthetic LIBERO-like dataset is written to a temporary folder first.
 
 What each side does per frame (2 cameras, 224 px, augmentation on unless --no_aug):
-- loader: `make_train_loader` with --num_workers workers: read JPEG bytes (pread), decode, Lanczos resize, random
+- loader: `make_train_loader` with --num_workers workers: read JPEG bytes (pread), decode, TF-lanczos3 resize, random
   crop + resize, brightness / contrast / saturation / hue, prompt ids, 8-step action chunk, proprio, and the
   collated batch with the images as uint8 (B, 2, 3, 224, 224) (normalised on the device by `to_device`).
 - tf.data: `tfds.builder_from_directory` over the same folder, frames shuffled in a buffer, then in a parallel map
