@@ -121,3 +121,28 @@ def test_resume_with_another_weight_is_refused(make_cfg, tmp_path):
     with pytest.raises(UserError, match="--ki_action_loss_weight 0.5"):
         train(make_cfg(run_root_dir=tmp_path / "a", resume=True, config_file_path=first, resume_step=2,
                        ki_action_loss_weight=0.3, **common))
+
+
+def test_measure_drift_reports_a_ki_run(make_cfg, tmp_path):
+    """measure_drift.py reads a KI checkpoint like any other: w = 0 (full fine-tuning) has drift exactly 0 on every
+    layer, w = 1 a positive one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("measure_drift_ki", REPO / "vla-scripts" / "measure_drift.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(script)
+    common = dict(retention_method="ki", use_lora=False, max_steps=2, save_freq=2)
+    _, theta0, data, _ = _setup(make_cfg(run_id="theta0", **common), "theta0")
+    theta0.norm_stats = dict(data.dataset_statistics)
+    theta0.save_pretrained(tmp_path / "theta0", step=0)
+    reports = {}
+    for weight in (0.0, 1.0):
+        result = train(make_cfg(ki_action_loss_weight=weight, run_id=f"w{weight:g}", **common))
+        cfg = script.DriftConfig(reference_path=tmp_path / "theta0", finetuned_path=result.last_checkpoint,
+                                 data_root_dir=make_cfg().data_root_dir, dataset_name=make_cfg().dataset_name,
+                                 output_dir=tmp_path / f"drift{weight:g}", num_samples=8, batch_size=4, device="cpu")
+        reports[weight] = script.measure_drift(cfg)
+    for group in ("raw", "aq"):
+        assert reports[0.0]["groups"][group]["retention"] == [0.0] * len(reports[0.0]["layers"])
+    assert reports[1.0]["craft_default_anchor"]["L_ret_concat"] > 0
