@@ -146,3 +146,12 @@ def test_measure_drift_reports_a_ki_run(make_cfg, tmp_path):
     for group in ("raw", "aq"):
         assert reports[0.0]["groups"][group]["retention"] == [0.0] * len(reports[0.0]["layers"])
     assert reports[1.0]["craft_default_anchor"]["L_ret_concat"] > 0
+
+
+def test_wandb_groups_tell_the_weights_apart():
+    from prismatic.training.metrics_log import method_name
+
+    assert method_name({"retention_method": "ki", "ki_action_loss_weight": 1.0}) == "ki"
+    assert method_name({"retention_method": "ki", "ki_action_loss_weight": 0.0}) == "ki-w0"
+    assert method_name({"retention_method": "ki", "ki_action_loss_weight": 0.0, "freeze_vision_backbone": True}) \
+        == "ki-w0+freeze"
