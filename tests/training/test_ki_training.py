@@ -55,8 +55,13 @@ def test_logged_token_loss_equals_numpy_and_the_run_id_names_the_weight(make_cfg
     rec = result.history[0]
     assert "+ki-w0.5" in result.run_id
     env, policy, _, stream = _setup(make_cfg(retention_method="ki", run_id="ref"), "ref")
-    batch = next(stream)[0].batch
+    micro = next(stream)[0]
+    batch = micro.batch
     ce, accuracy = _numpy_token_loss(policy, batch)
+    with torch.no_grad():  # the head's loss is the one of the plain (inference) forward: same features
+        plain = policy.train()(batch, noise=micro.noise)
+    l1 = (plain.actions.double() - batch["actions"].double()).abs().mean()
+    assert rec["VLA Train/Loss"] == pytest.approx(float(l1), rel=1e-5)
     assert rec[CE] == pytest.approx(ce, rel=1e-5)
     assert rec[ACC] == pytest.approx(accuracy, abs=1e-9)
     assert rec["KI/Total Loss"] == pytest.approx(rec["VLA Train/Loss"] + 0.5 * ce, rel=1e-5)
