@@ -15,7 +15,7 @@ Per optimizer step s (G = batch_size * world_size * grad_accumulation_steps samp
 
     micro_batches = next(stream)                        # k micro-batches + per-sample head noise
     local = compute_gradients(model, micro_batches)     # plain_gradients; CRaFT swaps in its own (`if cfg.use_craft:`,
-                                                        # prismatic/training/craft_step.py), Align / ConSFT theirs
+                                                        # prismatic/training/craft_step.py), Align / ConSFT / KI theirs
     stats = global_step_stats(local)                    # rank-averaged loss numbers
     applied, grad_norm = apply_update(optimizer, ...)   # skip on non-finite loss/grad; scheduler always steps
     craft.finish_step()                                 # CRaFT only: dual update of lambda after the step
@@ -250,7 +250,7 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
     # Plain VLA-Adapter: one backward per micro-batch. CRaFT replaces it here (two autograd.grad + projection) and
     # keeps its state (lambda, statistics) in `craft`: any object with state_dict() / load_state_dict().
     craft = None
-    related = None  # --retention_method align | consft: another drop-in with its own state
+    related = None  # --retention_method align | consft | ki: another drop-in with its own state
     compute_gradients = plain_gradients
     if cfg.use_craft:
         from prismatic.training.craft_step import CRaFTStep
@@ -263,6 +263,11 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
 
         saved = resume_state.get("related") if resume_state is not None else None
         related = AlignMethod(cfg, policy, env, saved) if cfg.retention_method == "align" else ConSFTMethod(cfg, env)
+        compute_gradients = related.compute_gradients
+    elif cfg.retention_method == "ki":
+        from prismatic.training.related_methods import KIMethod
+
+        related = KIMethod(cfg, policy, env, resume_state.get("related") if resume_state is not None else None)
         compute_gradients = related.compute_gradients
 
     monitor = None

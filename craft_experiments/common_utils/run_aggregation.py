@@ -74,12 +74,16 @@ def _num(value: Any) -> str:
 
 
 def method_label(config: dict) -> str:
-    """baseline | craft | craft-<variant parts> | align | freeze ..., from the resolved training config."""
+    """baseline | craft | craft-<variant parts> | align | consft | ki[-w<weight>] | freeze ..., from the resolved
+    training config."""
     retention = str(config.get("retention_method") or "none").lower()
     use_craft = _as_bool(config.get("use_craft", False)) or retention == "craft"
     freeze = _as_bool(config.get("freeze_vision_backbone", False))
     if not use_craft:
         label = retention if retention not in ("none", "craft") else ("freeze" if freeze else "baseline")
+        ki_weight = config.get("ki_action_loss_weight", 1.0)
+        if retention == "ki" and ki_weight is not None and not math.isclose(float(ki_weight), 1.0):
+            label += f"-w{_num(ki_weight)}"  # w = 0 is the stop-gradient-only ablation: another row
         if freeze and label != "freeze":
             label += "+freeze"
         return label

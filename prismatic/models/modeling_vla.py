@@ -4,7 +4,8 @@ forward(pixel_values, input_ids, attention_mask) returns, for every LLM layer l 
 l = 0 embeddings, l = L after the final RMSNorm), the Raw Latents and the ActionQuery latents exactly as upstream's
 head reads them (`SequenceLayout.raw_latent_mask` / `action_query_latent_mask`: one position left of the patches /
 the queries).
-No logits are computed (the LM head is never run).
+No logits are computed (the LM head is never run), except for the discretised action tokens a knowledge-insulation
+training forward appends (`action_token_ids`; training signal only, see prismatic.models.action_tokens).
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ LM_HEAD_NAME = "language_model.lm_head"
 
 @dataclass
 class VLAOutput:
-    """hidden_states: L+1 tensors (B, T, D); raw_latents (B, L+1, P, D); action_query_latents (B, L+1, Q, D)."""
+    """hidden_states: L+1 tensors (B, T, D); raw_latents (B, L+1, P, D); action_query_latents (B, L+1, Q, D);
+    action_token_logits (B, N, vocab rows): the LM head at `layout.action_prediction_mask` (None without action
+    tokens), position i predicting action token i."""
 
     hidden_states: tuple[torch.Tensor, ...]
     layout: SequenceLayout
     raw_latents: torch.Tensor
     action_query_latents: torch.Tensor
+    action_token_logits: torch.Tensor | None = None
 
 
 class OpenVLAForActionPrediction(PreTrainedModel):
@@ -80,11 +84,13 @@ class OpenVLAForActionPrediction(PreTrainedModel):
         return self.projector(self.vision_backbone(pixel_values))
 
     def build_layout(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor, vision_features: torch.Tensor | None = None) -> SequenceLayout:
+                     attention_mask: torch.Tensor, vision_features: torch.Tensor | None = None,
+                     action_token_ids: torch.Tensor | None = None) -> SequenceLayout:
         """The assembled LLM input sequence (see prismatic.models.sequence_layout).
 
         `vision_features`: the vision backbone's output for these pixels, computed elsewhere (CRaFT's θ0 forward reuses
-        the live forward's when the backbone is frozen and identical); the projector still runs here."""
+        the live forward's when the backbone is frozen and identical); the projector still runs here.
+        `action_token_ids` (B, N): discretised actions appended after the stop token (knowledge insulation)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, Tp), got shape {tuple(input_ids.shape)}")
         if pixel_values.shape[0] != input_ids.shape[0]:
@@ -101,11 +107,12 @@ class OpenVLAForActionPrediction(PreTrainedModel):
             patch_embeds=patches.to(embed.weight.dtype),
             query_embeds=self.action_queries.weight.to(embed.weight.dtype),
             stop_embed=embed(stop_id),
+            action_token_embeds=None if action_token_ids is None else embed(action_token_ids.to(input_ids.device)),
         )
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                **_: object) -> VLAOutput:
-        layout = self.build_layout(pixel_values, input_ids, attention_mask)
+                action_token_ids: torch.Tensor | None = None, **_: object) -> VLAOutput:
+        layout = self.build_layout(pixel_values, input_ids, attention_mask, action_token_ids=action_token_ids)
         # The decoder stack only (language_model.model): hidden states, no LM-head logits.
         out = self.language_model.model(
             inputs_embeds=layout.inputs_embeds,
@@ -117,7 +124,11 @@ class OpenVLAForActionPrediction(PreTrainedModel):
         hidden_states = tuple(out.hidden_states)
         raw = torch.stack([layout.gather(h, layout.raw_latent_mask) for h in hidden_states], dim=1)
         queries = torch.stack([layout.gather(h, layout.action_query_latent_mask) for h in hidden_states], dim=1)
-        return VLAOutput(hidden_states=hidden_states, layout=layout, raw_latents=raw, action_query_latents=queries)
+        logits = None
+        if layout.action_prediction_mask is not None:  # the last hidden state is after the final norm: LM-head input
+            logits = self.language_model.lm_head(layout.gather(hidden_states[-1], layout.action_prediction_mask))
+        return VLAOutput(hidden_states=hidden_states, layout=layout, raw_latents=raw, action_query_latents=queries,
+                         action_token_logits=logits)
 
 
 def load_vla_pretrained(directory: str, dtype: torch.dtype | None = torch.float32,

@@ -158,25 +158,36 @@ class VLAPolicy(nn.Module):
     def device(self) -> torch.device:
         return next(self.action_head.parameters()).device
 
-    def forward(self, batch: dict, noise: torch.Tensor | None = None, run_head: bool = True) -> PolicyOutput:
+    def forward(self, batch: dict, noise: torch.Tensor | None = None, run_head: bool = True,
+                action_token_ids: torch.Tensor | None = None, insulate: bool = False,
+                vla_grad: bool = True) -> PolicyOutput:
         """Batch dict of PROJECT_STRUCTURE.md (pixel_values or uint8 images, input_ids, attention_mask, proprio...) ->
         actions.
-        `run_head=False`: the VLA's latents only (CRaFT's θ0 forward under FSDP, which must go through the root)."""
+        `run_head=False`: the VLA's latents only (CRaFT's θ0 forward under FSDP, which must go through the root).
+        Knowledge insulation (training only; inference passes none of these): `action_token_ids` (B, N) are appended
+        after the stop token and scored (`vla_output.action_token_logits`); `insulate` detaches the latents the head
+        reads, so the head's loss never reaches the VLA; `vla_grad=False` runs the VLA without autograd at all."""
         for key in ("input_ids", "attention_mask"):
             if key not in batch:
                 raise KeyError(f"batch has no '{key}' entry (keys present: {sorted(batch)})")
         device = self.device
-        vla_out = self.vla(pixel_values=batch_pixel_values(batch, device), input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device))
+        extra = {} if action_token_ids is None else {"action_token_ids": action_token_ids.to(device)}
+        with torch.set_grad_enabled(vla_grad and torch.is_grad_enabled()):
+            vla_out = self.vla(pixel_values=batch_pixel_values(batch, device),
+                               input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device), **extra)
         if not run_head:
             return PolicyOutput(actions=None, vla_output=vla_out)
+        raw, queries = vla_out.raw_latents, vla_out.action_query_latents
+        if insulate:
+            raw, queries = raw.detach(), queries.detach()
         proprio_features = None
         if self.proprio_projector is not None:
             if batch.get("proprio") is None:
                 raise KeyError("this policy uses proprio but the batch has no 'proprio' entry")
-            proprio = batch["proprio"].to(device=device, dtype=vla_out.raw_latents.dtype)
+            proprio = batch["proprio"].to(device=device, dtype=raw.dtype)
             proprio_features = self.proprio_projector(proprio).unsqueeze(1)
-        actions = self.action_head(vla_out.raw_latents, vla_out.action_query_latents, proprio_features, noise)
+        actions = self.action_head(raw, queries, proprio_features, noise)
         return PolicyOutput(actions=actions, vla_output=vla_out)
 
     def _stats(self, unnorm_key: str | None) -> dict:

@@ -9,16 +9,27 @@ are, as upstream VLA-Adapter assembles them (first prompt token, then the patche
     P+1 .. P+n_b-1  prompt tokens 1 ..                    (prompt_mask)
     P+n_b .. +Q-1   ActionQuery embeddings                (query_mask)
     P+n_b+Q         stop token                            (stop_mask)
+    P+n_b+Q+1 .. +N action tokens (training only, KI)     (action_token_mask)
     rest            right padding (zero embeddings)       (padding_mask)
 
-The five group masks partition every row. Every sample has exactly P vision and Q query tokens; real tokens are
-contiguous from position 0 (right padding), so default position ids 0..T-1 are correct for every sample.
+The group masks partition every row (without action tokens `action_token_mask` is None: the inference sequence).
+Every sample has exactly P vision, Q query (and N action) tokens; real tokens are contiguous from position 0 (right
+padding), so default position ids 0..T-1 are correct for every sample.
 
 What the head reads (upstream's slices in both its training script and its HF model, verified by running them):
 - Raw Latent = positions 0 .. P-1: the token before the patches plus patches 0 .. P-2 (`raw_latent_mask`);
 - ActionQuery latent = positions q0-1 .. q0+Q-2 (q0 = first query): the last prompt token plus queries 0 .. Q-2
   (`action_query_latent_mask`).
 Both are one position left of the patches / the queries. CRaFT pools exactly these groups.
+
+Action tokens (knowledge insulation, `--retention_method ki`, docs/BASELINES.md): the N = chunk x action_dim
+discretised ground-truth action ids go AFTER the stop token, and the LM-head logits at `action_prediction_mask`
+(the stop token and action tokens 0..N-2) predict them with teacher forcing. Why there: (1) with causal attention
+no earlier position attends to them, so the Raw Latents and ActionQuery latents the head reads can not see the
+ground-truth actions (otherwise the head could copy them: tested); (2) positions 0 .. stop are exactly the inference
+sequence, so their hidden states are the ones the policy sees at inference (the training suffix changes nothing
+before it); (3) the actions are predicted after the whole prompt, image and ActionQuery context, as OpenVLA predicts
+them after its prompt.
 
 Attention: the LLM keeps Qwen2's causal attention (upstream's bidirectional patch is not verified for Qwen2). The
 choice lives only in `llm_attention_kwargs`.
@@ -48,6 +59,12 @@ class SequenceLayout:
     action_query_latent_mask: torch.Tensor
     num_vision_tokens: int
     num_query_tokens: int
+    action_token_mask: torch.Tensor | None = None  # (B, T) bool; None: the sequence holds no action tokens
+    action_prediction_mask: torch.Tensor | None = None  # positions whose next-token logits predict them
+
+    @property
+    def num_action_tokens(self) -> int:
+        return 0 if self.action_token_mask is None else int(self.action_token_mask[0].sum())
 
     @property
     def first_token_mask(self) -> torch.Tensor:
@@ -87,11 +104,13 @@ def build_sequence_layout(
     patch_embeds: torch.Tensor,
     query_embeds: torch.Tensor,
     stop_embed: torch.Tensor,
+    action_token_embeds: torch.Tensor | None = None,
 ) -> SequenceLayout:
-    """Assemble `[prompt token 0][patches][prompt tokens 1..][queries][stop]` + right padding.
+    """Assemble `[prompt token 0][patches][prompt tokens 1..][queries][stop][action tokens]` + right padding.
 
     prompt_embeds (B, Tp, D): embeddings of right-padded prompt ids; prompt_attention_mask (B, Tp);
-    patch_embeds (B, P, D); query_embeds (Q, D) shared by all samples; stop_embed (D,).
+    patch_embeds (B, P, D); query_embeds (Q, D) shared by all samples; stop_embed (D,); action_token_embeds
+    (B, N, D) or None (inference: no action tokens).
     """
     batch, prompt_len, dim = prompt_embeds.shape
     if patch_embeds.ndim != 3 or patch_embeds.shape[0] != batch or patch_embeds.shape[2] != dim:
@@ -103,9 +122,15 @@ def build_sequence_layout(
     if tuple(prompt_attention_mask.shape) != (batch, prompt_len):
         raise ValueError(f"attention_mask shape {tuple(prompt_attention_mask.shape)} does not match input_ids "
                          f"{(batch, prompt_len)}")
+    if action_token_embeds is not None and (action_token_embeds.ndim != 3 or action_token_embeds.shape[0] != batch
+                                            or action_token_embeds.shape[2] != dim
+                                            or action_token_embeds.shape[1] == 0):
+        raise ValueError(f"action_token_embeds must be (B={batch}, N>0, D={dim}), got "
+                         f"{tuple(action_token_embeds.shape)}")
     lengths = _check_prompt_mask(prompt_attention_mask)
     num_patches, num_queries = patch_embeds.shape[1], query_embeds.shape[0]
-    total = 1 + num_patches + (int(lengths.max()) - 1) + num_queries + 1
+    num_actions = 0 if action_token_embeds is None else action_token_embeds.shape[1]
+    total = 1 + num_patches + (int(lengths.max()) - 1) + num_queries + 1 + num_actions
     device = prompt_embeds.device
 
     t = torch.arange(total, device=device)[None, :].expand(batch, total)
@@ -114,8 +139,10 @@ def build_sequence_layout(
     vision_mask = (t >= 1) & (t <= num_patches)
     prompt_mask = (t == 0) | ((t > num_patches) & (t < query_start))
     query_mask = (t >= query_start) & (t < query_start + num_queries)
-    stop_mask = t == query_start + num_queries
-    padding_mask = t > query_start + num_queries
+    stop = query_start + num_queries
+    stop_mask = t == stop
+    action_token_mask = (t > stop) & (t <= stop + num_actions)
+    padding_mask = t > stop + num_actions
     raw_latent_mask = t < num_patches
     action_query_latent_mask = (t >= query_start - 1) & (t < query_start + num_queries - 1)
 
@@ -127,6 +154,10 @@ def build_sequence_layout(
     from_queries = query_embeds[(t - query_start).clamp(0, num_queries - 1)]
     zeros = torch.zeros((), dtype=prompt_embeds.dtype, device=device)
     embeds = torch.where(padding_mask[..., None], zeros, stop_embed.to(prompt_embeds.dtype))
+    if action_token_embeds is not None:
+        from_actions = torch.gather(action_token_embeds, 1, (t - stop - 1).clamp(0, num_actions - 1)[..., None]
+                                    .expand(batch, total, dim))
+        embeds = torch.where(action_token_mask[..., None], from_actions.to(prompt_embeds.dtype), embeds)
     embeds = torch.where(query_mask[..., None], from_queries.to(prompt_embeds.dtype), embeds)
     embeds = torch.where(vision_mask[..., None], from_patches.to(prompt_embeds.dtype), embeds)
     embeds = torch.where(prompt_mask[..., None], from_prompt, embeds)
@@ -142,6 +173,8 @@ def build_sequence_layout(
         action_query_latent_mask=action_query_latent_mask,
         num_vision_tokens=num_patches,
         num_query_tokens=num_queries,
+        action_token_mask=action_token_mask if num_actions else None,
+        action_prediction_mask=((t >= stop) & (t < stop + num_actions)) if num_actions else None,
     )
 
 

@@ -20,7 +20,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 CRAFT_ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
 CRAFT_ANCHOR_SOURCES = ("online", "offline")
 CRAFT_DUAL_MODES = ("gradient", "pid")
-RETENTION_METHODS = ("none", "craft", "align", "consft")
+RETENTION_METHODS = ("none", "craft", "align", "consft", "ki")
 CHECKPOINT_DIR_PATTERN = re.compile(r"^(?P<run_id>.+)--(?P<step>\d+)_chkpt$")
 COMPLETE_MARKER = "COMPLETE"
 TRAINING_STATE_FILE = "training_state.pt"
@@ -109,12 +109,14 @@ class FinetuneConfig:
     log_update_norms: bool = False          # per-group ||update|| and AdamW sqrt(v) (update_norms.py)
 
     # ---- related-work baselines (docs/BASELINES.md) -----------------------------------------------------------
-    retention_method: str = "none"          # none | craft | align | consft (--use_craft True is craft)
+    retention_method: str = "none"          # none | craft | align | consft | ki (--use_craft True is craft)
     align_weight: float = 0.2               # w in L_act + w * L_align
     align_layer: int | None = None          # LLM layer of the aligned vision-token states (None: L // 2)
     align_teacher: str = "self"             # "self" (theta_0 vision backbone) or a timm model id
     consft_tau: float = 0.1                 # confidence temperature, in per-sample L1 units (> 0)
     consft_clip: float = 0.2                # trust region rho of the per-sample weights, in [0, 1)
+    ki_action_loss_weight: float = 1.0      # ki: w in L_act(sg(features)) + w * CE(action tokens); 0 = VLA stays
+                                            # at theta_0 (pure stop-gradient ablation)
 
     # ---- drift monitor (prismatic/training/retention_monitor.py) ----------------------------------------------
     retention_monitor: bool = False         # log CRaFT's L_ret against theta_0 (no gradient) for any method
@@ -151,6 +153,8 @@ def make_run_id(cfg: FinetuneConfig, world_size: int) -> str:
         run_id += f"+craft-eps{cfg.craft_retention_budget}"
     elif cfg.retention_method in ("align", "consft"):
         run_id += f"+{cfg.retention_method}"
+    elif cfg.retention_method == "ki":  # the weight is in the id: the w = 0 ablation is another run
+        run_id += f"+ki-w{cfg.ki_action_loss_weight:g}"
     if cfg.image_aug:
         run_id += "--image_aug"
     if cfg.run_id_note:
@@ -265,6 +269,14 @@ def _retention_method_errors(cfg: FinetuneConfig) -> list[str]:
             errors.append(f"--align_weight must be a finite number >= 0, got {cfg.align_weight!r}")
         if cfg.align_layer is not None and cfg.align_layer < 0:
             errors.append(f"--align_layer must be >= 0 (a hidden-state index), got {cfg.align_layer}")
+    if method == "ki":
+        weight = cfg.ki_action_loss_weight
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            errors.append(f"--ki_action_loss_weight must be a finite number >= 0 (0: the VLA stays at theta_0), "
+                          f"got {weight!r}")
+    elif cfg.ki_action_loss_weight != 1.0:
+        errors.append(f"--ki_action_loss_weight {cfg.ki_action_loss_weight} has no effect without "
+                      "--retention_method ki; drop it or add --retention_method ki")
     if method == "consft":
         if not (math.isfinite(cfg.consft_tau) and cfg.consft_tau > 0):
             errors.append(f"--consft_tau must be > 0, got {cfg.consft_tau}")

@@ -64,10 +64,12 @@ class MetricsLogger:
 
 
 def method_name(config: dict) -> str:
-    """sft | freeze | align | consft | craft (+ "+freeze"): the method a training config runs."""
+    """sft | freeze | align | consft | ki[-w<weight>] | craft (+ "+freeze"): the method a training config runs."""
     method = str(config.get("retention_method") or "none")
     if config.get("use_craft") or method == "craft":
         method = "craft"
+    elif method == "ki" and float(config.get("ki_action_loss_weight", 1.0)) != 1.0:
+        method = f"ki-w{float(config['ki_action_loss_weight']):g}"  # w = 0, the stop-gradient ablation: its own group
     elif method == "none":
         method = "freeze" if config.get("freeze_vision_backbone") else "sft"
     if config.get("freeze_vision_backbone") and method != "freeze":

@@ -1,8 +1,9 @@
-"""`--retention_method align | consft` in the fine-tuning loop: drop-ins of `plain_gradients` with global metrics.
+"""`--retention_method align | consft | ki` in the fine-tuning loop: drop-ins of `plain_gradients` with global metrics.
 
-The gradient functions live with their losses (`align_loss.align_gradients`, `consft.consft_gradients`); this module
-binds them to the flags, turns their per-rank numbers into logged (rank-averaged) metrics and holds the state a
-resume needs (Align's frozen projector P and teacher fingerprint; ConSFT is stateless). See docs/BASELINES.md.
+The gradient functions live with their losses (`align_loss.align_gradients`, `consft.consft_gradients`,
+`knowledge_insulation.ki_gradients`); this module binds them to the flags, turns their per-rank numbers into logged
+(rank-averaged) metrics and holds the state a resume needs (Align's frozen projector P and teacher fingerprint;
+ConSFT is stateless; KI its weight and vocabulary size, checked on resume). See docs/BASELINES.md.
 """
 
 from __future__ import annotations
@@ -91,3 +92,47 @@ class ConSFTMethod:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("method") != self.name:
             raise ValueError(f"the checkpoint was trained with --retention_method {state.get('method')}, not consft")
+
+
+class KIMethod:
+    """Knowledge insulation (prismatic/training/knowledge_insulation.py). Logs `KI/Token CE`, `KI/Token Accuracy`,
+    `KI/Total Loss`; the head's L1 stays under the usual `VLA Train/*` keys."""
+
+    name = "ki"
+
+    def __init__(self, cfg: Any, policy: nn.Module, env: DistEnv, saved_state: Mapping[str, Any] | None) -> None:
+        from prismatic.cli_errors import UserError
+        from prismatic.models.modeling_vla import unwrap_vla
+        from prismatic.training.knowledge_insulation import check_action_vocabulary
+
+        self.env, self.weight = env, float(cfg.ki_action_loss_weight)
+        self.vocab_size = int(policy.processor.tokenizer.vocab_size)
+        config = unwrap_vla(policy.vla).config
+        try:
+            check_action_vocabulary(self.vocab_size, int(config.text_config.vocab_size), config.stop_token_id)
+        except ValueError as err:
+            raise UserError(str(err), "use a model whose tokenizer has >= 256 regular ids inside its LM head, or "
+                            "another --retention_method") from None
+        if saved_state is not None:
+            self.load_state_dict(saved_state)
+
+    def compute_gradients(self, model: nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device) -> dict:
+        from prismatic.training.knowledge_insulation import ki_gradients
+
+        local = ki_gradients(model, micro_batches, device, self.weight, self.vocab_size)
+        ce, accuracy, total = _global([local["token_ce"], local["token_accuracy"], local["total_loss"]], self.env)
+        local["metrics"] = {"KI/Token CE": ce, "KI/Token Accuracy": accuracy, "KI/Total Loss": total}
+        return local
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.name, "weight": self.weight, "vocab_size": self.vocab_size}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        from prismatic.cli_errors import UserError
+
+        if state.get("method") != self.name:
+            raise ValueError(f"the checkpoint was trained with --retention_method {state.get('method')}, not ki")
+        if float(state["weight"]) != self.weight or int(state["vocab_size"]) != self.vocab_size:
+            raise UserError(f"the checkpoint was trained with --ki_action_loss_weight {state['weight']} and "
+                            f"{state['vocab_size']} tokenizer ids, not {self.weight} and {self.vocab_size}",
+                            f"resume with --ki_action_loss_weight {state['weight']} (or start a new run)")

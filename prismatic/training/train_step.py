@@ -105,10 +105,11 @@ class MicroBatch:
     noise: torch.Tensor | None
 
 
-def forward_losses(model: torch.nn.Module, micro: MicroBatch, device: torch.device):
-    """Forward (under autocast) and the three L1 numbers; returns (loss, curr_l1, next_l1, policy_output)."""
+def forward_losses(model: torch.nn.Module, micro: MicroBatch, device: torch.device, **forward_kwargs):
+    """Forward (under autocast) and the three L1 numbers; returns (loss, curr_l1, next_l1, policy_output).
+    `forward_kwargs` go to the policy's forward (knowledge insulation's action tokens)."""
     with autocast_context(device):
-        out = model(micro.batch, noise=micro.noise)
+        out = model(micro.batch, noise=micro.noise, **forward_kwargs)
     loss, curr, nxt = action_l1_losses(out.actions, micro.batch["actions"])
     return loss, curr, nxt, out
 
@@ -117,19 +118,22 @@ Objective = Callable[[torch.Tensor, Any, "MicroBatch"], tuple[torch.Tensor, dict
 
 
 def plain_gradients(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device,
-                    objective: Objective | None = None) -> dict:
+                    objective: Objective | None = None,
+                    forward_kwargs: Callable[[MicroBatch], dict] | None = None) -> dict:
     """VLA-Adapter's gradient: backward of mean L1 / k per micro-batch, DDP sync on the last one only.
 
     Returns the local (this rank's) mean over micro-batches of loss / curr_l1 / next_l1 as float tensors.
     `objective(l1_loss, policy_output, micro) -> (loss to back-propagate, extras)` replaces what is back-propagated
-    (the related-work baselines Align and ConSFT); its scalar extras are averaged over micro-batches and returned too.
+    (the related-work baselines Align, ConSFT, KI); its scalar extras are averaged over micro-batches and returned too.
+    `forward_kwargs(micro)`: extra keyword arguments of the policy forward for that micro-batch (KI).
     """
     k = len(micro_batches)
     sums = torch.zeros(3, dtype=torch.float64)
     extra_sums: dict[str, torch.Tensor] = {}
     for j, micro in enumerate(micro_batches):
         with gradient_sync(model, j == k - 1):
-            loss, curr, nxt, out = forward_losses(model, micro, device)
+            kwargs = {} if forward_kwargs is None else forward_kwargs(micro)
+            loss, curr, nxt, out = forward_losses(model, micro, device, **kwargs)
             target, extras = (loss, {}) if objective is None else objective(loss, out, micro)
             (target / k).backward()
         sums += torch.stack([loss.detach(), curr.detach(), nxt.detach()]).double().cpu()

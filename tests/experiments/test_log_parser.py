@@ -214,6 +214,9 @@ def test_method_labels_from_config(tmp_path):
         ({"model_preset": "tiny", "craft_raw_layer": 1}, "craft-m1"),
         ({"craft_anchor_source": "offline"}, "craft-offline"),
         ({"use_craft": False, "retention_method": "align"}, "align"),
+        ({"use_craft": False, "retention_method": "ki"}, "ki"),
+        ({"use_craft": False, "retention_method": "ki", "ki_action_loss_weight": 0.0}, "ki-w0"),
+        ({"use_craft": False, "retention_method": "ki", "ki_action_loss_weight": "0.5"}, "ki-w0.5"),
         ({"use_craft": False, "freeze_vision_backbone": True}, "freeze"),
         ({"use_craft": "True", "craft_enable_projection": "False"}, "craft-noproj"),
     ]

@@ -75,3 +75,30 @@ def test_left_padding_rejected():
                               queries, stop)
     with pytest.raises(ValueError, match="patch_embeds"):
         build_sequence_layout(prompt, torch.ones(2, 4, dtype=torch.bool), patches[:1], queries, stop)
+
+
+def test_action_tokens_follow_the_stop_token_with_their_prediction_positions():
+    """Knowledge insulation's layout, written out by hand: N action tokens after the stop token, then padding; the
+    logits of the stop token and action tokens 0..N-2 predict them; everything up to the stop token is the inference
+    sequence."""
+    prompt, mask, patches, queries, stop, _ = _inputs()
+    actions = torch.randn(2, 3, D)
+    layout = build_sequence_layout(prompt, mask, patches, queries, stop, action_token_embeds=actions)
+    rows = ["BVVVpppQQSaaa", "BVVVpQQSaaa__"]
+    expected = {name: torch.tensor([[c in chars for c in row] for row in rows])
+                for name, chars in (("vision_mask", "V"), ("prompt_mask", "Bp"), ("query_mask", "Q"),
+                                    ("stop_mask", "S"), ("action_token_mask", "a"), ("padding_mask", "_"))}
+    for name, value in expected.items():
+        assert torch.equal(getattr(layout, name), value), name
+    predicting = torch.tensor([[c in "Sa" and row[t + 1:t + 2] == "a" for t, c in enumerate(row)] for row in rows])
+    assert torch.equal(layout.action_prediction_mask, predicting)
+    assert layout.num_action_tokens == 3
+    assert torch.equal(layout.gather(layout.inputs_embeds, layout.action_token_mask), actions)
+    inference = build_sequence_layout(prompt, mask, patches, queries, stop)
+    assert inference.action_token_mask is None and inference.num_action_tokens == 0
+    for b, n in enumerate((10, 8)):  # real tokens of the inference sequence: the same prefix
+        assert torch.equal(layout.inputs_embeds[b, :n], inference.inputs_embeds[b, :n])
+        assert torch.equal(layout.raw_latent_mask[b, :n], inference.raw_latent_mask[b, :n])
+        assert torch.equal(layout.action_query_latent_mask[b, :n], inference.action_query_latent_mask[b, :n])
+    with pytest.raises(ValueError, match="action_token_embeds"):
+        build_sequence_layout(prompt, mask, patches, queries, stop, action_token_embeds=torch.randn(1, 3, D))

@@ -32,7 +32,15 @@ VARIANTS = {
     "offline-lora": dict(use_lora=True, craft_anchor_source="offline", **CRAFT),
     "offline-full": dict(use_lora=False, craft_anchor_source="offline", **CRAFT),
 }
-LOGGED = ("VLA Train/Loss", "VLA Val/Loss", "CRaFT/Lambda", "CRaFT/Retention Loss")
+# knowledge insulation (test_ki_distributed.py): LoRA and full, and the w = 0 ablation
+KI_VARIANTS = {
+    "ki-lora": dict(use_lora=True, retention_method="ki"),
+    "ki-full": dict(use_lora=False, retention_method="ki", ki_action_loss_weight=0.5),
+    "ki0-full": dict(use_lora=False, retention_method="ki", ki_action_loss_weight=0.0),
+}
+ALL_VARIANTS = {**VARIANTS, **KI_VARIANTS}
+LOGGED = ("VLA Train/Loss", "VLA Val/Loss", "CRaFT/Lambda", "CRaFT/Retention Loss", "KI/Token CE",
+          "KI/Token Accuracy")
 
 
 def logged(history: list[dict]) -> dict[str, torch.Tensor]:
@@ -54,7 +62,7 @@ def main() -> None:
     rank = torch.distributed.get_rank()
     for variant, k in runs:
         if variant.startswith("resume-"):
-            flags = dict(VARIANTS[variant.removeprefix("resume-")], distributed_strategy="fsdp",
+            flags = dict(ALL_VARIANTS[variant.removeprefix("resume-")], distributed_strategy="fsdp",
                          grad_accumulation_steps=k, craft_cache_dir=cache_dir if "offline" in variant else None)
             root = run_root / f"{variant}_k{k}"
             whole = run(worker_config(data_root, root / "whole", batch_size, max_steps, **flags))
@@ -69,7 +77,7 @@ def main() -> None:
             cfg = worker_config(data_root, run_root / f"{strategy}_{variant}_k{k}", batch_size, max_steps,
                                 grad_accumulation_steps=k, distributed_strategy=strategy,
                                 craft_cache_dir=cache_dir if "offline" in variant else None,
-                                **VARIANTS[variant])
+                                **ALL_VARIANTS[variant])
             torch.save(run(cfg), out_dir / f"{strategy}_{variant}_k{k}_rank{rank}.pt")
     torch.distributed.destroy_process_group()
 

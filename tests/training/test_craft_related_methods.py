@@ -1,4 +1,5 @@
-"""--retention_method align | consft through train(): the logged extra loss equals an independent computation."""
+"""--retention_method align | consft through train(): the logged extra loss equals an independent computation
+(KI: tests/training/test_ki_training.py); every related method resumes bit for bit."""
 
 from __future__ import annotations
 
@@ -58,9 +59,9 @@ def test_consft_switch_logs_the_weighted_loss(make_cfg):
     assert rec["VLA Train/Loss"] == pytest.approx(per_sample.mean(), rel=1e-5)
 
 
-@pytest.mark.parametrize("method", ["align", "consft"])
+@pytest.mark.parametrize("method", ["align", "consft", "ki"])
 def test_related_method_resume_is_bit_exact(make_cfg, tmp_path, method):
-    common = dict(retention_method=method, max_steps=4, save_freq=2, use_lora=method == "align")
+    common = dict(retention_method=method, max_steps=4, save_freq=2, use_lora=method in ("align", "ki"))
     full = train(make_cfg(run_root_dir=tmp_path / "a", **common))
     first = ckpt.checkpoint_dir(tmp_path / "a", "test", 2)
     resumed = train(make_cfg(run_root_dir=tmp_path / "b", resume=True, config_file_path=first, resume_step=2,
@@ -70,5 +71,5 @@ def test_related_method_resume_is_bit_exact(make_cfg, tmp_path, method):
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    key = "Align/Loss" if method == "align" else "ConSFT/Loss"
+    key = {"align": "Align/Loss", "consft": "ConSFT/Loss", "ki": "KI/Token CE"}[method]
     assert [h[key] for h in resumed.history] == [h[key] for h in full.history[2:]]
