@@ -35,7 +35,12 @@ def _function_source(path: Path, name: str) -> str:
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef) and node.name == name:
             return ast.get_source_segment(path.read_text(), node)
-    raise SystemExit(f"error: {path} defines no function {name!r}: is --upstream_dir a VLA-Adapter checkout?")
+    _fail(f"{path} defines no function {name!r}: is --upstream_dir a VLA-Adapter checkout at {PINNED_COMMIT[:7]}?")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _load_upstream(upstream: Path) -> dict[str, Any]:
@@ -94,7 +99,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     if not (args.upstream_dir / "experiments/robot/openvla_utils.py").is_file():
-        raise SystemExit(f"error: {args.upstream_dir} is not a VLA-Adapter checkout (no experiments/robot/openvla_utils.py)")
+        _fail(f"{args.upstream_dir} is not a VLA-Adapter checkout (no experiments/robot/openvla_utils.py): pass the "
+              "folder of a checkout of upstream at the pinned commit")
     up = _load_upstream(args.upstream_dir)
     cases = _cases()
     proprio = [up["normalize_proprio"](np.array(s), {k: np.array(v) for k, v in cases["proprio_stats"].items()})
