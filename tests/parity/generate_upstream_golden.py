@@ -20,8 +20,9 @@ How to run (Python 3.10 or 3.11; CPU is enough; about two minutes):
 Two things of the pinned stack cannot come from PyPI and are handled here, both recorded in the json:
 - `dlimp` (a git-only dependency, imported by upstream's RLDS data loader only for type annotations on the paths
   run here) is a placeholder module whose attributes are inert classes: instantiating one raises.
-- upstream's transformers is a fork of 4.40.1 (moojink/transformers-openvla-oft, bidirectional attention for Llama);
-  PyPI's 4.40.1 is used. Upstream's Qwen2 path builds its own attention mask, so the fork is not exercised here.
+- upstream's transformers is a fork of 4.40.1 (moojink/transformers-openvla-oft); PyPI's 4.40.1 is used. The fork
+  patches only Llama's attention (bidirectional action tokens for OpenVLA-OFT) and upstream's LLM is Qwen2, so the
+  Qwen2 code that runs here is the same either way.
 The tiny ViT sizes of this project's `tiny` preset reach upstream's `PrismaticVisionBackbone` through two timm
 registrations that call timm's own DINOv2 / SigLIP entrypoints with the folder's `timm_model_kwargs`.
 """

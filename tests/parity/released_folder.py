@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from prismatic.cli_errors import UserError, cli_entry
 from prismatic.models.configuration_vla import make_vla_config
 from prismatic.models.modeling_vla import OpenVLAForActionPrediction
 from prismatic.models.policy import PolicyConfig, VLAPolicy
@@ -84,13 +84,15 @@ def write_released_folder(policy: VLAPolicy, path: Path) -> Path:
     return path
 
 
+@cli_entry("released_folder")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the end-to-end parity folder (generate_upstream_golden.py).")
     parser.add_argument("--output", type=Path, required=True, help="folder to create (must not exist)")
     args = parser.parse_args(argv)
     if args.output.exists():
-        print(f"error: '{args.output}' already exists — give a new folder (nothing is overwritten)", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"'{args.output}' already exists", "give a new folder (nothing is overwritten)")
+    if not args.output.parent.is_dir():
+        raise UserError(f"'{args.output.parent}' is not a directory", "create it or give --output inside one")
     print(f"wrote {write_released_folder(build_policy(), args.output)}")
 
 
