@@ -509,8 +509,10 @@ def main(argv: list[str] | None = None) -> None:
                           "get_processor, get_action_head, get_proprio_projector, get_vla_action with use_minivlm: "
                           "resize_image_for_policy, center_crop_image, PrismaticProcessor, normalize_proprio, "
                           "predict_action) on the folder of tests/parity/released_folder.py",
-            "positions": "the LLM positions upstream's predict_action handed to the head (forward hooks), and what "
-                         f"each input slot held: prompt token t = {PROMPT_CODE}+t, patch k = {PATCH_CODE}+k, "
+            "positions": "the LLM positions handed to the head (forward hooks): *_infer by upstream's predict_action "
+                         "(the end-to-end run), *_train by its training step (RLDSBatchTransform, "
+                         "PaddedCollatorForActionPrediction, finetune.py's run_forward_pass); *_sources: what each "
+                         f"inference input slot held: prompt token t = {PROMPT_CODE}+t, patch k = {PATCH_CODE}+k, "
                          f"action query q = {QUERY_CODE}+q, stop token = {STOP_CODE}",
         },
         "generated_with": {**versions, "upstream_commit": UPSTREAM_COMMIT, "torch_threads": 1, "device": "cpu",
