@@ -1,18 +1,21 @@
 """A tiny policy folder in upstream's released file layout, fully determined by (name, shape) fills.
 
-Used by the end-to-end parity test and, in a scratch folder outside the repo, by upstream's own code to produce the
-golden action chunk of `upstream_golden.json["end_to_end"]`.
+Used by the end-to-end parity test and, written to a scratch folder outside the repo, by upstream's own code
+(`generate_upstream_golden.py`) to produce the golden action chunk of `upstream_golden.json["end_to_end"]`:
+
+    (cd tests && PYTHONPATH=.. ../.venv/bin/python -m parity.released_folder --output /scratch/released)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from prismatic.cli_errors import UserError, cli_entry
 from prismatic.models.configuration_vla import make_vla_config
 from prismatic.models.modeling_vla import OpenVLAForActionPrediction
 from prismatic.models.policy import PolicyConfig, VLAPolicy
@@ -21,23 +24,10 @@ from prismatic.models.tokenizer_tiny import train_tiny_tokenizer
 
 from . import golden_inputs as gi
 
-UNNORM_KEY = "libero_spatial_no_noops"
 STEP = 5000
-INSTRUCTION = "Pick up the black bowl between the plate and the ramekin and place it on the plate"
-# Released folders store the DINO / SigLIP statistics rounded to bf16 (upstream's preprocessor_config.json).
-BF16_DINO_MEAN, BF16_DINO_STD = [0.484375, 0.455078125, 0.40625], [0.228515625, 0.2236328125, 0.224609375]
-
-
-def norm_stats() -> dict:
-    rng = np.random.default_rng(11)
-    a01, a99 = -rng.uniform(0.5, 1.0, 7), rng.uniform(0.5, 1.0, 7)
-    p01, p99 = -rng.uniform(0.1, 0.4, 8), rng.uniform(0.1, 0.4, 8)
-    return {UNNORM_KEY: {
-        "action": {"mean": [0.0] * 7, "std": [1.0] * 7, "q01": a01.tolist(), "q99": a99.tolist(),
-                   "min": (a01 - 0.1).tolist(), "max": (a99 + 0.1).tolist(), "mask": [True] * 6 + [False]},
-        "proprio": {"mean": [0.0] * 8, "std": [1.0] * 8, "q01": p01.tolist(), "q99": p99.tolist(),
-                    "min": (p01 - 0.1).tolist(), "max": (p99 + 0.1).tolist()},
-        "num_transitions": 100, "num_trajectories": 2}}
+# The shared, dependency-light inputs (the upstream generator reads the same definitions).
+UNNORM_KEY, INSTRUCTION, norm_stats, observation = gi.UNNORM_KEY, gi.INSTRUCTION, gi.norm_stats, gi.observation
+BF16_DINO_MEAN, BF16_DINO_STD = gi.BF16_DINO_MEAN, gi.BF16_DINO_STD
 
 
 def build_policy() -> VLAPolicy:
@@ -55,18 +45,6 @@ def build_policy() -> VLAPolicy:
     return policy.eval()
 
 
-def observation() -> tuple[list[np.ndarray], np.ndarray]:
-    """Two 256 px frames (third-person, wrist) as the simulator gives them after the 180° rotation, and a raw state."""
-    rng = np.random.default_rng(5)
-    y, x = np.mgrid[0:256, 0:256]
-    frames = []
-    for k in range(2):
-        base = np.stack([(x * (1 + k) + 30 * np.sin(y / 11)) % 256, (y * 1.7) % 256, ((x + y) * 0.6) % 256], -1)
-        frames.append(np.clip(base + rng.integers(-12, 12, base.shape), 0, 255).astype(np.uint8))
-    state = rng.uniform(-0.3, 0.3, 8)
-    return frames, state
-
-
 def write_released_folder(policy: VLAPolicy, path: Path) -> Path:
     """Files as upstream's HF policy repos hold them: config.json, model.safetensors (no tied lm_head), tokenizer,
     dataset_statistics.json, preprocessor_config.json, `module.`-prefixed head / proprio files; no policy_config."""
@@ -74,10 +52,21 @@ def write_released_folder(policy: VLAPolicy, path: Path) -> Path:
     config = policy.vla.config.to_dict()
     config.update({"architectures": ["OpenVLAForActionPrediction"], "torch_dtype": "bfloat16",
                    "norm_stats": policy.norm_stats})
+    # Released config.json files were written by transformers 4.40, which reads the RoPE base from `rope_theta`.
+    config["text_config"]["rope_theta"] = config["text_config"]["rope_parameters"]["rope_theta"]
     (path / "config.json").write_text(json.dumps(config))
     state = {k: v.contiguous() for k, v in policy.vla.state_dict().items() if k != "language_model.lm_head.weight"}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     policy.processor.tokenizer.save_pretrained(str(path))
+    # Released folders were saved by transformers 4.40: name a tokenizer class and special-token key it knows too.
+    tok_config = json.loads((path / "tokenizer_config.json").read_text())
+    tok_config.update({"tokenizer_class": "PreTrainedTokenizerFast",
+                       "additional_special_tokens": tok_config.get("extra_special_tokens", [])})
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    # ... and BPE merges as "a b" strings (tokenizers < 0.20 reads only those; byte-level symbols hold no space).
+    tok = json.loads((path / "tokenizer.json").read_text())
+    tok["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    (path / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     (path / "dataset_statistics.json").write_text(json.dumps(policy.norm_stats))
     (path / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "PrismaticImageProcessor", "image_resize_strategy": "resize-naive",
@@ -93,3 +82,19 @@ def write_released_folder(policy: VLAPolicy, path: Path) -> Path:
     torch.save({"module." + k: v for k, v in policy.proprio_projector.state_dict().items()},
                path / f"proprio_projector--{STEP}_checkpoint.pt")
     return path
+
+
+@cli_entry("released_folder")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the end-to-end parity folder (generate_upstream_golden.py).")
+    parser.add_argument("--output", type=Path, required=True, help="folder to create (must not exist)")
+    args = parser.parse_args(argv)
+    if args.output.exists():
+        raise UserError(f"'{args.output}' already exists", "give a new folder (nothing is overwritten)")
+    if not args.output.parent.is_dir():
+        raise UserError(f"'{args.output.parent}' is not a directory", "create it or give --output inside one")
+    print(f"wrote {write_released_folder(build_policy(), args.output)}")
+
+
+if __name__ == "__main__":
+    main()
