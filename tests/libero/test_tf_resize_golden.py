@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from generate_tf_resize_golden import synthetic_frames, tf_resize
 
+from prismatic.data.image_ops import policy_view
+
 GOLDEN = np.load(Path(__file__).with_name("tf_resize_golden.npz"))
 
 
@@ -20,4 +22,11 @@ def test_golden_is_upstreams_pinned_tensorflow():
 def test_project_tensorflow_resize_is_bit_identical_to_pinned_golden():
     """JPEG 95 -> decode -> lanczos3 antialias 224 -> round, clip, uint8: TF 2.21 equals TF 2.15 on every value."""
     got = np.stack([tf_resize(frame) for frame in synthetic_frames()])
+    np.testing.assert_array_equal(got, GOLDEN["resized"])
+
+
+def test_evaluation_view_equals_upstreams_pinned_golden():
+    """The project's own image path (no TensorFlow: PIL-encoded JPEG, simplejpeg decode, the numba lanczos3 kernel)
+    equals upstream's `resize_image_for_policy` run on its pinned TensorFlow 2.15, on every value."""
+    got = np.stack([policy_view(frame) for frame in synthetic_frames()])
     np.testing.assert_array_equal(got, GOLDEN["resized"])
