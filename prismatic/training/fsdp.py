@@ -44,11 +44,10 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
 def sharding_units(policy: nn.Module) -> list[nn.Module]:
     """The modules that become their own FSDP unit: every LLM decoder layer and every ViT block, in forward order."""
     from prismatic.models.modeling_vla import unwrap_vla
-    from prismatic.training.craft_utils import find_llm_core
 
-    base = unwrap_vla(policy.vla)
+    base = unwrap_vla(policy.vla)  # an OpenVLAForActionPrediction: its decoder is `language_model.model`
     backbone = base.vision_backbone
-    return [*backbone.featurizer.blocks, *backbone.fused_featurizer.blocks, *find_llm_core(base).layers]
+    return [*backbone.featurizer.blocks, *backbone.fused_featurizer.blocks, *base.language_model.model.layers]
 
 
 def shard_policy(policy: nn.Module, device: torch.device, dtype: str) -> nn.Module:
