@@ -57,7 +57,6 @@ from prismatic.training.data_setup import TrainStream, build_training_data
 from prismatic.training.distributed import DistEnv, any_rank, barrier, gather_objects, init_distributed
 from prismatic.training.finetune_config import (
     RAW_STRING_FLAGS,
-    TRAINING_STATE_FILE,
     FinetuneConfig,
     global_batch_size,
     make_run_id,
@@ -154,6 +153,9 @@ def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None, given_flags: set
     """
     if cfg.resume:
         validate_resume_target(cfg)  # the checkpoint exists, is complete and matches --resume_step
+        # every file against the sha256 in COMPLETE before any of it is read (a damaged marker is corruption too):
+        # nothing is trained, let alone re-sealed into a new checkpoint, from inputs that fail verification
+        ckpt.verify_checkpoint(Path(cfg.config_file_path))
         given = run_folder.given_flags_from_defaults(cfg) if given_flags is None else set(given_flags)
         cfg = run_folder.resolve_resume_config(cfg, policy_setup.recorded_run_config(Path(cfg.config_file_path),
                                                                                      cfg.run_root_dir), given)
@@ -185,8 +187,6 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
             print(f"[finetune] {note}")
     barrier(env)
     if cfg.resume:
-        # every file against the sha256 in COMPLETE (training_state.pt is checked as it is loaded)
-        ckpt.verify_checkpoint(Path(cfg.config_file_path), skip=(TRAINING_STATE_FILE,))
         resume_state = ckpt.load_training_state(Path(cfg.config_file_path))
         if resume_state["step"] != cfg.resume_step:
             raise UserError(f"{cfg.config_file_path}: training_state step {resume_state['step']} != --resume_step "

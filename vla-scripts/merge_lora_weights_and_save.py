@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from prismatic.cli_errors import UserError, cli_entry, parse_config
 from prismatic.integrity import COMPLETE_MARKER, verify_checkpoint
-from prismatic.training.finetune_config import parse_checkpoint_dir
+from prismatic.training.checkpoint_names import parse_checkpoint_dir
 
 LORA_DIR, LORA_BASE_FILE = "lora_adapter", "lora_base.json"  # as prismatic.training.policy_setup (imported lazily)
 

@@ -9,11 +9,16 @@ model has loaded.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from prismatic.cli_errors import UserError
+from prismatic.training.checkpoint_names import (  # noqa: F401 - re-exported (callers import them from here)
+    CHECKPOINT_DIR_PATTERN,
+    COMPLETE_MARKER,
+    TRAINING_STATE_FILE,
+    parse_checkpoint_dir,
+)
 
 PRESETS = ("real", "tiny")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -21,9 +26,6 @@ CRAFT_ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
 CRAFT_ANCHOR_SOURCES = ("online", "offline")
 CRAFT_DUAL_MODES = ("gradient", "pid")
 RETENTION_METHODS = ("none", "craft", "align", "consft")
-CHECKPOINT_DIR_PATTERN = re.compile(r"^(?P<run_id>.+)--(?P<step>\d+)_chkpt$")
-COMPLETE_MARKER = "COMPLETE"
-TRAINING_STATE_FILE = "training_state.pt"
 
 
 class ConfigError(UserError, ValueError):
@@ -156,14 +158,6 @@ def make_run_id(cfg: FinetuneConfig, world_size: int) -> str:
     if cfg.run_id_note:
         run_id += f"--{cfg.run_id_note}"
     return run_id
-
-
-def parse_checkpoint_dir(path: Path) -> tuple[str, int]:
-    """(run_id, step) from a `{run_id}--{step}_chkpt` folder name; ValueError if the name does not match."""
-    match = CHECKPOINT_DIR_PATTERN.match(Path(path).name)
-    if match is None:
-        raise ValueError(f"'{path}' is not a checkpoint folder: expected a name like '<run id>--<step>_chkpt'")
-    return match.group("run_id"), int(match.group("step"))
 
 
 STRATEGIES = ("ddp", "fsdp")
