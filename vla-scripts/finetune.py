@@ -50,6 +50,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prismatic.cli_errors import UserError, cli_entry, parse_config
+from prismatic.run_lock import FolderInUseError, acquire_folder_lock
 from prismatic.training import checkpointing as ckpt
 from prismatic.training import fsdp as fsdp_lib
 from prismatic.training import policy_setup, run_folder
@@ -176,9 +177,36 @@ def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None, given_flags: set
 def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
     # ---- run identity, resume state ---------------------------------------------------------------------------
     seed_everything(cfg.seed)
-    resume_state = None
     run_id = parse_checkpoint_dir(Path(cfg.config_file_path))[0] if cfg.resume else make_run_id(cfg, env.world_size)
     run_dir = Path(cfg.run_root_dir) / run_id
+    created_root = env.is_main and not Path(cfg.run_root_dir).exists()
+    lock = _lock_run_folder(run_dir, env)  # before anything is written; held until the run ends in any way
+    try:
+        return _train_owned(cfg, env, hooks, run_id, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+        if created_root and Path(cfg.run_root_dir).is_dir() and not any(Path(cfg.run_root_dir).iterdir()):
+            Path(cfg.run_root_dir).rmdir()  # a failure before anything was written leaves no empty root behind
+
+
+def _lock_run_folder(run_dir: Path, env: DistEnv):
+    """Rank 0 locks the run folder (prismatic/run_lock.py); a refusal stops every rank with rank 0's line."""
+    lock, refusal = None, None
+    if env.is_main:
+        try:
+            lock = acquire_folder_lock(run_dir, "finetune", fix="wait for that run to end (or stop it); to train "
+                                       "another run at the same time pick another --run_id / --seed")
+        except FolderInUseError as err:
+            refusal = str(err)
+    refusal = gather_objects(refusal, env)[0]
+    if refusal is not None:
+        raise FolderInUseError(refusal)
+    return lock
+
+
+def _train_owned(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_id: str, run_dir: Path) -> TrainResult:
+    resume_state = None
     if not cfg.resume:  # every rank refuses alike (no rank waits at a barrier for one that failed)
         run_folder.claim_run_folder(Path(cfg.run_root_dir), run_id, cfg.overwrite, delete=env.is_main)
     barrier(env)
@@ -199,7 +227,6 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
                             "loads under either)")
     G = global_batch_size(cfg, env.world_size)
     created_run_dir = env.is_main and not run_dir.exists()
-    created_root = env.is_main and not Path(cfg.run_root_dir).exists()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (cfg.resume and (run_dir / CONFIG_FILE).is_file()):  # a resumed run keeps the config it started with
@@ -209,9 +236,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
     except BaseException:
         # a failure before the run logged anything must not leave a folder that passes for a run
         if created_run_dir and not run_folder.run_artefacts(Path(cfg.run_root_dir), run_id):
-            ckpt.remove_tree(run_dir)
-            if created_root and not any(Path(cfg.run_root_dir).iterdir()):
-                Path(cfg.run_root_dir).rmdir()
+            ckpt.remove_tree(run_dir)  # (an empty run root is removed once the lock file is gone)
         raise
 
 
