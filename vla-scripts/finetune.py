@@ -34,6 +34,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,8 +83,9 @@ CONFIG_FILE = "config.yaml"
 HISTORY_LENGTH = 10_000  # steps of metrics kept in memory for the caller (the file keeps all)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient, or a run none of whose steps was
+    applied: an expected outcome of bad data or a too high learning rate (one line, exit 2), not a bug."""
 
 
 @dataclass
@@ -365,7 +367,7 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
     stopped = False
     progress = _progress_bar(env, start_step, cfg.max_steps)
     t_last = time.perf_counter()
-    with StopRequest() as stop:
+    with StopRequest() as stop, _closed_at_exit(progress):  # an error line must not land on the bar's line
         for step in range(start_step, cfg.max_steps):
             micro_batches = next(stream)
             # drift with the weights before this step's update (the ones CRaFT's L_ret of this step sees)
@@ -402,21 +404,34 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
                 progress.update(1)
             if hooks.on_step_end is not None:
                 hooks.on_step_end(done, metrics)
+            since = f"resume from {last_checkpoint or cfg.config_file_path}" if (last_checkpoint or cfg.resume) \
+                else "start again"
             if consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
                     f"{consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient (last "
-                    f"at step {done}, loss {stats['loss']}, grad norm {grad_norm}); each was skipped. Stopping: lower "
-                    "--learning_rate, check the data for NaN/inf, or raise --max_consecutive_nonfinite")
+                    f"at step {done}, loss {stats['loss']}, grad norm {grad_norm}); each was skipped, the run stops",
+                    f"lower --learning_rate, check the data for NaN/inf, or raise --max_consecutive_nonfinite; then "
+                    f"{since}")
             stop_now = any_rank(stop.requested, env)
-            if done % cfg.save_freq == 0 or done == cfg.max_steps or stop_now:
+            save_due = done % cfg.save_freq == 0 or done == cfg.max_steps or stop_now
+            if save_due and done == total_nonfinite:
+                # every step of the run so far was skipped: the weights are the initial ones, not a trained
+                # checkpoint. Not saved; a run that ends so never exits 0.
+                if done == cfg.max_steps or stop_now:
+                    raise NonFiniteLossError(
+                        f"all {done} optimizer steps of this run had a non-finite loss or gradient and were "
+                        "skipped: nothing was trained, no checkpoint is written",
+                        "check the data for NaN/inf and lower --learning_rate, then start the run again")
+                if env.is_main:
+                    print(f"[finetune] warning: no checkpoint at step {done}: every step so far had a non-finite "
+                          "loss or gradient and was skipped")
+            elif save_due:
                 last_checkpoint = save(done)
             if stop_now:
                 stopped = True
                 if env.is_main:
                     print(f"[finetune] stop requested: saved step {done} to {last_checkpoint}; exiting")
                 break
-    if progress is not None:
-        progress.close()
     logger.close()
     final = history[-1]["step"] if history else start_step
     return TrainResult(run_id=run_id, run_dir=run_dir, final_step=final, last_checkpoint=last_checkpoint,
@@ -429,6 +444,15 @@ def _no_buffer_sync_kwargs() -> dict:
 
     params = inspect.signature(DDP.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+@contextmanager
+def _closed_at_exit(progress):
+    try:
+        yield progress
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def _progress_bar(env: DistEnv, start: int, total: int):
