@@ -50,13 +50,13 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prismatic.cli_errors import UserError, cli_entry, parse_config
+from prismatic.cli_errors import DiskFullError, UserError, cli_entry, one_line, parse_config
 from prismatic.run_lock import FolderInUseError, acquire_folder_lock
 from prismatic.training import checkpointing as ckpt
 from prismatic.training import fsdp as fsdp_lib
 from prismatic.training import policy_setup, run_folder
 from prismatic.training.data_setup import TrainStream, build_training_data
-from prismatic.training.distributed import DistEnv, any_rank, barrier, gather_objects, init_distributed
+from prismatic.training.distributed import DistEnv, any_rank, barrier, gather_objects, init_distributed, is_lost_peer
 from prismatic.training.finetune_config import (
     RAW_STRING_FLAGS,
     FinetuneConfig,
@@ -185,11 +185,35 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
     lock = _lock_run_folder(run_dir, env)  # before anything is written; held until the run ends in any way
     try:
         return _train_owned(cfg, env, hooks, run_id, run_dir)
+    except DiskFullError as err:  # "run the same command again" would be refused as an existing run
+        raise err.with_fix(_continue_advice(Path(cfg.run_root_dir), run_id)) from err
+    except Exception as exc:
+        if env.distributed and is_lost_peer(exc):  # gloo / NCCL noticed that another rank died
+            others = [r for r in range(env.world_size) if r != env.rank]
+            lost = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+            raise UserError(f"rank {env.rank} lost {lost}: that process died or was killed mid-step "
+                            f"({one_line(str(exc))[:160]})",
+                            _continue_advice(Path(cfg.run_root_dir), run_id,
+                                             first="find why it died (its log; the OOM killer in dmesg)")) from exc
+        raise
     finally:
         if lock is not None:
             lock.release()
         if created_root and Path(cfg.run_root_dir).is_dir() and not any(Path(cfg.run_root_dir).iterdir()):
             Path(cfg.run_root_dir).rmdir()  # a failure before anything was written leaves no empty root behind
+
+
+def _continue_advice(run_root_dir: Path, run_id: str, first: str = "free disk space") -> str:
+    """How to go on after a failure (a full disk, a lost rank): resume from the newest complete checkpoint (which
+    is intact: checkpoints are renamed into place only when whole), or start over when there is none."""
+    saved = ckpt.list_checkpoints(run_root_dir, run_id)
+    if saved:
+        step, path = saved[-1]
+        return (f"{first}, then continue the run from its last intact checkpoint with --resume True "
+                f"--config_file_path {path} --resume_step {step}")
+    if run_folder.run_artefacts(run_root_dir, run_id):
+        return f"{first}, then start the run again with --overwrite True (it has no complete checkpoint)"
+    return f"{first} and run the same command again"
 
 
 def _lock_run_folder(run_dir: Path, env: DistEnv):
@@ -356,7 +380,8 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
         del to_save
         if any_rank(failure is not None, env):  # also the barrier: no rank goes on before the folder exists
             raise failure or UserError(f"rank 0 could not write the checkpoint of step {step} (its error line "
-                                       "says why)", "fix what rank 0 reports and run the same command again")
+                                       "says why)", "fix what rank 0 reports, then continue with --resume True "
+                                       "from the run's newest checkpoint")
         path = ckpt.checkpoint_dir(Path(cfg.run_root_dir), run_id, step)  # the same answer on every rank
         ckpt.restore_rng_state(rng)  # writing (e.g. building the merged VLA) must not shift the training RNG
         return path

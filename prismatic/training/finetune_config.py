@@ -28,6 +28,12 @@ CRAFT_DUAL_MODES = ("gradient", "pid")
 RETENTION_METHODS = ("none", "craft", "align", "consft")
 
 
+# what a folder given as --config_file_path / --vlm_path holds at least one of (policy, upstream, Prismatic, HF,
+# or the tokenizer a --vlm_path run takes from --config_file_path)
+MODEL_FOLDER_FILES = ("config.json", "policy_config.json", "action_head--*_checkpoint.pt", "checkpoints/*.pt",
+                      "tokenizer.json", "tokenizer_config.json")
+
+
 class ConfigError(UserError, ValueError):
     """A flag (or a combination of flags) that cannot work; the message lists every problem found."""
 
@@ -218,10 +224,14 @@ def validate_config(cfg: FinetuneConfig) -> list[str]:
         errors.append(f"--data_root_dir '{data_dir}' does not exist or is not a directory")
     else:
         errors.extend(_dataset_errors(data_dir, cfg.dataset_name))
+    model_folders = ("vlm_path",) if cfg.resume else ("config_file_path", "vlm_path")  # a resume's: _resume_errors
     for name in ("config_file_path", "vlm_path", "craft_snapshot_path"):
         value = getattr(cfg, name)
         if value is not None and not Path(value).exists():
             errors.append(f"--{name} '{value}' does not exist")
+        elif name in model_folders and value is not None and Path(value).is_dir() \
+                and not any(next(Path(value).glob(pattern), None) for pattern in MODEL_FOLDER_FILES):
+            errors.append(f"--{name} '{value}' holds no model (none of {', '.join(MODEL_FOLDER_FILES)})")
 
     if cfg.resume:
         errors.extend(_resume_errors(cfg))

@@ -262,6 +262,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(data_root, tmp_pat
                                                               "max_steps", "run_root_dir"})
     message = str(err.value)
     assert str(runs / "r--2_chkpt") in message and "No space left" in message and "needed" in message
+    # issue 23: "run the same command again" would be refused as an existing run; the advice names the resume
+    assert f"--resume True --config_file_path {runs / 'r--1_chkpt'} --resume_step 1" in message, message
+    assert "run the same command again" not in message
     assert _snapshot(runs / "r--1_chkpt") == previous
     assert not (runs / "r--2_chkpt").exists() and not list(runs.glob(".r--2_chkpt*"))
 

@@ -152,39 +152,57 @@ def test_merge_cache_drift_and_eval_refuse_a_held_output_folder(data_root, finis
         assert not out.exists(), name  # nothing written into the held folder
 
 
+def _pause_while_holding(proc: subprocess.Popen, folder: Path) -> None:
+    """SIGSTOP `proc` once it holds `folder`'s lock (its pid is in the lock file): deterministic, whatever the speed."""
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        try:
+            if json.loads(lock_path(folder).read_text())["pid"] == proc.pid:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGSTOP)
+
+
 @pytest.mark.slow
-def test_two_real_finetune_runs_on_one_run_id(data_root, tmp_path):
-    """The issue's case: seeds 7 and 9, one --run_id. On main both exited 0, metrics.jsonl held steps [1,2,2,3,3]
-    and every file said seed 9. Now the second stops in one line and the first run is whole."""
+@pytest.mark.parametrize("kind", ["fresh", "resume"])
+def test_two_real_finetune_processes_on_one_run(kind, data_root, finished_run, tmp_path):
+    """fresh: the issue's case, seeds 7 and 9 with one --run_id; on main both exited 0, metrics.jsonl held steps
+    [1,2,2,3,3] and every file said seed 9. resume: two resumes of one checkpoint at once. The second process stops
+    in one line naming the first (paused while it holds the run); the first run is whole."""
     runs = tmp_path / "runs"
-    first = subprocess.Popen([sys.executable, *map(str, finetune_args(data_root, runs, "--run_id", "same", "--seed",
-                                                                      "7", "--save_freq", "1"))],
-                             cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if kind == "fresh":
+        run = "same"
+        first_args = finetune_args(data_root, runs, "--run_id", run, "--seed", "7", "--save_freq", "1")
+        second_args = finetune_args(data_root, runs, "--run_id", run, "--seed", "9")
+        expected = [1, 2]
+    else:
+        run = "done"
+        shutil.copytree(finished_run, runs)
+        first_args = second_args = finetune_args(data_root, runs, "--resume", "True", "--config_file_path",
+                                                 runs / "done--1_chkpt", "--resume_step", "1", "--max_steps", "3",
+                                                 "--save_freq", "1")
+        expected = [1, 2, 3]
+    first = subprocess.Popen([sys.executable, *map(str, first_args)], cwd=REPO, env=cli_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:  # until the first process holds the lock (its identity is in the lock file)
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
-            try:
-                if json.loads(lock_path(runs / "same").read_text())["pid"] == first.pid:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.05)
-        os.kill(first.pid, signal.SIGSTOP)  # paused while holding the run: the second one now runs into it
-        second = run_cli(finetune_args(data_root, runs, "--run_id", "same", "--seed", "9"))
+        _pause_while_holding(first, runs / run)
+        second = run_cli(second_args)
     finally:
         os.kill(first.pid, signal.SIGCONT)
-    out, err = first.communicate(timeout=600)
+    _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 2, second.stderr[-3000:]
     errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"pid {first.pid}" in errors[0] and "Traceback" not in second.stderr, second.stderr
-    steps = [json.loads(line)["step"] for line in (runs / "same" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]
-    assert "seed: 7" in (runs / "same" / "config.yaml").read_text()
-    for step in (1, 2):
-        assert json.loads((runs / f"same--{step}_chkpt" / "run_config.json").read_text())["seed"] == 7
-    assert not lock_path(runs / "same").exists()  # released at exit
+    steps = [json.loads(line)["step"] for line in (runs / run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == expected
+    assert "seed: 7" in (runs / run / "config.yaml").read_text()
+    for step in expected:
+        assert json.loads((runs / f"{run}--{step}_chkpt" / "run_config.json").read_text())["seed"] == 7
+    assert not lock_path(runs / run).exists()  # released at exit
 
 
 def test_a_stale_lock_of_a_killed_process_never_blocks_a_resume(data_root, finished_run, tmp_path, holder):
