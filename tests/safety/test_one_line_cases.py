@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 from safety_helpers import REPO, finetune_args, run_cli, tree
 
@@ -58,6 +61,48 @@ def test_an_unwritable_run_root_is_one_line_before_the_model_is_built(data_root,
     (tmp_path / "a_file").write_text("x")
     line = _one_line(run_cli(finetune_args(data_root, tmp_path / "a_file" / "runs")))
     assert "a_file" in line, line
+
+
+@pytest.mark.parametrize("error", [errno.ENOTDIR, errno.EROFS, errno.EACCES])
+def test_an_unwritable_run_root_is_refused_before_the_model_is_built(error, data_root, tmp_path, monkeypatch,
+                                                                     capsys):
+    """The same in-process, with the model builder replaced by a tripwire: on main the refusal (or EROFS /
+    PermissionError traceback) came only after the model was built. EROFS / EACCES are what a read-only mount or a
+    foreign folder answer to the first write (this test may run as root, so they are raised by a stand-in os.open
+    for paths under the run root; ENOTDIR is the real filesystem's answer)."""
+    import finetune
+
+    def tripwire(*_args, **_kwargs):
+        raise AssertionError("the model was built before the run root was found unwritable")
+
+    monkeypatch.setattr(finetune.policy_setup, "build_policy", tripwire)
+    (tmp_path / "a_file").write_text("x")
+    runs = tmp_path / "a_file" / "runs" if error == errno.ENOTDIR else tmp_path / "ro" / "runs"
+    if error != errno.ENOTDIR:
+        (tmp_path / "ro").mkdir()
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def refuse(path, *args, **kwargs):
+            if str(path).startswith(str(runs)):
+                raise OSError(error, os.strerror(error), str(path))
+            return (real_open if refuse.kind == "open" else real_mkdir)(path, *args, **kwargs)
+
+        def fake_open(path, *args, **kwargs):
+            refuse.kind = "open"
+            return refuse(path, *args, **kwargs)
+
+        def fake_mkdir(path, *args, **kwargs):
+            refuse.kind = "mkdir"
+            return refuse(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", fake_open)
+        monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main([str(a) for a in finetune_args(data_root, runs)[1:]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "runs" in lines[0] and os.strerror(error) in lines[0], err
 
 
 def test_make_smoke_data_output_dir_that_is_a_file(tmp_path):
