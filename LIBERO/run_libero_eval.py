@@ -318,6 +318,15 @@ def run_evaluation(cfg: EvalConfig, policy=None, runner_factory=None) -> dict:
     if runner_factory is not None and cfg.num_envs != 0:
         raise ValueError("runner_factory replaces the inline simulator: it needs num_envs=0")
     episodes, device, dtype = validate_config(cfg, have_policy=policy is not None)
+    from prismatic.run_lock import folder_lock
+
+    # the log folder is this process's from here on (prismatic/run_lock.py): two evaluations never share one
+    with folder_lock(Path(cfg.local_log_dir), "run_libero_eval",
+                     fix="wait for that evaluation to end, or pass another --local_log_dir"):
+        return _evaluate_locked(cfg, policy, runner_factory, episodes, device, dtype)
+
+
+def _evaluate_locked(cfg: EvalConfig, policy, runner_factory, episodes: list, device, dtype) -> dict:
     checkpoint = checkpoint_identity(cfg.pretrained_checkpoint) if cfg.pretrained_checkpoint else None
     set_seed(cfg.seed)
     if policy is None:

@@ -13,6 +13,7 @@ Anything else is a bug and keeps its traceback (exit 1).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import functools
@@ -23,7 +24,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 EXIT_USER_ERROR = 2
 DASH = "—"
@@ -42,12 +43,21 @@ class UserError(Exception):
 class DiskFullError(UserError, OSError):
     """A write failed for lack of space: names the path and the space needed."""
 
-    def __init__(self, path: Path | str, needed_bytes: int | None = None) -> None:
+    def __init__(self, path: Path | str, needed_bytes: int | None = None, fix: str | None = None) -> None:
         free = _free_bytes(path)
         need = f"about {_human(needed_bytes)} needed, " if needed_bytes else ""
         super().__init__(f"writing '{path}' failed: No space left on device ({need}{_human(free)} free)",
-                         "free disk space (or point the output elsewhere) and run the same command again")
+                         fix or "free disk space (or point the output elsewhere) and run the same command again")
+        self.path, self.needed_bytes = path, needed_bytes
         self.errno = errno.ENOSPC
+
+    def with_fix(self, fix: str) -> DiskFullError:
+        """The same error with the advice of the tool that knows how to continue (finetune: --resume)."""
+        what = self.what
+        err = DiskFullError.__new__(DiskFullError)
+        UserError.__init__(err, what, fix)
+        err.path, err.needed_bytes, err.errno = self.path, self.needed_bytes, errno.ENOSPC
+        return err
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -107,8 +117,6 @@ def one_line(text: str) -> str:
 
 def _expected_message(exc: BaseException) -> str | None:
     """The one-line message of an expected error, None for a bug."""
-    import argparse
-
     try:
         from draccus.utils import DraccusException
     except ImportError:  # pragma: no cover - draccus is a hard dependency
@@ -124,6 +132,14 @@ def _expected_message(exc: BaseException) -> str | None:
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return f"{one_line(str(exc))} {DASH} check the path"
     return None
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse for `cli_entry` tools: a bad flag (unknown, missing, wrong type) raises UserError, printed as one
+    line with exit 2, instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"bad command-line flags: {message}", "see --help for the flags and their types")
 
 
 def _pop_debug(argv: list[str]) -> bool:
@@ -208,6 +224,9 @@ def parse_config(config_class: type[T], argv: Sequence[str] | None = None,
             elif arg.startswith(f"--{name}="):
                 args[i] = f"--{name}=" + json.dumps(arg.split("=", 1)[1])
                 given.add(name)
+    config_path = _config_path_arg(args)
+    if config_path is not None:
+        check_config_file(config_class, config_path)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -220,7 +239,6 @@ def parse_config(config_class: type[T], argv: Sequence[str] | None = None,
         detail = lines[-1].split("error:", 1)[1].strip() if lines else captured.getvalue().strip()
         raise UserError(f"bad command-line flags: {detail}", "see --help for the flags and their types") from None
     sys.stderr.write(captured.getvalue())
-    config_path = _config_path_arg(args)
     if config_path is not None:
         import yaml
 
@@ -230,6 +248,40 @@ def parse_config(config_class: type[T], argv: Sequence[str] | None = None,
             if name not in given and isinstance(raw, dict) and name in raw and raw[name] not in ("null", "~", ""):
                 setattr(cfg, name, str(raw[name]))
     return cfg
+
+
+def check_config_file(config_class: type, config_path: str) -> None:
+    """A --config_path YAML, before draccus reads it: valid YAML (errors name the file and line), a mapping of flag:
+    value, and every value of the type of its flag, also when the command line gives the flag again."""
+    import draccus
+    import yaml
+
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config_path '{config_path}' does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise UserError(f"--config_path '{config_path}' is not valid YAML ({problem}{where})",
+                        "fix the file (a truncated copy?): one `flag: value` per line") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserError(f"--config_path '{config_path}' holds a YAML {type(loaded).__name__}, not a mapping",
+                        "write one `flag: value` per line (e.g. `max_steps: 5000`)")
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):  # the file's values alone, so each is type-checked
+            draccus.parse(config_class=config_class, args=["--config_path", str(path)], exit_on_error=False)
+    except SystemExit:
+        lines = [line for line in captured.getvalue().splitlines() if "error:" in line]
+        detail = lines[-1].split("error:", 1)[1].strip() if lines else captured.getvalue().strip()
+        raise UserError(f"--config_path '{config_path}': {detail}",
+                        "fix the entry in the file (see --help for the flags and their types)") from None
+    except draccus.utils.DraccusException as exc:
+        raise UserError(f"--config_path '{config_path}': {one_line(str(exc))}",
+                        "fix the entry in the file (see --help for the flags and their types)") from None
 
 
 def _config_path_arg(args: Sequence[str]) -> str | None:

@@ -55,7 +55,17 @@ class BuildCacheConfig:
 
 
 def build_cache(cfg: BuildCacheConfig) -> dict:
-    """Compute and write the cache; returns its manifest."""
+    """Compute and write the cache under the lock of --cache_dir (prismatic/run_lock.py); returns its manifest."""
+    from prismatic.run_lock import folder_lock
+
+    validate(cfg)  # before anything is written (the lock file included)
+    with folder_lock(Path(cfg.cache_dir), "build_craft_cache",
+                     fix="wait for that build to end; two builds must not write one --cache_dir"):
+        validate(cfg)  # again, now that the folder is ours (another build may have finished meanwhile)
+        return _build_cache_locked(cfg)
+
+
+def _build_cache_locked(cfg: BuildCacheConfig) -> dict:
     from prismatic.data.loader import make_eval_loader
     from prismatic.data.rlds_dataset import RLDSFrameDataset
     from prismatic.models.image_transform import batch_pixel_values
@@ -72,7 +82,6 @@ def build_cache(cfg: BuildCacheConfig) -> dict:
     from prismatic.training.policy_setup import BASE_KEYS, build_base_policy
     from prismatic.training.train_step import autocast_context
 
-    validate(cfg)
     device = torch.device(cfg.device)
     policy = build_base_policy({k: getattr(cfg, k) for k in BASE_KEYS})
     vla = policy.vla

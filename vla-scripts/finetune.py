@@ -34,6 +34,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,15 +50,15 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prismatic.cli_errors import UserError, cli_entry, parse_config
+from prismatic.cli_errors import DiskFullError, UserError, cli_entry, one_line, parse_config
+from prismatic.run_lock import FolderInUseError, acquire_folder_lock
 from prismatic.training import checkpointing as ckpt
 from prismatic.training import fsdp as fsdp_lib
 from prismatic.training import policy_setup, run_folder
 from prismatic.training.data_setup import TrainStream, build_training_data
-from prismatic.training.distributed import DistEnv, any_rank, barrier, gather_objects, init_distributed
+from prismatic.training.distributed import DistEnv, any_rank, barrier, gather_objects, init_distributed, is_lost_peer
 from prismatic.training.finetune_config import (
     RAW_STRING_FLAGS,
-    TRAINING_STATE_FILE,
     FinetuneConfig,
     global_batch_size,
     make_run_id,
@@ -82,8 +83,9 @@ CONFIG_FILE = "config.yaml"
 HISTORY_LENGTH = 10_000  # steps of metrics kept in memory for the caller (the file keeps all)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient, or a run none of whose steps was
+    applied: an expected outcome of bad data or a too high learning rate (one line, exit 2), not a bug."""
 
 
 @dataclass
@@ -154,6 +156,9 @@ def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None, given_flags: set
     """
     if cfg.resume:
         validate_resume_target(cfg)  # the checkpoint exists, is complete and matches --resume_step
+        # every file against the sha256 in COMPLETE before any of it is read (a damaged marker is corruption too):
+        # nothing is trained, let alone re-sealed into a new checkpoint, from inputs that fail verification
+        ckpt.verify_checkpoint(Path(cfg.config_file_path))
         given = run_folder.given_flags_from_defaults(cfg) if given_flags is None else set(given_flags)
         cfg = run_folder.resolve_resume_config(cfg, policy_setup.recorded_run_config(Path(cfg.config_file_path),
                                                                                      cfg.run_root_dir), given)
@@ -174,9 +179,60 @@ def train(cfg: FinetuneConfig, hooks: TrainHooks | None = None, given_flags: set
 def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
     # ---- run identity, resume state ---------------------------------------------------------------------------
     seed_everything(cfg.seed)
-    resume_state = None
     run_id = parse_checkpoint_dir(Path(cfg.config_file_path))[0] if cfg.resume else make_run_id(cfg, env.world_size)
     run_dir = Path(cfg.run_root_dir) / run_id
+    created_root = env.is_main and not Path(cfg.run_root_dir).exists()
+    lock = _lock_run_folder(run_dir, env)  # before anything is written; held until the run ends in any way
+    try:
+        return _train_owned(cfg, env, hooks, run_id, run_dir)
+    except DiskFullError as err:  # "run the same command again" would be refused as an existing run
+        raise err.with_fix(_continue_advice(Path(cfg.run_root_dir), run_id)) from err
+    except Exception as exc:
+        if env.distributed and is_lost_peer(exc):  # gloo / NCCL noticed that another rank died
+            others = [r for r in range(env.world_size) if r != env.rank]
+            lost = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+            raise UserError(f"rank {env.rank} lost {lost}: that process died or was killed mid-step "
+                            f"({one_line(str(exc))[:160]})",
+                            _continue_advice(Path(cfg.run_root_dir), run_id,
+                                             first="find why it died (its log; the OOM killer in dmesg)")) from exc
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+        if created_root and Path(cfg.run_root_dir).is_dir() and not any(Path(cfg.run_root_dir).iterdir()):
+            Path(cfg.run_root_dir).rmdir()  # a failure before anything was written leaves no empty root behind
+
+
+def _continue_advice(run_root_dir: Path, run_id: str, first: str = "free disk space") -> str:
+    """How to go on after a failure (a full disk, a lost rank): resume from the newest complete checkpoint (which
+    is intact: checkpoints are renamed into place only when whole), or start over when there is none."""
+    saved = ckpt.list_checkpoints(run_root_dir, run_id)
+    if saved:
+        step, path = saved[-1]
+        return (f"{first}, then continue the run from its last intact checkpoint with --resume True "
+                f"--config_file_path {path} --resume_step {step}")
+    if run_folder.run_artefacts(run_root_dir, run_id):
+        return f"{first}, then start the run again with --overwrite True (it has no complete checkpoint)"
+    return f"{first} and run the same command again"
+
+
+def _lock_run_folder(run_dir: Path, env: DistEnv):
+    """Rank 0 locks the run folder (prismatic/run_lock.py); a refusal stops every rank with rank 0's line."""
+    lock, refusal = None, None
+    if env.is_main:
+        try:
+            lock = acquire_folder_lock(run_dir, "finetune", fix="wait for that run to end (or stop it); to train "
+                                       "another run at the same time pick another --run_id / --seed")
+        except FolderInUseError as err:
+            refusal = str(err)
+    refusal = gather_objects(refusal, env)[0]
+    if refusal is not None:
+        raise FolderInUseError(refusal)
+    return lock
+
+
+def _train_owned(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_id: str, run_dir: Path) -> TrainResult:
+    resume_state = None
     if not cfg.resume:  # every rank refuses alike (no rank waits at a barrier for one that failed)
         run_folder.claim_run_folder(Path(cfg.run_root_dir), run_id, cfg.overwrite, delete=env.is_main)
     barrier(env)
@@ -185,8 +241,6 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
             print(f"[finetune] {note}")
     barrier(env)
     if cfg.resume:
-        # every file against the sha256 in COMPLETE (training_state.pt is checked as it is loaded)
-        ckpt.verify_checkpoint(Path(cfg.config_file_path), skip=(TRAINING_STATE_FILE,))
         resume_state = ckpt.load_training_state(Path(cfg.config_file_path))
         if resume_state["step"] != cfg.resume_step:
             raise UserError(f"{cfg.config_file_path}: training_state step {resume_state['step']} != --resume_step "
@@ -199,7 +253,6 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
                             "loads under either)")
     G = global_batch_size(cfg, env.world_size)
     created_run_dir = env.is_main and not run_dir.exists()
-    created_root = env.is_main and not Path(cfg.run_root_dir).exists()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (cfg.resume and (run_dir / CONFIG_FILE).is_file()):  # a resumed run keeps the config it started with
@@ -209,9 +262,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks) -> TrainResult:
     except BaseException:
         # a failure before the run logged anything must not leave a folder that passes for a run
         if created_run_dir and not run_folder.run_artefacts(Path(cfg.run_root_dir), run_id):
-            ckpt.remove_tree(run_dir)
-            if created_root and not any(Path(cfg.run_root_dir).iterdir()):
-                Path(cfg.run_root_dir).rmdir()
+            ckpt.remove_tree(run_dir)  # (an empty run root is removed once the lock file is gone)
         raise
 
 
@@ -334,7 +385,8 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
         del to_save
         if any_rank(failure is not None, env):  # also the barrier: no rank goes on before the folder exists
             raise failure or UserError(f"rank 0 could not write the checkpoint of step {step} (its error line "
-                                       "says why)", "fix what rank 0 reports and run the same command again")
+                                       "says why)", "fix what rank 0 reports, then continue with --resume True "
+                                       "from the run's newest checkpoint")
         path = ckpt.checkpoint_dir(Path(cfg.run_root_dir), run_id, step)  # the same answer on every rank
         ckpt.restore_rng_state(rng)  # writing (e.g. building the merged VLA) must not shift the training RNG
         return path
@@ -345,7 +397,7 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
     stopped = False
     progress = _progress_bar(env, start_step, cfg.max_steps)
     t_last = time.perf_counter()
-    with StopRequest() as stop:
+    with StopRequest() as stop, _closed_at_exit(progress):  # an error line must not land on the bar's line
         for step in range(start_step, cfg.max_steps):
             micro_batches = next(stream)
             # drift with the weights before this step's update (the ones CRaFT's L_ret of this step sees)
@@ -382,21 +434,34 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
                 progress.update(1)
             if hooks.on_step_end is not None:
                 hooks.on_step_end(done, metrics)
+            since = f"resume from {last_checkpoint or cfg.config_file_path}" if (last_checkpoint or cfg.resume) \
+                else "start again"
             if consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
                     f"{consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient (last "
-                    f"at step {done}, loss {stats['loss']}, grad norm {grad_norm}); each was skipped. Stopping: lower "
-                    "--learning_rate, check the data for NaN/inf, or raise --max_consecutive_nonfinite")
+                    f"at step {done}, loss {stats['loss']}, grad norm {grad_norm}); each was skipped, the run stops",
+                    f"lower --learning_rate, check the data for NaN/inf, or raise --max_consecutive_nonfinite; then "
+                    f"{since}")
             stop_now = any_rank(stop.requested, env)
-            if done % cfg.save_freq == 0 or done == cfg.max_steps or stop_now:
+            save_due = done % cfg.save_freq == 0 or done == cfg.max_steps or stop_now
+            if save_due and done == total_nonfinite:
+                # every step of the run so far was skipped: the weights are the initial ones, not a trained
+                # checkpoint. Not saved; a run that ends so never exits 0.
+                if done == cfg.max_steps or stop_now:
+                    raise NonFiniteLossError(
+                        f"all {done} optimizer steps of this run had a non-finite loss or gradient and were "
+                        "skipped: nothing was trained, no checkpoint is written",
+                        "check the data for NaN/inf and lower --learning_rate, then start the run again")
+                if env.is_main:
+                    print(f"[finetune] warning: no checkpoint at step {done}: every step so far had a non-finite "
+                          "loss or gradient and was skipped")
+            elif save_due:
                 last_checkpoint = save(done)
             if stop_now:
                 stopped = True
                 if env.is_main:
                     print(f"[finetune] stop requested: saved step {done} to {last_checkpoint}; exiting")
                 break
-    if progress is not None:
-        progress.close()
     logger.close()
     final = history[-1]["step"] if history else start_step
     return TrainResult(run_id=run_id, run_dir=run_dir, final_step=final, last_checkpoint=last_checkpoint,
@@ -409,6 +474,15 @@ def _no_buffer_sync_kwargs() -> dict:
 
     params = inspect.signature(DDP.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+@contextmanager
+def _closed_at_exit(progress):
+    try:
+        yield progress
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def _progress_bar(env: DistEnv, start: int, total: int):

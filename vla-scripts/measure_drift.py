@@ -141,8 +141,17 @@ def _check_compatible(ref: PolicyMeta, ft: PolicyMeta, instructions: list[str]) 
 
 
 def measure_drift(cfg: DriftConfig) -> dict:
-    """Compute the report (and write drift.json + drift.png into cfg.output_dir); returns the report dict."""
+    """Compute the report (and write drift.json + drift.png into cfg.output_dir); returns the report dict. The
+    output folder is locked (prismatic/run_lock.py) from the start, so two runs never write one report."""
+    from prismatic.run_lock import folder_lock
+
     validate(cfg)
+    with folder_lock(Path(cfg.output_dir), "measure_drift",
+                     fix="wait for that process to end, or pass another --output_dir"):
+        return _measure_drift_locked(cfg)
+
+
+def _measure_drift_locked(cfg: DriftConfig) -> dict:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     reference = _load(Path(cfg.reference_path), cfg.reference_step, cfg, device)
     tokenizer = reference.processor.tokenizer

@@ -14,7 +14,6 @@ suite; runs grouped by method and suite (config entries `method`, `suite` writte
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -101,7 +100,9 @@ def _online_entity(entity: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from prismatic.cli_errors import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wandb_project", required=True)
     parser.add_argument("--wandb_entity", default=None)
     parser.add_argument("--name", default="CRaFT experiments")
@@ -133,4 +134,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from prismatic.cli_errors import cli_entry  # one-line errors, exit 2 (`--debug True`: traceback)
+
+    sys.exit(cli_entry("make_dashboard")(main)())

@@ -11,7 +11,6 @@ steps each: enough for 1- and 2-shot few-shot runs) and `{output_dir}/tiny_vla/`
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -41,14 +40,21 @@ def make_smoke_data(output_dir: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from prismatic.cli_errors import OneLineArgumentParser, UserError
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    blocked = next((p for p in (args.output_dir, *args.output_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UserError(f"--output_dir '{args.output_dir}': '{blocked}' is a file", "pass a folder path")
     data_root, theta0 = make_smoke_data(args.output_dir, args.seed)
     print(f"SMOKE_DATA_ROOT={data_root} SMOKE_VLM_PATH={theta0}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from prismatic.cli_errors import cli_entry  # one-line errors, exit 2 (`--debug True`: traceback)
+
+    sys.exit(cli_entry("make_smoke_data")(main)())

@@ -91,7 +91,16 @@ class EpisodeTableBuilder:
         self.refs: dict[str, list[np.ndarray]] = {c: [] for c in cameras}
 
     def add(self, actions: np.ndarray, states: np.ndarray, instructions: list[str], file_path: str,
-            refs: dict[str, np.ndarray]) -> None:
+            refs: dict[str, np.ndarray], where: str | None = None) -> None:
+        """One episode; `where` names it in errors (default: its episode number and file path)."""
+        where = where or f"episode {len(self.lengths)} ({file_path or 'no file path'})"
+        for key, values in ((S.ACTION_KEY, actions), (S.STATE_KEY, states)):
+            bad = ~np.isfinite(values)
+            if bad.any():  # one NaN action would make every loss and the statistics NaN (issue 23)
+                step, dim = (int(i) for i in np.argwhere(bad)[0])
+                raise ExampleFormatError(f"{where}: '{key}' holds a non-finite value ({values[step, dim]}) at step "
+                                         f"{step}, dimension {dim} ({int(bad.sum())} non-finite values in this "
+                                         "episode); actions and proprio must be finite")
         self.lengths.append(len(actions))
         self.actions.append(actions)
         self.states.append(states)
@@ -147,7 +156,7 @@ def read_episode_table(layout: DatasetLayout, cameras: tuple[str, ...] = ("image
             file_path = (bytes_values(payload, file_ref)[0].decode() if isinstance(file_ref, BytesRefs)
                          and len(file_ref.offsets) else "")
             instructions = [b.decode("utf-8") for b in bytes_values(payload, language)]
-            builder.add(actions, states, instructions, file_path, refs)
+            builder.add(actions, states, instructions, file_path, refs, where=f"{where}, episode {file_path!r}")
             count += 1
         if count != layout.shard_lengths[shard_index]:
             raise ExampleFormatError(f"{path}: holds {count} episodes but dataset_info.json lists "

@@ -35,8 +35,22 @@ def array_statistics(x: np.ndarray, mask: Sequence[bool]) -> dict[str, list]:
             "q99": np.quantile(x, 0.99, axis=0).tolist(), "mask": [bool(m) for m in mask]}
 
 
+def _check_finite(table: EpisodeTable, values: np.ndarray, what: str) -> None:
+    """ValueError naming the first episode and step holding NaN / inf (the statistics would be NaN)."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, dim = (int(i) for i in np.argwhere(bad)[0])
+        episode = int(np.searchsorted(table.episode_starts, row, side="right") - 1)
+        path = table.file_paths[episode] if episode < len(table.file_paths) else ""
+        raise ValueError(f"dataset '{table.name}': {what} of episode {episode} ({path or 'no file path'}) is not "
+                         f"finite at step {row - int(table.episode_starts[episode])}, dimension {dim} "
+                         f"({int(bad.sum())} non-finite values in the dataset); statistics need finite data")
+
+
 def compute_statistics(table: EpisodeTable) -> dict[str, Any]:
-    """Statistics entry of one dataset (all transitions, LIBERO transform applied)."""
+    """Statistics entry of one dataset (all transitions, LIBERO transform applied); refuses NaN / inf."""
+    _check_finite(table, table.actions, "the action")
+    _check_finite(table, table.states, "the proprio state")
     return {"action": array_statistics(transform_actions(table.actions), ACTION_NORM_MASK),
             "proprio": array_statistics(transform_proprio(table.states), PROPRIO_NORM_MASK),
             "num_transitions": int(table.num_steps), "num_trajectories": int(table.num_episodes)}
@@ -61,13 +75,20 @@ def cached_statistics(table: EpisodeTable, cache_dir: str | Path | None = None) 
     if path.is_file():
         try:
             cached = json.loads(path.read_text())
-            if cached.get("format") == _CACHE_FORMAT:
+            if cached.get("format") == _CACHE_FORMAT and statistics_are_finite(cached["statistics"]):
                 return cached["statistics"]
-        except (json.JSONDecodeError, KeyError, AttributeError):
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
             pass  # unreadable cache entry: recompute and overwrite it
     stats = compute_statistics(table)
     _atomic_write_json(path, {"format": _CACHE_FORMAT, "dataset": table.name, "statistics": stats})
     return stats
+
+
+def statistics_are_finite(entry: Mapping[str, Any]) -> bool:
+    """True when every number of a statistics entry (action / proprio mean, std, ..., q99) is finite."""
+    numbers = [v for part in ("action", "proprio") for key, values in entry.get(part, {}).items() if key != "mask"
+               for v in (values if isinstance(values, list) else [values])]
+    return all(isinstance(v, (int, float)) and np.isfinite(v) for v in numbers)
 
 
 def save_dataset_statistics(statistics: Mapping[str, Any], run_dir: str | Path) -> Path:

@@ -107,7 +107,10 @@ def load_prismatic_vlm_checkpoint(path: str | Path, vla_config: OpenVLAConfig | 
         model_cfg = json.loads(config_file.read_text()).get("model", {}) if config_file.exists() else {}
         vla_config = vla_config_from_prismatic(model_cfg)
     checkpoint_file = _prismatic_checkpoint_file(path)
-    payload = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+    from prismatic.integrity import unreadable_file
+
+    with unreadable_file(checkpoint_file):
+        payload = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"{checkpoint_file} is not a Prismatic checkpoint: expected {{'model': {{...}}}}")
     parts = payload["model"]

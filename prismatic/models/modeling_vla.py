@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -138,7 +139,11 @@ def load_vla_pretrained(directory: str, dtype: torch.dtype | None = torch.float3
     The tied LM head may be absent from the file; `allowed_missing` lists other tolerated names.
     """
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model, info = OpenVLAForActionPrediction.from_pretrained(str(directory), output_loading_info=True, **kwargs)
+    try:
+        model, info = OpenVLAForActionPrediction.from_pretrained(str(directory), output_loading_info=True, **kwargs)
+    except Exception:
+        _name_unreadable_weights(directory)  # a damaged weight file: one line naming it
+        raise
     missing = sorted(set(info.get("missing_keys", ())) - {f"{LM_HEAD_NAME}.weight", *allowed_missing})
     unexpected = sorted(info.get("unexpected_keys", ()))
     mismatched = sorted(str(m) for m in info.get("mismatched_keys", ()))
@@ -146,6 +151,17 @@ def load_vla_pretrained(directory: str, dtype: torch.dtype | None = torch.float3
         raise ValueError(f"VLA weights in {directory} do not match its config.json: missing keys {missing[:10]}, "
                          f"unexpected keys {unexpected[:10]}, shape mismatches {mismatched[:10]}")
     return model.eval()
+
+
+def _name_unreadable_weights(directory: str) -> None:
+    """Raise CorruptCheckpointError naming the first *.safetensors of `directory` whose header cannot be read."""
+    from safetensors import safe_open
+
+    from prismatic.integrity import unreadable_file
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with unreadable_file(path), safe_open(str(path), framework="pt") as f:
+            f.metadata()
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from prismatic.data.normalization import normalize_proprio_for_eval, unnormalize_bounds_q99
+from prismatic.integrity import unreadable_file
 from prismatic.models.action_heads import ACTION_DIM, NUM_ACTIONS_CHUNK, L1RegressionActionHead
 from prismatic.models.image_transform import batch_pixel_values
 from prismatic.models.modeling_vla import (
@@ -68,7 +69,8 @@ def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def load_component_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with unreadable_file(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
     return strip_ddp_prefix(state)
@@ -280,7 +282,9 @@ class VLAPolicy(nn.Module):
         if not config_file.exists():
             raise FileNotFoundError(f"{directory} has no {POLICY_CONFIG_NAME}; for upstream folders use "
                                     "prismatic.models.loaders.load_policy")
-        policy_config = PolicyConfig.from_dict(json.loads(config_file.read_text()))
+        with unreadable_file(config_file):
+            recorded = json.loads(config_file.read_text())
+        policy_config = PolicyConfig.from_dict(recorded)
         return assemble_policy(directory, policy_config, step=step, device=device, dtype=dtype)
 
 
@@ -301,7 +305,8 @@ def assemble_policy(directory: Path, policy_config: PolicyConfig, step: int | No
         proprio = ProprioProjector(vla.config.hidden_size, policy_config.proprio_dim)
         load_strict(proprio, load_component_state_dict(proprio_file), f"proprio projector file {proprio_file.name}")
     stats_file = directory / STATS_NAME
-    norm_stats = json.loads(stats_file.read_text()) if stats_file.exists() else (vla.config.norm_stats or {})
+    with unreadable_file(stats_file):
+        norm_stats = json.loads(stats_file.read_text()) if stats_file.exists() else (vla.config.norm_stats or {})
     overrides = {"num_images": policy_config.num_images_in_input, "image_size": vla.config.image_size}
     overrides.update(processor_overrides or {})
     processor = PrismaticProcessor.from_pretrained(directory, **overrides)

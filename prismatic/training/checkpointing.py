@@ -24,13 +24,15 @@ import torch
 
 from prismatic.cli_errors import disk_full_error
 from prismatic.integrity import (  # noqa: F401 - re-exported: the checkpoint API lives here
+    MARKER_FORMAT,
     CorruptCheckpointError,
     file_sha256,
     folder_sha256,
     read_complete_marker,
+    unreadable_file,
     verify_checkpoint,
 )
-from prismatic.training.finetune_config import COMPLETE_MARKER, TRAINING_STATE_FILE, parse_checkpoint_dir
+from prismatic.training.checkpoint_names import COMPLETE_MARKER, TRAINING_STATE_FILE, parse_checkpoint_dir
 
 TRAINING_STATE_VERSION = 1
 
@@ -135,7 +137,8 @@ def remove_tree(path: Path) -> None:
 # ---- checksums in the COMPLETE marker (prismatic/integrity.py) ---------------------------------------------------
 def write_complete_marker(folder: Path, marker: dict) -> None:
     """COMPLETE (json: `marker`, time, sha256 of every file), written atomically and fsynced."""
-    record = {**marker, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sha256": folder_sha256(folder)}
+    record = {**marker, "format": MARKER_FORMAT, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "sha256": folder_sha256(folder)}
     tmp = Path(folder) / f".{COMPLETE_MARKER}.tmp"
     with open(tmp, "w") as f:
         json.dump(record, f)
@@ -146,7 +149,7 @@ def write_complete_marker(folder: Path, marker: dict) -> None:
 
 def reseal_checkpoint(folder: Path) -> None:
     """Record the current files' sha256 after a tool added or replaced files in a checkpoint (merge_lora)."""
-    marker = {k: v for k, v in read_complete_marker(folder).items() if k not in ("sha256", "time")}
+    marker = {k: v for k, v in read_complete_marker(folder).items() if k not in ("sha256", "time", "format")}
     write_complete_marker(folder, marker)
 
 
@@ -201,7 +204,11 @@ def load_training_state(checkpoint: Path) -> dict:
     path = checkpoint / TRAINING_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{checkpoint}' has no {TRAINING_STATE_FILE}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with unreadable_file(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"'{path}' does not hold a training state (a {type(state).__name__})",
+                                     "use an earlier checkpoint of the run")
     if state.get("version") != TRAINING_STATE_VERSION:
         raise ValueError(f"{path}: training state version {state.get('version')} != {TRAINING_STATE_VERSION}")
     return state

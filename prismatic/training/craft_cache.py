@@ -25,9 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prismatic.cli_errors import UserError
+from prismatic.integrity import unreadable_file
 
 CACHE_FORMAT_VERSION = 2  # 2: chat-template prompt, head positions one left of patches/queries
 MANIFEST_NAME = "manifest.json"
+_REBUILD = "rebuild the cache with vla-scripts/build_craft_cache.py --overwrite True"
 REQUIRED_MANIFEST_FIELDS = (
     "model_identity",
     "raw_layer",
@@ -214,7 +216,8 @@ class CraftCacheReader:
         path = self.dir / MANIFEST_NAME
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: {self.dir} is not a complete CRaFT anchor cache")
-        self.manifest: dict[str, Any] = json.loads(path.read_text())
+        with unreadable_file(path, _REBUILD):
+            self.manifest: dict[str, Any] = json.loads(path.read_text())
         if self.manifest.get("format_version") != CACHE_FORMAT_VERSION:
             raise ValueError(f"cache format_version {self.manifest.get('format_version')} != {CACHE_FORMAT_VERSION}: "
                              "it was built with another prompt / feature layout; rebuild it with "
@@ -231,7 +234,7 @@ class CraftCacheReader:
                             "differs from manifest.json",
                             "rebuild it with vla-scripts/build_craft_cache.py --overwrite True")
         for si, fname in enumerate(self._shard_files):
-            with safe_open(str(self.dir / fname), framework="pt") as f:
+            with unreadable_file(self.dir / fname, _REBUILD), safe_open(str(self.dir / fname), framework="pt") as f:
                 meta = f.metadata()
             for row, (sid, h) in enumerate(zip(json.loads(meta["sample_ids"]), json.loads(meta["content_hashes"]),
                                                strict=True)):
@@ -255,7 +258,8 @@ class CraftCacheReader:
 
     def _shard(self, si: int) -> torch.Tensor:
         if si not in self._loaded:
-            with safe_open(str(self.dir / self._shard_files[si]), framework="pt") as f:
+            path = self.dir / self._shard_files[si]
+            with unreadable_file(path, _REBUILD), safe_open(str(path), framework="pt") as f:
                 self._loaded[si] = f.get_tensor("features")
         return self._loaded[si]
 

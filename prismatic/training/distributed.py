@@ -78,6 +78,22 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(t.item() > 0)
 
 
+# what gloo / NCCL / the TCP store raise when another rank's process is gone
+LOST_PEER_TEXTS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+                   "NCCL communicator was aborted", "remote process exited or there was a network error")
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """True when `exc` (or its cause) is a collective failing because another rank died."""
+    seen = exc
+    while seen is not None:
+        if (hasattr(dist, "DistNetworkError") and isinstance(seen, dist.DistNetworkError)) \
+                or any(text in str(seen) for text in LOST_PEER_TEXTS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def gather_objects(obj, env: DistEnv) -> list:
     """Every rank's `obj` as a list indexed by rank (picklable objects; small payloads such as RNG states)."""
     if not env.distributed:

@@ -9,11 +9,16 @@ model has loaded.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from prismatic.cli_errors import UserError
+from prismatic.training.checkpoint_names import (  # noqa: F401 - re-exported (callers import them from here)
+    CHECKPOINT_DIR_PATTERN,
+    COMPLETE_MARKER,
+    TRAINING_STATE_FILE,
+    parse_checkpoint_dir,
+)
 
 PRESETS = ("real", "tiny")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -21,9 +26,12 @@ CRAFT_ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
 CRAFT_ANCHOR_SOURCES = ("online", "offline")
 CRAFT_DUAL_MODES = ("gradient", "pid")
 RETENTION_METHODS = ("none", "craft", "align", "consft", "ki")
-CHECKPOINT_DIR_PATTERN = re.compile(r"^(?P<run_id>.+)--(?P<step>\d+)_chkpt$")
-COMPLETE_MARKER = "COMPLETE"
-TRAINING_STATE_FILE = "training_state.pt"
+
+
+# what a folder given as --config_file_path / --vlm_path holds at least one of (policy, upstream, Prismatic, HF,
+# or the tokenizer a --vlm_path run takes from --config_file_path)
+MODEL_FOLDER_FILES = ("config.json", "policy_config.json", "action_head--*_checkpoint.pt", "checkpoints/*.pt",
+                      "tokenizer.json", "tokenizer_config.json")
 
 
 class ConfigError(UserError, ValueError):
@@ -162,14 +170,6 @@ def make_run_id(cfg: FinetuneConfig, world_size: int) -> str:
     return run_id
 
 
-def parse_checkpoint_dir(path: Path) -> tuple[str, int]:
-    """(run_id, step) from a `{run_id}--{step}_chkpt` folder name; ValueError if the name does not match."""
-    match = CHECKPOINT_DIR_PATTERN.match(Path(path).name)
-    if match is None:
-        raise ValueError(f"'{path}' is not a checkpoint folder: expected a name like '<run id>--<step>_chkpt'")
-    return match.group("run_id"), int(match.group("step"))
-
-
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -228,10 +228,14 @@ def validate_config(cfg: FinetuneConfig) -> list[str]:
         errors.append(f"--data_root_dir '{data_dir}' does not exist or is not a directory")
     else:
         errors.extend(_dataset_errors(data_dir, cfg.dataset_name))
+    model_folders = ("vlm_path",) if cfg.resume else ("config_file_path", "vlm_path")  # a resume's: _resume_errors
     for name in ("config_file_path", "vlm_path", "craft_snapshot_path"):
         value = getattr(cfg, name)
         if value is not None and not Path(value).exists():
             errors.append(f"--{name} '{value}' does not exist")
+        elif name in model_folders and value is not None and Path(value).is_dir() \
+                and not any(next(Path(value).glob(pattern), None) for pattern in MODEL_FOLDER_FILES):
+            errors.append(f"--{name} '{value}' holds no model (none of {', '.join(MODEL_FOLDER_FILES)})")
 
     if cfg.resume:
         errors.extend(_resume_errors(cfg))

@@ -167,7 +167,8 @@ def load_training_checkpoint_policy(chkpt: Path, cfg: FinetuneConfig | None = No
         return policy
     if cfg is not None and not cfg.use_lora:
         raise ValueError(f"--use_lora False but checkpoint {chkpt} holds a LoRA adapter; resume with --use_lora True")
-    meta = json.loads((lora_dir / LORA_BASE_FILE).read_text())
+    with ckpt.unreadable_file(lora_dir / LORA_BASE_FILE):
+        meta = json.loads((lora_dir / LORA_BASE_FILE).read_text())
     meta["base"].update(base_override or {})
     policy = build_base_policy(meta["base"])
     if base_fingerprint(policy) != meta["base_fingerprint"]:
@@ -176,7 +177,9 @@ def load_training_checkpoint_policy(chkpt: Path, cfg: FinetuneConfig | None = No
     add_lora(policy, meta["lora_rank"], meta["lora_dropout"], without_vision=meta.get("freeze_vision_backbone", False))
     if meta.get("freeze_vision_backbone", False):
         freeze_vision_backbone(policy)
-    load_trainable_state(policy, load_file(str(lora_dir / TRAINABLE_STATE_FILE)), str(lora_dir))
+    with ckpt.unreadable_file(lora_dir / TRAINABLE_STATE_FILE):
+        saved = load_file(str(lora_dir / TRAINABLE_STATE_FILE))
+    load_trainable_state(policy, saved, str(lora_dir))
     policy.norm_stats = json.loads((chkpt / STATS_NAME).read_text()) if (chkpt / STATS_NAME).is_file() else {}
     return policy.train()
 
@@ -321,7 +324,8 @@ def recorded_run_config(chkpt: Path, run_root_dir: Path | None = None) -> dict |
     """The flags of the run that wrote `chkpt`: its run_config.json, else the run's config.yaml (older runs)."""
     chkpt = Path(chkpt)
     if (chkpt / RUN_CONFIG_FILE).is_file():
-        return json.loads((chkpt / RUN_CONFIG_FILE).read_text())
+        with ckpt.unreadable_file(chkpt / RUN_CONFIG_FILE):
+            return json.loads((chkpt / RUN_CONFIG_FILE).read_text())
     run_id, _ = ckpt.parse_checkpoint_dir(chkpt)
     for root in {chkpt.parent, Path(run_root_dir) if run_root_dir is not None else chkpt.parent}:
         path = root / run_id / run_folder.CONFIG_FILE

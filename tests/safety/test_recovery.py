@@ -193,7 +193,7 @@ def test_flipped_bytes_are_refused_by_every_reader(finished_run, tmp_path):
         ckpt.verify_checkpoint(chkpt)
 
 
-def test_merge_into_the_checkpoint_reseals_it(finished_run, tmp_path):
+def test_merge_writes_a_new_sealed_folder_and_never_the_checkpoint(finished_run, tmp_path):
     import merge_lora_weights_and_save as merge
     from merge_lora_weights_and_save import merge_lora_checkpoint
 
@@ -202,8 +202,18 @@ def test_merge_into_the_checkpoint_reseals_it(finished_run, tmp_path):
     assert (merge.LORA_DIR, merge.LORA_BASE_FILE) == (policy_setup.LORA_DIR, policy_setup.LORA_BASE_FILE)
 
     chkpt = shutil.copytree(finished_run / "done--1_chkpt", tmp_path / "done--1_chkpt")
-    merge_lora_checkpoint(chkpt)
-    ckpt.verify_checkpoint(chkpt)  # the merged files written in place are recorded again
+    source = _snapshot(chkpt)
+    out = merge_lora_checkpoint(chkpt)  # default: a new sibling folder
+    assert out == tmp_path / "done--1_chkpt_merged"
+    assert _snapshot(chkpt) == source  # the checkpoint itself is never written
+    ckpt.verify_checkpoint(out)  # its own COMPLETE with the sha256 of every file
+    marker = json.loads((out / "COMPLETE").read_text())
+    assert marker["merged_from"] == str(chkpt.resolve()) and marker["step"] == 1
+    assert set(marker["sha256"]) == {p.relative_to(out).as_posix() for p in out.rglob("*")
+                                     if p.is_file() and p.name != "COMPLETE"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or lock file left
+    with pytest.raises(UserError, match="is \\(or holds, or is inside\\) the checkpoint"):
+        merge_lora_checkpoint(chkpt, chkpt, overwrite=True)
 
 
 def test_nan_weights_are_never_saved_as_complete(data_root, tmp_path):
@@ -252,6 +262,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(data_root, tmp_pat
                                                               "max_steps", "run_root_dir"})
     message = str(err.value)
     assert str(runs / "r--2_chkpt") in message and "No space left" in message and "needed" in message
+    # issue 23: "run the same command again" would be refused as an existing run; the advice names the resume
+    assert f"--resume True --config_file_path {runs / 'r--1_chkpt'} --resume_step 1" in message, message
+    assert "run the same command again" not in message
     assert _snapshot(runs / "r--1_chkpt") == previous
     assert not (runs / "r--2_chkpt").exists() and not list(runs.glob(".r--2_chkpt*"))
 
