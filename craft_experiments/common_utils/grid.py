@@ -29,6 +29,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from recipe import (  # noqa: E402
+    CRAFT_TIME_FACTOR,
+    Recipe,
+    RecipeError,
+    accumulation,
+    disk_gb,
+    epoch_steps,
+    gpu_hours,
+    load_recipe,
+    recipe_lines,
+    recipe_steps,
+    samples_departure,
+    schedule,
+)
 from run_layout import (  # noqa: E402
     COMPLETE_MARKER,
     DRIFT_REPORT,
@@ -107,8 +121,9 @@ class Settings:
     grad_accum: int
     lr: str
     lora_rank: int
-    epochs: int
+    epochs: int | None  # EPOCHS: an explicit override of the recipe's steps
     save_freq: int
+    lr_schedule: str  # upstream (no warm-up, no decay) | project (WARMUP_PERCENT / DECAY_PERCENT)
     warmup_percent: int
     decay_percent: int
     save_latest_only: str
@@ -136,6 +151,8 @@ class Settings:
     output_root: Path
     smoke_max_steps: int = 0
     invoke_dir: Path = field(default_factory=Path.cwd)
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+    departures: list[str] = field(default_factory=list)  # how the grid departs from the recipe (all suites)
 
     @property
     def run_root(self) -> Path:
@@ -180,6 +197,22 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def _optional(name: str, minimum: int) -> int | None:
+    value = os.environ.get(name, "")
+    return _int(name, value, minimum) if value.strip() else None
+
+
+def _recipes(suites: list[str]) -> dict[str, Recipe]:
+    try:
+        recipes = {suite: load_recipe(suite) for suite in suites}
+    except RecipeError as exc:
+        raise fail(str(exc), "restore craft_experiments/recipes/ from git") from None
+    for key in ("global_batch", "learning_rate", "lora_rank"):  # one value per grid: run ids name it once
+        if len({str(r[key]) for r in recipes.values()}) > 1:
+            raise fail(f"the recipes of {' '.join(suites)} differ in {key}", "run the suites separately (SUITES)")
+    return recipes
+
+
 def load_settings(experiment: str, invoke_dir: Path) -> Settings:
     dry, smoke = _on("DRY_RUN"), _on("SMOKE")
     if _on("SMOKE_SKIP_EVAL") and not smoke:
@@ -193,16 +226,40 @@ def load_settings(experiment: str, invoke_dir: Path) -> Settings:
     for suite in suites_text.split():
         if suite not in SUITE_EPISODES:
             raise fail(f"SUITES: unknown suite '{suite}'", f"known: {' '.join(SUITE_EPISODES)}")
+    recipes = _recipes(suites_text.split())
+    recipe = next(iter(recipes.values()))
     data_root = _env("DATA_ROOT", str(REPO_ROOT / "datasets/rlds"))
     vlm_path = _env("VLM_PATH", str(REPO_ROOT / "pretrained_models/prism-qwen25-extra-dinosiglip-224px-0_5b"))
     output_root = _env("OUTPUT_ROOT", str(REPO_ROOT / "runs/craft_experiments"))
     config_file_path = _env("CONFIG_FILE_PATH", "")
+    lr_schedule = _env("LR_SCHEDULE", "upstream")
+    if lr_schedule not in ("upstream", "project"):
+        raise fail(f"LR_SCHEDULE must be upstream or project, got '{lr_schedule}'",
+                   "unset it for upstream's schedule (no warm-up, no decay)")
+    if lr_schedule == "upstream" and ("WARMUP_PERCENT" in os.environ or "DECAY_PERCENT" in os.environ):
+        raise fail("WARMUP_PERCENT / DECAY_PERCENT only apply to LR_SCHEDULE=project",
+                   "set LR_SCHEDULE=project, or unset them for upstream's schedule")
+    departures = []
+    lr = _number("LEARNING_RATE", _env("LEARNING_RATE", str(recipe["learning_rate"])))
+    lora_rank = _int("LORA_RANK", _env("LORA_RANK", str(recipe["lora_rank"])), 1)
+    image_aug = _bool("IMAGE_AUG", _env("IMAGE_AUG", str(recipe["image_aug"])))
+    batch_size = _int("BATCH_SIZE", _env("BATCH_SIZE", "16"), 1)
+    num_gpus = _int("NUM_GPUS", _env("NUM_GPUS", "1"), 1)
+    grad_accum, notes = accumulation(int(recipe["global_batch"]), batch_size, num_gpus,
+                                     _optional("GRAD_ACCUMULATION_STEPS", 1))
+    departures += notes
+    if float(lr) != float(recipe["learning_rate"]):
+        departures.append(f"learning rate {lr} instead of the recipe's {recipe['learning_rate']} (LEARNING_RATE)")
+    if lora_rank != int(recipe["lora_rank"]):
+        departures.append(f"LoRA rank {lora_rank} instead of the recipe's {recipe['lora_rank']} (LORA_RANK)")
+    if image_aug != str(recipe["image_aug"]):
+        departures.append(f"image augmentation {image_aug} instead of the recipe's {recipe['image_aug']} (IMAGE_AUG)")
+    if lr_schedule == "project":
+        departures.append("the project's lr schedule (LR_SCHEDULE=project: warm-up over WARMUP_PERCENT, decay from "
+                          "DECAY_PERCENT of the steps) instead of upstream's (none)")
     values = dict(
-        batch_size=_int("BATCH_SIZE", _env("BATCH_SIZE", "8"), 1),
-        grad_accum=_int("GRAD_ACCUMULATION_STEPS", _env("GRAD_ACCUMULATION_STEPS", "1"), 1),
-        lora_rank=_int("LORA_RANK", _env("LORA_RANK", "64"), 1),
-        num_gpus=_int("NUM_GPUS", _env("NUM_GPUS", "1"), 1),
-        save_freq=_int("SAVE_FREQ", _env("SAVE_FREQ", "5000"), 1),
+        batch_size=batch_size, grad_accum=grad_accum, lora_rank=lora_rank, num_gpus=num_gpus,
+        save_freq=_int("SAVE_FREQ", _env("SAVE_FREQ", str(recipe["save_freq"])), 1),
         wandb_mode=_env("WANDB_MODE", "online"),
         eval_trials=_int("EVAL_TRIALS_PER_TASK", _env("EVAL_TRIALS_PER_TASK", "50"), 1),
         monitor_freq=_int("RETENTION_MONITOR_FREQ", _env("RETENTION_MONITOR_FREQ", "100"), 1),
@@ -220,6 +277,8 @@ def load_settings(experiment: str, invoke_dir: Path) -> Settings:
         output_root = _env("OUTPUT_ROOT", str(REPO_ROOT / "runs/craft_experiments_smoke"))
         config_file_path = _env("SMOKE_CONFIG_FILE_PATH", "")
         steps = _int("SMOKE_MAX_STEPS", _env("SMOKE_MAX_STEPS", "4"), 1)
+        departures = ["SMOKE: the tiny preset for a few steps, batch SMOKE_BATCH_SIZE, no accumulation; the numbers "
+                      "are placeholders, not the recipe's"]
         values.update(
             preset="tiny", smoke_max_steps=steps, save_freq=steps,
             batch_size=_int("SMOKE_BATCH_SIZE", _env("SMOKE_BATCH_SIZE", "2"), 1), grad_accum=1,
@@ -241,21 +300,22 @@ def load_settings(experiment: str, invoke_dir: Path) -> Settings:
         experiment=experiment, dry_run=dry, smoke=smoke, skip_eval=smoke and _on("SMOKE_SKIP_EVAL"),
         python=_env("PYTHON", "") or _default_python(), torchrun=_env("TORCHRUN", "") or _default_torchrun(),
         seeds=[_int("SEEDS entry", s, 0) for s in seeds_text.split()], suites=suites_text.split(),
-        lr=_number("LEARNING_RATE", _env("LEARNING_RATE", "5e-4")),
-        epochs=_int("EPOCHS", _env("EPOCHS", "20"), 1),
+        lr=lr, epochs=_optional("EPOCHS", 1), lr_schedule=lr_schedule,
         warmup_percent=_int("WARMUP_PERCENT", _env("WARMUP_PERCENT", "10"), 0),
         decay_percent=_int("DECAY_PERCENT", _env("DECAY_PERCENT", "80"), 1),
         save_latest_only=_bool("SAVE_LATEST_CHECKPOINT_ONLY", _env("SAVE_LATEST_CHECKPOINT_ONLY", "True")),
-        image_aug=_bool("IMAGE_AUG", _env("IMAGE_AUG", "True")),
+        image_aug=image_aug,
         wandb_project=_env("WANDB_PROJECT", "vla-craft-training"), wandb_entity=_env("WANDB_ENTITY", ""),
         auto_resume=_env("AUTO_RESUME", "1") in ("1", "true", "True"),
-        epsilon=_number("CRAFT_RETENTION_BUDGET", _env("CRAFT_RETENTION_BUDGET", "0.1")),
-        dual_lr=_number("CRAFT_DUAL_LR", _env("CRAFT_DUAL_LR", "0.01")),
+        epsilon=_number("CRAFT_RETENTION_BUDGET",
+                        _env("CRAFT_RETENTION_BUDGET", str(recipe["craft_retention_budget"]))),
+        dual_lr=_number("CRAFT_DUAL_LR", _env("CRAFT_DUAL_LR", str(recipe["craft_dual_lr"]))),
         eval_seed=_int("EVAL_SEED", _env("EVAL_SEED", "7"), 0), eval_device=eval_device,
         num_envs=_int("NUM_ENVS", _env("NUM_ENVS", "1"), 0), drift=_env("MEASURE_DRIFT", "1") != "0",
         data_root=data_root if data_root.startswith("$") else _abs(data_root, invoke_dir),
         vlm_path=_abs(vlm_path, invoke_dir), config_file_path=_abs(config_file_path, invoke_dir),
-        output_root=Path(_abs(output_root, invoke_dir)), invoke_dir=invoke_dir, **values)
+        output_root=Path(_abs(output_root, invoke_dir)), invoke_dir=invoke_dir, recipes=recipes,
+        departures=departures, **values)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,22 +339,38 @@ class Entry:
     note: str
     flags: list[str]
     cache: CacheSpec | None = None
+    shots: int | None = None
 
 
 def max_steps(s: Settings, suite: str, shots: int | None = None) -> int:
-    """EPOCHS passes over the frames (scaled to `shots` demos per task) at the global batch, rounded up to a multiple
-    of SAVE_FREQ; MAX_STEPS_<SUITE> (full data) and MAX_STEPS override; SMOKE: SMOKE_MAX_STEPS."""
+    """The recipe's steps for the suite (k-shot: scaled by the episodes seen, recipe.py); overrides: MAX_STEPS,
+    MAX_STEPS_<SUITE> (full data), EPOCHS (passes over the frames at the global batch); SMOKE: SMOKE_MAX_STEPS."""
     if s.smoke:
         return s.smoke_max_steps
     override = os.environ.get("MAX_STEPS") or (os.environ.get(f"MAX_STEPS_{suite.upper()}") if shots is None else None)
     if override:
         return _int("MAX_STEPS", override, 1)
     episodes = SUITE_EPISODES[suite]
-    frames = SUITE_STEPS[suite] - CHUNK_TAIL * episodes
-    if shots is not None and shots * TASKS_PER_SUITE < episodes:
-        frames = frames * shots * TASKS_PER_SUITE // episodes
-    raw = -(-s.epochs * frames // s.global_batch)
-    return -(-raw // s.save_freq) * s.save_freq
+    if s.epochs is not None:
+        frames = SUITE_STEPS[suite] - CHUNK_TAIL * episodes
+        if shots is not None and shots * TASKS_PER_SUITE < episodes:
+            frames = frames * shots * TASKS_PER_SUITE // episodes
+        return epoch_steps(s.epochs, frames, s.global_batch, s.save_freq)
+    return recipe_steps(s.recipes[suite], episodes, shots, TASKS_PER_SUITE)
+
+
+def steps_departure(s: Settings, suite: str, shots: int | None, steps: int) -> str | None:
+    """How a suite's run length departs from the recipe (None: it does not), for the banner."""
+    if s.smoke:
+        return None
+    why = ("MAX_STEPS" if os.environ.get("MAX_STEPS") else f"MAX_STEPS_{suite.upper()}"
+           if os.environ.get(f"MAX_STEPS_{suite.upper()}") and shots is None else
+           f"EPOCHS={s.epochs}" if s.epochs is not None else "")
+    note = samples_departure(steps, s.global_batch, s.recipes[suite], shots, SUITE_EPISODES[suite], TASKS_PER_SUITE)
+    if note is None:
+        return None
+    label = f"{suite}" + (f" {shots}-shot" if shots is not None else "")
+    return f"{label}: {steps} steps{f' ({why})' if why else ''}, {note}"
 
 
 def craft_flags(s: Settings, budget: str | None = None, projection: str = "True", dual: str = "True",
@@ -357,7 +433,7 @@ def fewshot_entries(s: Settings) -> list[Entry]:
                 for method in methods:
                     flags = ["--num_demos_per_task", str(shots), *method_flags(s, method)]
                     out.append(Entry(make_run_id(s, "fs", suite, method, seed, flags, shots), suite, seed, steps,
-                                     f"{shots}shot-{method}", flags))
+                                     f"{shots}shot-{method}", flags, shots=shots))
     return out
 
 
@@ -444,15 +520,17 @@ def train_command(s: Settings, e: Entry, resume_step: int | None) -> list[str]:
             "--config_file_path", str(chkpt), "--resume", "True", "--resume_step", str(resume_step)]
     else:
         cmd += _model_flags(s)
-    decay = max(1, e.steps * s.decay_percent // 100)
+    warmup, decay = schedule(e.steps, s.lr_schedule, s.warmup_percent, s.decay_percent)
+    r = s.recipes[e.suite]
     cmd += ["--model_preset", s.preset, "--data_root_dir", s.data_root, "--dataset_name", f"{e.suite}_no_noops",
             "--run_root_dir", str(s.run_root), "--run_id", e.run_id, "--run_id_note", e.note,
             "--batch_size", str(s.batch_size), "--learning_rate", s.lr,
-            "--lr_warmup_steps", str(e.steps * s.warmup_percent // 100), "--num_steps_before_decay", str(decay),
+            "--lr_warmup_steps", str(warmup), "--num_steps_before_decay", str(decay),
             "--grad_accumulation_steps", str(s.grad_accum), "--max_steps", str(e.steps),
             "--save_freq", str(s.save_freq), "--save_latest_checkpoint_only", s.save_latest_only,
-            "--image_aug", s.image_aug, "--use_lora", "True", "--lora_rank", str(s.lora_rank),
-            "--use_proprio", "True", "--num_images_in_input", "2", "--use_pro_version", "True",
+            "--image_aug", s.image_aug, "--use_lora", str(r["use_lora"]), "--lora_rank", str(s.lora_rank),
+            "--use_proprio", str(r["use_proprio"]), "--num_images_in_input", str(r["num_images_in_input"]),
+            "--use_pro_version", str(r["use_pro_version"]),
             "--use_l1_regression", "True", "--seed", str(e.seed), "--wandb_project", s.wandb_project,
             "--wandb_mode", s.wandb_mode, "--retention_monitor", "True",
             "--retention_monitor_freq", str(s.monitor_freq)]
@@ -638,14 +716,40 @@ def glob_escape(text: str) -> str:
 
 
 def banner(s: Settings, entries: list[Entry]) -> None:
+    """What the grid will do, the recipe with its sources, every departure from it and the cost: before anything."""
     print(f"# ==== CRaFT experiments: {s.experiment} ====")
     print(f"# mode: {'DRY_RUN ' if s.dry_run else ''}{'SMOKE (tiny preset)' if s.smoke else 'full'}")
     print(f"# working directory: {REPO_ROOT}\n# run root: {s.run_root}")
     print(f"# data: {s.data_root} | θ0: {s.theta0 or '<none: tiny model from scratch>'} | preset: {s.preset} | "
           f"GPUs: {s.num_gpus}")
     print(f"# suites: {' '.join(s.suites)} | seeds: {' '.join(map(str, s.seeds))} | {len(entries)} run(s)")
-    print(f"# recipe: batch {s.batch_size}/GPU x accum {s.grad_accum}, lr {s.lr}, LoRA rank {s.lora_rank}, epochs "
-          f"{s.epochs}, save every {s.save_freq}, warm-up {s.warmup_percent}%, decay at {s.decay_percent}%")
+    warmup, decay = ("none", "none") if s.lr_schedule == "upstream" else (f"{s.warmup_percent}% of the steps",
+                                                                          f"x0.1 at {s.decay_percent}%")
+    print(f"# training: global batch {s.global_batch} = BATCH_SIZE {s.batch_size} x NUM_GPUS {s.num_gpus} x "
+          f"accumulation {s.grad_accum} | lr {s.lr} | LoRA rank {s.lora_rank} | warm-up {warmup} | decay {decay} | "
+          f"image aug {s.image_aug} | save every {s.save_freq}")
+    steps: dict[tuple[str, int | None], int] = {}
+    for e in entries:
+        steps.setdefault((e.suite, e.shots), e.steps)
+    print("# steps: " + ", ".join(f"{suite}{f' {k}-shot' if k is not None else ''} {n}"
+                                  for (suite, k), n in steps.items()))
+    if not s.smoke:
+        for line in recipe_lines(s.recipes):
+            print(f"# {line}")
+    departures = list(s.departures) + [d for (suite, k), n in steps.items()
+                                       if (d := steps_departure(s, suite, k, n)) is not None]
+    if departures:
+        for d in departures:
+            print(f"# DEPARTS FROM THE RECIPE: {d}")
+    else:
+        print("# departures from the recipe: none")
+    if not s.smoke:
+        hours = sum(gpu_hours(s.recipes[e.suite], e.steps, s.global_batch, "--use_craft" in e.flags
+                              and e.flags[e.flags.index("--use_craft") + 1] == "True") for e in entries)
+        disk = sum(disk_gb(s.recipes[e.suite], e.steps, s.save_freq, s.save_latest_only == "True") for e in entries)
+        print(f"# cost: ~{hours:,.0f} H100 GPU-hours for training (upstream's 4xH100 wall-clock per suite x 4 GPUs, "
+              f"scaled by the samples seen; CRaFT runs x{CRAFT_TIME_FACTOR}), evaluation extra | disk ~{disk:,.0f} GB "
+              "of checkpoints")
     print(f"# wandb: project {s.wandb_project} entity {s.wandb_entity or '<default>'} mode {s.wandb_mode}")
     print(f"# evaluation: {s.eval_trials} trial(s)/task on {s.eval_device}, {s.num_envs} simulator process(es)")
 
