@@ -689,7 +689,7 @@ class Runner:
         eval_dir = self.s.run_root / e.run_id / EVAL_SUMMARY.parent
         summary = read_json(self.s.run_root / e.run_id / EVAL_SUMMARY)
         if summary is not None:
-            why = stale_reason(summary, final, e.steps)
+            why = stale_reason(summary, final)
             if why is None:
                 self.note(f"[skip-eval] {e.run_id}: {eval_dir / 'summary.json'} is current")
                 self.counts["skip"] += 1

@@ -196,7 +196,7 @@ def load_run_dir(run_dir: Path) -> RunRecord:
         except RunDataError as exc:
             record.report("warning", f"success rate left out: {exc}")
         if record.eval_summary is not None and final is not None:
-            why = stale_reason(record.eval_summary, final, record.config["max_steps"])
+            why = stale_reason(record.eval_summary, final)
             if why is not None:
                 record.eval_summary = None
                 record.report("warning", f"stale evaluation ignored: {why} (rerun the grid script to redo it)")

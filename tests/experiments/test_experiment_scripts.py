@@ -573,3 +573,53 @@ def test_smoke_grid_runs_the_real_tools_into_the_tables(tmp_path, smoke_data, na
     # a second invocation finds everything finished
     again = subprocess.run(["bash", str(SCRIPTS[name])], env=full_env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and not parse_commands(again.stdout, prefix="")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results belong to weights (issue 24): a copied root keeps them, a checkpoint rewritten in place loses them
+# ---------------------------------------------------------------------------------------------------------------------
+def test_copied_root_keeps_every_result_in_the_parser_and_the_grid(tmp_path, fake_env):
+    import shutil
+
+    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1 2", "MAX_STEPS": "5000"}
+    assert run_script("table1", tmp_path, **env).returncode == 0
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+
+    original = log_parser.collect([tmp_path / "out" / "table1"])
+    elsewhere = tmp_path / "elsewhere" / "moved_out"
+    shutil.copytree(tmp_path / "out", elsewhere, symlinks=True)
+    copied = log_parser.collect([elsewhere / "table1"])
+    assert [str(i) for i in copied.issues] == []
+    columns = ("success_pct", "drift_retention", "final_action_loss")
+    assert [[r[c] for c in columns] for r in copied.run_rows] == [[r[c] for c in columns] for r in original.run_rows]
+    assert all(math.isfinite(r["success_pct"]) and math.isfinite(r["drift_retention"]) for r in copied.run_rows)
+    made = len(calls(tmp_path))
+    again = run_script("table1", tmp_path, **{**env, "OUTPUT_ROOT": str(elsewhere)})
+    assert again.returncode == 0, again.stderr
+    assert len(calls(tmp_path)) == made, "a copied finished root has nothing to redo"
+    assert again.stdout.count("[skip-eval]") == again.stdout.count("[skip-drift]") == 4
+
+
+def test_checkpoint_retrained_in_place_invalidates_its_results(tmp_path, fake_env):
+    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1", "METHODS": "baseline", "MAX_STEPS": "5000"}
+    assert run_script("table1", tmp_path, **env).returncode == 0
+    train_args = calls(tmp_path)[0]["args"]
+    # the same training run again into the same folder, other weights (a rerun of finetune.py by hand)
+    subprocess.run([sys.executable, str(FAKE_TOOLS), "vla-scripts/finetune.py", *train_args], check=True,
+                   env={**os.environ, "FAKE_WEIGHTS_SALT": "retrained"})
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+
+    results = log_parser.collect([tmp_path / "out" / "table1"])
+    (row,) = results.run_rows
+    assert math.isnan(row["success_pct"]) and math.isnan(row["drift_retention"])
+    messages = [str(i) for i in results.issues]
+    assert any("stale evaluation ignored" in m and "retrained at the same path" in m for m in messages), messages
+    assert any("stale drift report ignored" in m for m in messages), messages
+    proc = run_script("table1", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert "[stale-eval]" in proc.stdout and "[stale-drift]" in proc.stdout
+    assert [Path(c["script"]).name for c in calls(tmp_path)[3:]] == ["measure_drift.py", "run_libero_eval.py"]
+    (row,) = log_parser.collect([tmp_path / "out" / "table1"]).run_rows
+    assert math.isfinite(row["success_pct"]) and math.isfinite(row["drift_retention"])

@@ -377,7 +377,7 @@ def test_stale_evaluation_is_ignored(tmp_path):
     (run_dir / "eval" / "summary.json").write_text(json.dumps(summary))
     results = lp.collect([root])
     assert math.isnan(results.run_rows[0]["success_pct"])
-    assert any("stale evaluation ignored: it evaluated a--50_chkpt" in str(i) for i in results.issues)
+    assert any("stale evaluation ignored: it evaluated step 50, not step" in str(i) for i in results.issues)
     summary["checkpoint"] = {"path": str(root / f"a--{MAX_STEPS}_chkpt"), "step": MAX_STEPS}
     (run_dir / "eval" / "summary.json").write_text(json.dumps(summary))
     assert lp.collect([root]).run_rows[0]["success_pct"] == 30.0
