@@ -51,6 +51,7 @@ from run_layout import (  # noqa: E402
     final_checkpoint,
     read_json,
     stale_reason,
+    step_eval_summary,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -143,6 +144,7 @@ class Settings:
     eval_extra: list[str]
     eval_device: str
     num_envs: int
+    eval_every_kth: int  # EVAL_EVERY_KTH_CHECKPOINT: also evaluate every k-th saved checkpoint (0: final only)
     drift: bool
     drift_samples: int
     data_root: str
@@ -292,6 +294,10 @@ def load_settings(experiment: str, invoke_dir: Path) -> Settings:
     if values["wandb_mode"] not in ("online", "offline", "disabled"):
         raise fail(f"WANDB_MODE must be online, offline or disabled, got '{values['wandb_mode']}'",
                    "set WANDB_MODE=offline to log without network")
+    eval_every_kth = _int("EVAL_EVERY_KTH_CHECKPOINT", _env("EVAL_EVERY_KTH_CHECKPOINT", "0"), 0)
+    if eval_every_kth and _env("SAVE_LATEST_CHECKPOINT_ONLY", "True") != "False":
+        raise fail("EVAL_EVERY_KTH_CHECKPOINT needs the earlier checkpoints, which SAVE_LATEST_CHECKPOINT_ONLY=True "
+                   "deletes", "set SAVE_LATEST_CHECKPOINT_ONLY=False as well (disk: one checkpoint per SAVE_FREQ)")
     eval_device = _env("EVAL_DEVICE", "auto")
     if eval_device == "auto":  # resolved here: the printed command names the device it will use
         eval_device = "cuda" if not dry and _cuda_available() else ("cuda" if dry and shutil.which("nvidia-smi")
@@ -310,7 +316,7 @@ def load_settings(experiment: str, invoke_dir: Path) -> Settings:
         epsilon=_number("CRAFT_RETENTION_BUDGET",
                         _env("CRAFT_RETENTION_BUDGET", str(recipe["craft_retention_budget"]))),
         dual_lr=_number("CRAFT_DUAL_LR", _env("CRAFT_DUAL_LR", str(recipe["craft_dual_lr"]))),
-        eval_seed=_int("EVAL_SEED", _env("EVAL_SEED", "7"), 0), eval_device=eval_device,
+        eval_seed=_int("EVAL_SEED", _env("EVAL_SEED", "7"), 0), eval_device=eval_device, eval_every_kth=eval_every_kth,
         num_envs=_int("NUM_ENVS", _env("NUM_ENVS", "1"), 0), drift=_env("MEASURE_DRIFT", "1") != "0",
         data_root=data_root if data_root.startswith("$") else _abs(data_root, invoke_dir),
         vlm_path=_abs(vlm_path, invoke_dir), config_file_path=_abs(config_file_path, invoke_dir),
@@ -566,17 +572,29 @@ def drift_command(s: Settings, e: Entry) -> list[str]:
     return cmd
 
 
-def eval_command(s: Settings, e: Entry) -> list[str]:
+def eval_command(s: Settings, e: Entry, step: int | None = None) -> list[str]:
+    """The evaluation of the final checkpoint, or of the checkpoint of `step` (into eval_steps/<step>/)."""
+    checkpoint = final_checkpoint(s.run_root, e.run_id, step if step is not None else e.steps)
+    out_dir = (s.run_root / e.run_id / EVAL_SUMMARY.parent if step is None
+               else step_eval_summary(s.run_root, e.run_id, step).parent)
     # the center crop matches training: a policy trained with random crops is evaluated on the center crop
     return [s.python, "LIBERO/run_libero_eval.py",
-            "--pretrained_checkpoint", str(final_checkpoint(s.run_root, e.run_id, e.steps)),
+            "--pretrained_checkpoint", str(checkpoint),
             "--task_suite_name", e.suite, "--num_trials_per_task", str(s.eval_trials), "--seed", str(s.eval_seed),
-            "--local_log_dir", str(s.run_root / e.run_id / EVAL_SUMMARY.parent), "--num_images_in_input", "2",
+            "--local_log_dir", str(out_dir), "--num_images_in_input", "2",
             "--use_proprio", "True", "--center_crop", s.image_aug, "--device", s.eval_device,
             "--num_envs", str(s.num_envs),
             # online wandb: the eval joins the training run's project and group (read from its config.yaml); offline
             # runs keep the success rate in <run>/eval/summary.json, where log_parser reads it
             *(["--use_wandb", "True"] if s.wandb_mode == "online" else []), *s.eval_extra]
+
+
+def earlier_eval_steps(s: Settings, steps: int) -> list[int]:
+    """Steps of the every-k-th saved checkpoints before the final one (EVAL_EVERY_KTH_CHECKPOINT; none when 0)."""
+    if s.eval_every_kth <= 0:
+        return []
+    every = s.eval_every_kth * s.save_freq
+    return list(range(every, steps, every))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -703,12 +721,35 @@ class Runner:
             raise fail(f"evaluation of {e.run_id} exited 0 but wrote no {eval_dir / 'summary.json'}",
                        f"see {self.s.run_root / 'logs' / (e.run_id + '.eval.log')}")
 
+    def evaluate_earlier(self, e: Entry) -> None:
+        """EVAL_EVERY_KTH_CHECKPOINT: every k-th saved checkpoint before the final one, into eval_steps/<step>/."""
+        if self.s.skip_eval:
+            return
+        for step in earlier_eval_steps(self.s, e.steps):
+            checkpoint = final_checkpoint(self.s.run_root, e.run_id, step)
+            path = step_eval_summary(self.s.run_root, e.run_id, step)
+            summary = read_json(path)
+            if summary is not None:
+                why = stale_reason(summary, checkpoint)
+                if why is None:
+                    self.note(f"[skip-eval] {e.run_id} step {step}: {path} is current")
+                    self.counts["skip"] += 1
+                    continue
+                self.note(f"[stale-eval] {e.run_id} step {step}: {why}; evaluating again")
+                self.move_aside(path.parent)
+            if not self.s.dry_run and not (checkpoint / COMPLETE_MARKER).is_file():
+                raise fail(f"EVAL_EVERY_KTH_CHECKPOINT: {e.run_id} has no complete checkpoint of step {step} "
+                           f"('{checkpoint}')", "it was trained with SAVE_LATEST_CHECKPOINT_ONLY=True; retrain it or "
+                           "unset EVAL_EVERY_KTH_CHECKPOINT")
+            self.run("eval", self.s.run_root / "logs" / f"{e.run_id}.eval-{step}.log", eval_command(self.s, e, step))
+
     def entry(self, e: Entry) -> None:
         if e.cache is not None:
             self.cache(e)
         self.train(e)
         self.drift(e)
         self.evaluate(e)
+        self.evaluate_earlier(e)
 
 
 def glob_escape(text: str) -> str:
@@ -751,7 +792,10 @@ def banner(s: Settings, entries: list[Entry]) -> None:
               f"scaled by the samples seen; CRaFT runs x{CRAFT_TIME_FACTOR}), evaluation extra | disk ~{disk:,.0f} GB "
               "of checkpoints")
     print(f"# wandb: project {s.wandb_project} entity {s.wandb_entity or '<default>'} mode {s.wandb_mode}")
-    print(f"# evaluation: {s.eval_trials} trial(s)/task on {s.eval_device}, {s.num_envs} simulator process(es)")
+    extra = (f", every {s.eval_every_kth}th saved checkpoint is evaluated too (a separate best-checkpoint column)"
+             if s.eval_every_kth else "")
+    print(f"# evaluation: {s.eval_trials} trial(s)/task on {s.eval_device}, {s.num_envs} simulator process(es); "
+          f"the tables report the final checkpoint{extra}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,8 @@ class Metric:
 
 METRICS = (
     Metric("success_pct", "Success (%)", "Success (\\%)", ".1f"),
+    # only with EVAL_EVERY_KTH_CHECKPOINT: the best of the evaluated checkpoints, selected on the test episodes
+    Metric("best_success_pct", "Best-ckpt success (%)", "Best-ckpt success (\\%)", ".1f"),
     Metric("final_action_loss", "Final L_act", "Final $L_{act}$", ".4f"),
     Metric("final_retention_loss", "Final L_ret", "Final $L_{ret}$", ".4f"),
     Metric("mean_conflict_ratio", "Conflict ratio", "Conflict ratio", ".3f"),
@@ -206,6 +208,7 @@ def summarize_run(record: RunRecord, final_window: int = 1) -> dict | None:
             return math.nan
         return float(values.mean())
 
+    row.update(best_checkpoint(record, row["success_pct"], suite))
     row["eval_episodes"] = (int(record.eval_summary["num_episodes"]) if record.eval_summary is not None
                             and "num_episodes" in record.eval_summary else None)
     row["final_action_loss"] = final(KEY_ACTION_LOSS)
@@ -216,6 +219,21 @@ def summarize_run(record: RunRecord, final_window: int = 1) -> dict | None:
     row["final_lambda"] = final(KEY_LAMBDA)
     row.update(drift_numbers(record.drift))
     return row
+
+
+def best_checkpoint(record: RunRecord, final_pct: float, suite: str) -> dict[str, Any]:
+    """Best success over the final and the earlier evaluated checkpoints (NaN unless earlier ones were evaluated):
+    `best_success_pct`, `best_step`, `checkpoints_evaluated`. Reported apart from the final checkpoint's number."""
+    rates = {step: 100.0 * float(s["success_rate"]) for step, s in record.step_evals.items()
+             if not s.get("task_suite_name") or s.get("task_suite_name") == suite}
+    if not rates:
+        return {"best_success_pct": math.nan, "best_step": None, "checkpoints_evaluated": 1 if final_pct == final_pct
+                else 0}
+    final_step = (record.config or {}).get("max_steps")
+    if not math.isnan(final_pct) and isinstance(final_step, int):
+        rates[final_step] = final_pct
+    best_step = max(sorted(rates), key=lambda s: rates[s])  # the earliest of equal bests
+    return {"best_success_pct": rates[best_step], "best_step": best_step, "checkpoints_evaluated": len(rates)}
 
 
 def drift_numbers(report: dict | None) -> dict[str, float]:

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from run_layout import DRIFT_REPORT, EVAL_SUMMARY, drift_stale_reason, final_checkpoint, read_json, stale_reason
+from run_layout import (
+    DRIFT_REPORT,
+    EVAL_STEPS,
+    EVAL_SUMMARY,
+    drift_stale_reason,
+    final_checkpoint,
+    read_json,
+    stale_reason,
+)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -58,6 +66,7 @@ class RunRecord:
     metrics: list[dict] | None = None
     eval_summary: dict | None = None
     drift: dict | None = None  # measure_drift.py's report on the final checkpoint
+    step_evals: dict[int, dict] = field(default_factory=dict)  # step -> evaluation of that earlier checkpoint
     training_complete: bool | None = None
     issues: list[Issue] = field(default_factory=list)
 
@@ -200,6 +209,7 @@ def load_run_dir(run_dir: Path) -> RunRecord:
             if why is not None:
                 record.eval_summary = None
                 record.report("warning", f"stale evaluation ignored: {why} (rerun the grid script to redo it)")
+    _read_step_evals(record, run_dir)
     drift = read_json(run_dir / DRIFT_REPORT)
     if drift is not None and final is not None:
         why = drift_stale_reason(drift, final)
@@ -217,9 +227,30 @@ def load_run_dir(run_dir: Path) -> RunRecord:
     return record
 
 
+def _read_step_evals(record: RunRecord, run_dir: Path) -> None:
+    """Evaluations of earlier checkpoints (grid option EVAL_EVERY_KTH_CHECKPOINT), each checked against its own
+    checkpoint like the final one; a stale or unreadable one is left out with a warning."""
+    folder = run_dir / EVAL_STEPS
+    if not folder.is_dir():
+        return
+    for step_dir in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not step_dir.name.isdigit() or not (step_dir / "summary.json").is_file():
+            continue
+        try:
+            summary = read_eval_summary(step_dir / "summary.json")
+        except RunDataError as exc:
+            record.report("warning", f"checkpoint evaluation left out: {exc}")
+            continue
+        why = stale_reason(summary, final_checkpoint(run_dir.parent, run_dir.name, int(step_dir.name)))
+        if why is not None:
+            record.report("warning", f"stale evaluation of step {step_dir.name} ignored: {why}")
+            continue
+        record.step_evals[int(step_dir.name)] = summary
+
+
 # Files finetune.py writes into a run directory; a folder holding any of them is a run (perhaps a broken one).
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, "dataset_statistics.json", "few_shot_episodes.json")
-NOT_RUN_DIRS = ("logs", "wandb", "eval", "drift", "plots", "results", "craft_cache")
+NOT_RUN_DIRS = ("logs", "wandb", "eval", EVAL_STEPS, "drift", "plots", "results", "craft_cache")
 
 
 def _is_run_dir(path: Path) -> bool:

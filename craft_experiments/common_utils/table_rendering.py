@@ -39,7 +39,16 @@ def aggregate_columns() -> list[str]:
     return cols
 
 
-RUN_COLUMNS = [*GROUP_KEYS, "seed", "run", "epsilon", "eval_episodes", *METRIC_KEYS]
+RUN_COLUMNS = [*GROUP_KEYS, "seed", "run", "epsilon", "eval_episodes", *METRIC_KEYS, "best_step",
+               "checkpoints_evaluated"]
+BEST_NOTE = ("Best-ckpt success: the best of the final and every k-th earlier checkpoint per run (EVAL_EVERY_KTH_"
+             "CHECKPOINT), selected on the evaluation episodes themselves, so optimistic; Success is the final "
+             "checkpoint's.")
+
+
+def shown_metrics(rows: Sequence[dict]) -> list[Metric]:
+    """Every metric, without the best-checkpoint column when no run evaluated earlier checkpoints."""
+    return [m for m in METRICS if m.key != "best_success_pct" or any(r.get("best_success_pct_n") for r in rows)]
 
 
 def root_tags(rows: Sequence[dict]) -> dict[str, str]:
@@ -107,16 +116,19 @@ def _latex_cell(row: dict, metric: Metric) -> str:
 
 def markdown_table(rows: Sequence[dict], ddof: int = 1) -> str:
     tags = root_tags(rows)
-    header = ["Experiment", "Preset", "Method", "Suite", "Shots", "Runs", "Episodes", *[m.title for m in METRICS]]
+    metrics = shown_metrics(rows)
+    header = ["Experiment", "Preset", "Method", "Suite", "Shots", "Runs", "Episodes", *[m.title for m in metrics]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [tags[row["root"]], row["preset"], row["method"], row["suite"], row["shots"], str(row["runs"]),
-                 str(row.get("episodes", "")), *[format_cell(row, m) for m in METRICS]]
+                 str(row.get("episodes", "")), *[format_cell(row, m) for m in metrics]]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"mean ± std over seeds (std with ddof={ddof}); (n=k): only k runs had that number. Final L_ret: the "
                  "retention monitor (CRaFT's L_ret against θ0, every method); Drift / CKA / probe: measure_drift.py on "
                  "the final checkpoint (ActionQuery features at layer M).")
+    if len(metrics) == len(METRICS):
+        lines.append(BEST_NOTE)
     for root, tag in sorted(tags.items(), key=lambda kv: kv[1]):
         lines.append(f"- {tag}: {root}")
     return "\n".join(lines) + "\n"
@@ -124,30 +136,38 @@ def markdown_table(rows: Sequence[dict], ddof: int = 1) -> str:
 
 def latex_metrics_table(rows: Sequence[dict], tag: str, ddof: int = 1) -> str:
     """Every group and metric of one experiment root, booktabs style, label `tab:<tag>-metrics`."""
+    metrics = shown_metrics(rows)
     caption = f"{latex_escape(tag)}: mean $\\pm$ std over seeds (ddof={ddof})."
-    cols = "lll" + "r" * len(METRICS)
-    head = ["Method", "Suite", "Shots", *[m.latex for m in METRICS]]
+    if len(metrics) == len(METRICS):
+        caption += " " + latex_escape(BEST_NOTE)
+    cols = "lll" + "r" * len(metrics)
+    head = ["Method", "Suite", "Shots", *[m.latex for m in metrics]]
     lines = ["\\begin{table}[t]", "\\centering", "\\small", "\\resizebox{\\linewidth}{!}{%",
              f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(head) + " \\\\", "\\midrule"]
     for row in rows:
         cells = [latex_escape(str(row[k])) for k in ("method", "suite", "shots")] + [_latex_cell(row, m)
-                                                                                     for m in METRICS]
+                                                                                     for m in metrics]
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}}", f"\\caption{{{caption}}}",
               f"\\label{{tab:{_label_safe(tag)}-metrics}}", "\\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def latex_success_table(rows: Sequence[dict], tag: str, ddof: int = 1) -> str:
+def latex_success_table(rows: Sequence[dict], tag: str, ddof: int = 1, best: bool = False) -> str:
     """Table-1 layout for one experiment root: one row per (method, shots), one column per suite (success rate
-    mean ± std) and the average of the suite means when every suite has a value; label `tab:<tag>-success`."""
+    mean ± std) and the average of the suite means when every suite has a value; label `tab:<tag>-success`.
+    `best`: the best-checkpoint success instead (label `tab:<tag>-success-best`, said in the caption)."""
     suites = [s for s in SUITE_ORDER if any(r["suite"] == s for r in rows)]
     suites += sorted({r["suite"] for r in rows} - set(suites))
-    metric = METRICS[0]
+    metric = next(m for m in METRICS if m.key == ("best_success_pct" if best else "success_pct"))
     table: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         table.setdefault((row["method"], row["shots"]), {})[row["suite"]] = row
     caption = f"{latex_escape(tag)}: LIBERO success rate (\\%), mean $\\pm$ std over seeds (ddof={ddof})."
+    if best:
+        caption += " " + latex_escape(BEST_NOTE)
+    else:
+        caption += " Final checkpoint of every run."
     lines = ["\\begin{table}[t]", "\\centering", "\\small", f"\\begin{{tabular}}{{ll{'r' * (len(suites) + 1)}}}",
              "\\toprule",
              " & ".join(["Method", "Shots", *[SUITE_TITLES.get(s, latex_escape(s)) for s in suites], "Avg."])
@@ -166,7 +186,7 @@ def latex_success_table(rows: Sequence[dict], tag: str, ddof: int = 1) -> str:
         cells.append(format(float(np.mean(means)), metric.fmt) if means and len(means) == len(suites) else "--")
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{caption}}}",
-              f"\\label{{tab:{_label_safe(tag)}-success}}", "\\end{table}"]
+              f"\\label{{tab:{_label_safe(tag)}-success{'-best' if best else ''}}}", "\\end{table}"]
     return "\n".join(lines) + "\n"
 
 
@@ -179,6 +199,10 @@ def write_latex_tables(rows: Sequence[dict], output_dir: Path, ddof: int = 1) ->
         for kind, render in (("success", latex_success_table), ("metrics", latex_metrics_table)):
             path = Path(output_dir) / f"table_{kind}_{_label_safe(tag)}.tex"
             path.write_text(render(mine, tag, ddof=ddof))
+            written.append(path)
+        if any(r.get("best_success_pct_n") for r in mine):  # a separate, labelled table: never "best" silently
+            path = Path(output_dir) / f"table_success_best_{_label_safe(tag)}.tex"
+            path.write_text(latex_success_table(mine, tag, ddof=ddof, best=True))
             written.append(path)
     return written
 

@@ -623,3 +623,58 @@ def test_checkpoint_retrained_in_place_invalidates_its_results(tmp_path, fake_en
     assert [Path(c["script"]).name for c in calls(tmp_path)[3:]] == ["measure_drift.py", "run_libero_eval.py"]
     (row,) = log_parser.collect([tmp_path / "out" / "table1"]).run_rows
     assert math.isfinite(row["success_pct"]) and math.isfinite(row["drift_retention"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint selection (issue 27): the final checkpoint in the tables; best of every k-th one in its own column
+# ---------------------------------------------------------------------------------------------------------------------
+def test_every_kth_checkpoint_is_evaluated_and_reported_apart_from_the_final(tmp_path, fake_env):
+    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1 2", "METHODS": "baseline", "MAX_STEPS": "15000",
+           "EVAL_EVERY_KTH_CHECKPOINT": "1", "SAVE_LATEST_CHECKPOINT_ONLY": "False"}
+    proc = run_script("table1", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    evals = [flags_of(["x", *c["args"]])["pretrained_checkpoint"] for c in calls(tmp_path)
+             if c["script"].endswith("run_libero_eval.py")]
+    ids = [expected_run_id("t1", "libero_goal", "baseline", s, False) for s in (1, 2)]
+    run_root = tmp_path / "out" / "table1"
+    assert evals == [str(run_root / f"{i}--{step}_chkpt") for i in ids for step in (15000, 5000, 10000)]
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+
+    results = log_parser.collect([run_root])
+    assert [str(i) for i in results.issues] == []
+    for row, run_id in zip(results.run_rows, ids, strict=True):
+        rates = {step: 10.0 * fake_success_of(f"{run_id}--{step}_chkpt") for step in (5000, 10000, 15000)}
+        assert row["success_pct"] == rates[15000]  # the tables' number: the final checkpoint's
+        assert row["best_success_pct"] == max(rates.values()) and row["checkpoints_evaluated"] == 3
+        assert rates[row["best_step"]] == max(rates.values())
+    out = tmp_path / "results"
+    log_parser.write_outputs(results, out, latex=True, plots=False)
+    md = (out / "summary.md").read_text()
+    assert "| Success (%) | Best-ckpt success (%) |" in md and "selected on the evaluation episodes" in md
+    best_tex = (out / "table_success_best_table1.tex").read_text()
+    assert "\\label{tab:table1-success-best}" in best_tex and "optimistic" in best_tex
+    assert "Final checkpoint of every run" in (out / "table_success_table1.tex").read_text()
+    again = run_script("table1", tmp_path, **env)
+    assert again.returncode == 0 and again.stdout.count("[skip-eval]") == 6
+
+
+def test_tables_have_no_best_column_without_the_option(tmp_path, fake_env):
+    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1", "METHODS": "baseline", "MAX_STEPS": "5000"}
+    assert run_script("table1", tmp_path, **env).returncode == 0
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+
+    results = log_parser.collect([tmp_path / "out" / "table1"])
+    out = tmp_path / "results"
+    log_parser.write_outputs(results, out, latex=True, plots=False)
+    assert "Best" not in (out / "summary.md").read_text() and not (out / "table_success_best_table1.tex").exists()
+    refused = run_script("table1", tmp_path, DRY_RUN="1", EVAL_EVERY_KTH_CHECKPOINT="2")
+    assert refused.returncode == 2 and "SAVE_LATEST_CHECKPOINT_ONLY=False" in refused.stderr
+
+
+def fake_success_of(name: str) -> int:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_tools import fake_success
+
+    return fake_success(name)
