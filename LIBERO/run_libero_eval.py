@@ -50,6 +50,7 @@ from LIBERO.suites import INSTRUCTION_SOURCES, TaskSpec, base_suite, load_suite_
 from prismatic.cli_errors import UserError, cli_entry, parse_config
 from prismatic.models.precision import DTYPE_CHOICES as DTYPES  # auto, float32, bfloat16
 from prismatic.training.checkpoint_identity import checkpoint_identity, weight_files
+from prismatic.training.metrics_log import WANDB_LOGIN_FIX
 
 DEFAULT_WANDB_PROJECT = "vla-adapter-libero-eval"
 
@@ -293,10 +294,14 @@ def _init_wandb(cfg: EvalConfig, checkpoint: dict | None):
     name = cfg.run_name or f"eval-{cfg.task_suite_name}-{Path(cfg.pretrained_checkpoint).name}"
     labels = training_run_labels(cfg) or {}
     project = cfg.wandb_project or labels.get("project") or DEFAULT_WANDB_PROJECT
-    return wandb.init(project=project, entity=cfg.wandb_entity, name=name,
-                      group=cfg.wandb_group or default_wandb_group(cfg),
-                      tags=list(cfg.wandb_tags) if cfg.wandb_tags else ["eval", cfg.task_suite_name],
-                      config={**asdict(cfg), "checkpoint": checkpoint, **labels.get("config", {})}, job_type="eval")
+    try:
+        return wandb.init(project=project, entity=cfg.wandb_entity, name=name,
+                          group=cfg.wandb_group or default_wandb_group(cfg),
+                          tags=list(cfg.wandb_tags) if cfg.wandb_tags else ["eval", cfg.task_suite_name],
+                          config={**asdict(cfg), "checkpoint": checkpoint, **labels.get("config", {})},
+                          job_type="eval")
+    except wandb.errors.UsageError as exc:  # online without a login: one line with the fix
+        raise UserError(f"--use_wandb True: {exc}", WANDB_LOGIN_FIX) from None
 
 
 def resolve_center_crop(given: bool | None, policy) -> bool | None:

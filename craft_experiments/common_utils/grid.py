@@ -262,7 +262,7 @@ def load_settings(experiment: str, invoke_dir: Path) -> Settings:
     values = dict(
         batch_size=batch_size, grad_accum=grad_accum, lora_rank=lora_rank, num_gpus=num_gpus,
         save_freq=_int("SAVE_FREQ", _env("SAVE_FREQ", str(recipe["save_freq"])), 1),
-        wandb_mode=_env("WANDB_MODE", "online"),
+        wandb_mode=_env("WANDB_MODE", "offline"),  # as finetune.py: online needs a login, offline never fails
         eval_trials=_int("EVAL_TRIALS_PER_TASK", _env("EVAL_TRIALS_PER_TASK", "50"), 1),
         monitor_freq=_int("RETENTION_MONITOR_FREQ", _env("RETENTION_MONITOR_FREQ", "100"), 1),
         drift_samples=_int("DRIFT_NUM_SAMPLES", _env("DRIFT_NUM_SAMPLES", "256"), 2),
@@ -286,11 +286,13 @@ def load_settings(experiment: str, invoke_dir: Path) -> Settings:
             batch_size=_int("SMOKE_BATCH_SIZE", _env("SMOKE_BATCH_SIZE", "2"), 1), grad_accum=1,
             lora_rank=_int("SMOKE_LORA_RANK", _env("SMOKE_LORA_RANK", "4"), 1),
             num_gpus=_int("SMOKE_NUM_GPUS", _env("SMOKE_NUM_GPUS", "1"), 1), num_workers="0",
-            wandb_mode=_env("SMOKE_WANDB_MODE", "disabled"), eval_trials=1,
+            eval_trials=1,
             eval_extra=["--task_ids", "[0]", "--max_steps_override",
                         str(_int("SMOKE_EVAL_MAX_STEPS", _env("SMOKE_EVAL_MAX_STEPS", "20"), 1))],
             monitor_freq=max(1, steps // 2), drift_samples=_int("SMOKE_DRIFT_NUM_SAMPLES",
                                                                 _env("SMOKE_DRIFT_NUM_SAMPLES", "8"), 2))
+    if "SMOKE_WANDB_MODE" in os.environ:  # WANDB_MODE means the same with and without SMOKE
+        raise fail("SMOKE_WANDB_MODE is gone", "set WANDB_MODE (online | offline | disabled), with or without SMOKE")
     if values["wandb_mode"] not in ("online", "offline", "disabled"):
         raise fail(f"WANDB_MODE must be online, offline or disabled, got '{values['wandb_mode']}'",
                    "set WANDB_MODE=offline to log without network")
@@ -756,6 +758,17 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
+def wandb_login_problem() -> str | None:
+    """Why online wandb would fail for lack of a login (None: it would not), asked of wandb itself without network
+    and without a terminal to prompt on, before any run starts."""
+    probe = "import wandb\ntry:\n    wandb.login(verify=False)\nexcept wandb.errors.UsageError as e:\n    print(e)"
+    proc = subprocess.run([sys.executable, "-c", probe], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode != 0:
+        return f"wandb could not be asked about a login ({proc.stderr.strip().splitlines()[-1:]})"
+    return proc.stdout.strip() or None
+
+
 def banner(s: Settings, entries: list[Entry]) -> None:
     """What the grid will do, the recipe with its sources, every departure from it and the cost: before anything."""
     print(f"# ==== CRaFT experiments: {s.experiment} ====")
@@ -810,6 +823,12 @@ def main(argv: list[str] | None = None) -> int:
     except GridError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if s.wandb_mode == "online" and not s.dry_run:
+        problem = wandb_login_problem()
+        if problem:
+            print(f"error: WANDB_MODE=online but {problem} — run `wandb login` (or set WANDB_API_KEY), or unset "
+                  "WANDB_MODE to log offline and upload later with `wandb sync`", file=sys.stderr)
+            return 2
     banner(s, entries)
     if s.skip_eval:
         Runner(s).loud("SMOKE_SKIP_EVAL=1: EVALUATION IS SKIPPED for every run (no LIBERO simulator). Training only.")

@@ -8,9 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from prismatic.cli_errors import disk_full_error
+from prismatic.cli_errors import UserError, disk_full_error
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_LOGIN_FIX = ("run `wandb login` (or set WANDB_API_KEY), or log offline with --wandb_mode offline / WANDB_MODE="
+                   "offline and upload later with `wandb sync`")
 
 
 def _jsonable(value):
@@ -37,10 +39,13 @@ class MetricsLogger:
             import wandb
 
             labels = wandb_labels(config)
-            self._wandb_run = wandb.init(project=wandb_project, entity=wandb_entity, name=run_id, id=_wandb_id(run_id),
-                                         config={**config, **labels["config"]}, dir=str(run_dir), mode=wandb_mode,
-                                         resume="allow", group=labels["group"], tags=labels["tags"],
-                                         job_type=labels["job_type"])
+            try:
+                self._wandb_run = wandb.init(project=wandb_project, entity=wandb_entity, name=run_id,
+                                             id=_wandb_id(run_id), config={**config, **labels["config"]},
+                                             dir=str(run_dir), mode=wandb_mode, resume="allow", group=labels["group"],
+                                             tags=labels["tags"], job_type=labels["job_type"])
+            except wandb.errors.UsageError as exc:  # online without a login: one line with the fix
+                raise UserError(f"wandb {wandb_mode} mode: {exc}", WANDB_LOGIN_FIX) from None
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -266,7 +266,7 @@ def test_smoke_dry_run_uses_tiny_settings(tmp_path):
     evals = [f for kind, f in commands if kind == "eval"]
     assert len(trains) == len(evals) == 17 * 3
     for f in trains:
-        assert (f["model_preset"], f["max_steps"], f["save_freq"], f["wandb_mode"]) == ("tiny", "4", "4", "disabled")
+        assert (f["model_preset"], f["max_steps"], f["save_freq"], f["wandb_mode"]) == ("tiny", "4", "4", "offline")
         assert f["run_root_dir"] == str(tmp_path / "out" / "ablations")  # OUTPUT_ROOT given: used as is
         assert f["data_root_dir"] == str(tmp_path / "tiny_data") and f["vlm_path"] == str(tmp_path / "vlm")
     assert sorted({f["craft_raw_layer"] for f in trains if "craft_raw_layer" in f}) == ["1", "3"]
@@ -531,7 +531,7 @@ def test_smoke_grid_runs_the_real_tools_into_the_tables(tmp_path, smoke_data, na
     run_libero_eval.py (one 20-step LIBERO episode) on one suite and seed; then the promised log_parser command,
     offline, gives CSV / Markdown / LaTeX / PNG tables with a drift number in every row, baselines included."""
     extra, expected_runs = SMOKE_GRIDS[name]
-    env = {"SMOKE": "1", "SUITES": "libero_spatial", "SEEDS": "7", "SMOKE_WANDB_MODE": "offline", **smoke_data,
+    env = {"SMOKE": "1", "SUITES": "libero_spatial", "SEEDS": "7", "WANDB_MODE": "offline", **smoke_data,
            **extra}
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(CONTROL_PREFIXES)}
     full_env.update(OUTPUT_ROOT=str(tmp_path / "runs" / "craft_experiments_smoke"), WANDB_SILENT="true", **env)
@@ -678,3 +678,55 @@ def fake_success_of(name: str) -> int:
     from fake_tools import fake_success
 
     return fake_success(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# wandb modes (issue 24): offline by default, WANDB_MODE the same with and without SMOKE, online without login = 1 line
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("smoke", [{}, {"SMOKE": "1", "SMOKE_DATA_ROOT": "d", "SMOKE_VLM_PATH": "v"}])
+def test_wandb_mode_is_offline_by_default_and_means_the_same_under_smoke(tmp_path, smoke):
+    for env, mode in (({}, "offline"), ({"WANDB_MODE": "disabled"}, "disabled"), ({"WANDB_MODE": "online"}, "online")):
+        commands, _ = dry_run("table1", tmp_path, SEEDS="7", SUITES="libero_goal", **smoke, **env)
+        modes = {f["wandb_mode"] for kind, f in commands if kind == "train"}
+        assert modes == {mode}, (env, smoke)
+    refused = run_script("table1", tmp_path, DRY_RUN="1", SMOKE_WANDB_MODE="offline", **smoke)
+    assert refused.returncode == 2 and "set WANDB_MODE" in refused.stderr
+
+
+def test_online_without_login_is_one_line_before_anything_runs(tmp_path, fake_env):
+    """The real wandb is asked (no network, no terminal): with no key anywhere it refuses, and the grid says so."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**fake_env, "WANDB_MODE": "online", "HOME": str(home), "NETRC": str(home / ".netrc"),
+           "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(home / ".config"), "SUITES": "libero_goal", "SEEDS": "1",
+           "MAX_STEPS": "5000"}
+    proc = run_script("table1", tmp_path, **env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "No API key configured" in proc.stderr and "wandb login" in proc.stderr
+    assert calls(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_metrics_logger_online_without_login_is_a_user_error(tmp_path):
+    """finetune.py's wandb run: the real wandb's refusal becomes `error: ... — <fix>`, exit 2 (cli_entry)."""
+    probe = (
+        "import sys\n"
+        "from prismatic.cli_errors import cli_entry\n"
+        "from prismatic.training.metrics_log import MetricsLogger\n"
+        "@cli_entry('probe')\n"
+        "def main(argv=None):\n"
+        f"    config = {{'run_root_dir': {str(tmp_path / 'table1')!r}, 'dataset_name': 'libero_goal_no_noops',"
+        " 'seed': 1}\n"
+        f"    MetricsLogger({str(tmp_path / 'run')!r}, 'r', config, enabled=True, wandb_mode='online',"
+        " wandb_project='p', wandb_entity=None)\n"
+        "main([])\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), NETRC=str(home / ".netrc"), WANDB_CONFIG_DIR=str(home / ".config"))
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: wandb online mode: No API key configured")
+    assert "--wandb_mode offline" in lines[0]
