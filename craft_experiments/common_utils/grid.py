@@ -20,15 +20,16 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from progress import Progress, duration  # noqa: E402
 from recipe import (  # noqa: E402
     CRAFT_TIME_FACTOR,
     Recipe,
@@ -62,6 +63,7 @@ SUITE_STEPS = {"libero_spatial": 52970, "libero_object": 66984, "libero_goal": 5
 TASKS_PER_SUITE = 10
 CHUNK_TAIL = 7
 ABLATION_GROUPS = ("reference", "projection", "dual", "anchor_type", "epsilon", "layer", "anchor_source", "related")
+SMOKE_ABLATION_GROUPS = ("reference", "projection", "anchor_source")  # SMOKE without SMOKE_FULL: 4 runs + 1 cache
 PLAIN_METHODS = {"baseline": ["--use_craft", "False"],
                  "align": ["--use_craft", "False", "--retention_method", "align"],
                  "consft": ["--use_craft", "False", "--retention_method", "consft"],
@@ -191,14 +193,6 @@ def _default_torchrun() -> str:
     return str(beside) if beside.is_file() else "torchrun"
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
 def _optional(name: str, minimum: int) -> int | None:
     value = os.environ.get(name, "")
     return _int(name, value, minimum) if value.strip() else None
@@ -219,8 +213,10 @@ def load_settings(experiment: str, invoke_dir: Path) -> Settings:
     dry, smoke = _on("DRY_RUN"), _on("SMOKE")
     if _on("SMOKE_SKIP_EVAL") and not smoke:
         raise fail("SMOKE_SKIP_EVAL=1 is only allowed together with SMOKE=1", "a real grid must be evaluated")
-    default_suites = "libero_spatial" if experiment == "ablations" else " ".join(SUITE_EPISODES)
-    seeds_text, suites_text = _env("SEEDS", "7 42 123"), _env("SUITES", default_suites)
+    # SMOKE alone is a small selection that runs whole in minutes (docs: totals); SMOKE_FULL=1 the whole grid
+    small = smoke and not _on("SMOKE_FULL")
+    default_suites = "libero_spatial" if experiment == "ablations" or small else " ".join(SUITE_EPISODES)
+    seeds_text, suites_text = _env("SEEDS", "7" if small else "7 42 123"), _env("SUITES", default_suites)
     if not seeds_text.split():
         raise fail("SEEDS is empty", "set SEEDS, e.g. SEEDS='7 42 123'")
     if not suites_text.split():
@@ -300,10 +296,11 @@ def load_settings(experiment: str, invoke_dir: Path) -> Settings:
     if eval_every_kth and _env("SAVE_LATEST_CHECKPOINT_ONLY", "True") != "False":
         raise fail("EVAL_EVERY_KTH_CHECKPOINT needs the earlier checkpoints, which SAVE_LATEST_CHECKPOINT_ONLY=True "
                    "deletes", "set SAVE_LATEST_CHECKPOINT_ONLY=False as well (disk: one checkpoint per SAVE_FREQ)")
+    # "auto" goes to the evaluation as is: it picks CUDA or CPU on the node that runs it, not where this prints
     eval_device = _env("EVAL_DEVICE", "auto")
-    if eval_device == "auto":  # resolved here: the printed command names the device it will use
-        eval_device = "cuda" if not dry and _cuda_available() else ("cuda" if dry and shutil.which("nvidia-smi")
-                                                                    else "cpu")
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", eval_device):
+        raise fail(f"EVAL_DEVICE must be auto, cpu, cuda or cuda:<index>, got '{eval_device}'",
+                   "unset it for auto (CUDA when the evaluating node has it)")
     return Settings(
         experiment=experiment, dry_run=dry, smoke=smoke, skip_eval=smoke and _on("SMOKE_SKIP_EVAL"),
         python=_env("PYTHON", "") or _default_python(), torchrun=_env("TORCHRUN", "") or _default_torchrun(),
@@ -431,7 +428,8 @@ def table1_entries(s: Settings) -> list[Entry]:
 
 def fewshot_entries(s: Settings) -> list[Entry]:
     methods = _env("METHODS", "baseline craft").split()
-    shots_list = [_int("SHOTS entry", v, 1) for v in (_env("SMOKE_SHOTS", "1 2") if s.smoke
+    smoke_shots = "1 2" if _on("SMOKE_FULL") else "1"
+    shots_list = [_int("SHOTS entry", v, 1) for v in (_env("SMOKE_SHOTS", smoke_shots) if s.smoke
                                                        else _env("SHOTS", "5 10")).split()]
     out = []
     for suite in s.suites:
@@ -450,7 +448,8 @@ def _same_number(a: str, b: str) -> bool:
 
 
 def ablation_entries(s: Settings) -> list[Entry]:
-    groups = _env("ABLATIONS", " ".join(ABLATION_GROUPS)).split()
+    small = s.smoke and not _on("SMOKE_FULL")
+    groups = _env("ABLATIONS", " ".join(SMOKE_ABLATION_GROUPS if small else ABLATION_GROUPS)).split()
     for group in groups:
         if group not in ABLATION_GROUPS:
             raise fail(f"ABLATIONS: unknown group '{group}'", f"known: {' '.join(ABLATION_GROUPS)}")
@@ -608,11 +607,16 @@ class CommandFailed(Exception):
         self.code = code
 
 
+FAILURE_TAIL_LINES = 30
+
+
 class Runner:
-    def __init__(self, s: Settings) -> None:
+    def __init__(self, s: Settings, progress: Progress | None = None) -> None:
         self.s = s
         self.counts = {"train": 0, "eval": 0, "cache": 0, "drift": 0, "skip": 0}
         self.built_caches: set[Path] = set()
+        self.progress = progress
+        self.echo = _on("GRID_ECHO")
 
     def note(self, text: str) -> None:
         print(f"# {text}", flush=True)
@@ -622,20 +626,29 @@ class Runner:
         print(f"{bar}\n!!! {text}\n{bar}", file=sys.stderr, flush=True)
 
     def run(self, kind: str, log: Path, cmd: list[str]) -> None:
+        """Print the command, run it with its output (simulator, wandb and progress-bar noise) in its own log file
+        only (GRID_ECHO=1 shows it too); on failure the log's tail, the log and the command."""
         print(("[DRY_RUN]" if self.s.dry_run else "") + f"[{kind}] " + shlex.join(cmd), flush=True)
         self.counts[kind] += 1
         if self.s.dry_run:
             return
         log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        tail: deque[str] = deque(maxlen=FAILURE_TAIL_LINES)
         with open(log, "a") as f:
             proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             assert proc.stdout is not None
             for line in proc.stdout:
-                sys.stdout.write(line)
+                if self.echo:
+                    sys.stdout.write(line)
                 f.write(line)
+                tail.append(line)
             code = proc.wait()
         sys.stdout.flush()
+        if self.progress is not None:
+            self.progress.step(kind, time.monotonic() - start)
         if code != 0:
+            print("".join(f"  | {line}" for line in tail), end="", file=sys.stderr)
             print(f"FAILED (exit {code}) [{kind}]; log: {log}\nfailing command: {shlex.join(cmd)}", file=sys.stderr)
             raise CommandFailed(code)
 
@@ -754,6 +767,15 @@ class Runner:
         self.evaluate_earlier(e)
 
 
+def result_of(s: Settings, e: Entry) -> str:
+    """` | success 7/10 (70.0%)` from the run's evaluation summary, when there is one."""
+    summary = read_json(s.run_root / e.run_id / EVAL_SUMMARY)
+    if not summary or not isinstance(summary.get("num_episodes"), int) or not summary["num_episodes"]:
+        return ""
+    return (f" | success {summary.get('num_successes')}/{summary['num_episodes']} "
+            f"({100.0 * float(summary.get('success_rate', 0.0)):.1f}%)")
+
+
 def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
@@ -832,20 +854,26 @@ def main(argv: list[str] | None = None) -> int:
     banner(s, entries)
     if s.skip_eval:
         Runner(s).loud("SMOKE_SKIP_EVAL=1: EVALUATION IS SKIPPED for every run (no LIBERO simulator). Training only.")
-    runner = Runner(s)
+    progress = Progress(len(entries))
+    runner = Runner(s, progress)
     suite = None
     try:
         for e in entries:
             if e.suite != suite:
                 suite = e.suite
                 runner.note(f"suite {suite}: {e.steps} steps")
+            runner.note(f"{progress.begin_run()} {e.run_id}")
             runner.entry(e)
+            if not s.dry_run:
+                runner.note(f"{progress.tag} done {e.run_id}: {progress.end_run()}{result_of(s, e)}")
     except CommandFailed as exc:
         return exc.code
     except GridError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     c = runner.counts
+    if not s.dry_run:
+        print(f"# total time {duration(time.monotonic() - progress.started)}")
     print(f"# ==== {s.experiment} done: {c['train']} training(s), {c['drift']} drift measure(s), {c['eval']} "
           f"evaluation(s), {c['cache']} cache build(s) {'printed' if s.dry_run else 'run'}, {c['skip']} skipped as "
           "finished ====")

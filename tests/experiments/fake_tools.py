@@ -162,6 +162,7 @@ def main(argv: list[str]) -> int:
             f.write(json.dumps({"script": script, "args": args}) + "\n")
     flags = parse_flags(args)
     check_flags(script, flags)
+    print(f"fake_tools: {Path(script).name} chatter (a simulator / wandb line)")  # belongs in the per-run log
     fail_on = os.environ.get("FAKE_FAIL_ON")
     if fail_on and (flags.get("run_id") == fail_on or fail_on in flags.get("local_log_dir", "")):
         print(f"fake failure of {fail_on}", file=sys.stderr)

@@ -57,7 +57,7 @@ CONTROL_PREFIXES = ("SMOKE", "DRY_RUN", "SUITES", "SEEDS", "NUM_GPUS", "MAX_STEP
                     "DATA_ROOT", "VLM_PATH", "CONFIG_FILE_PATH", "OUTPUT_ROOT", "PYTHON", "TORCHRUN", "CRAFT_",
                     "EVAL_", "LR_SCHEDULE", "SHOTS", "FIXED_LAMBDAS", "EPSILON_SWEEP", "RAW_LAYER_SWEEP",
                     "RELATED_BASELINES", "AUTO_RESUME", "NUM_WORKERS", "GRAD_ACCUMULATION_STEPS", "FAKE_", "NUM_ENVS",
-                    "MEASURE_DRIFT", "DRIFT_", "RETENTION_MONITOR")
+                    "MEASURE_DRIFT", "DRIFT_", "RETENTION_MONITOR", "GRID_")
 
 
 def run_script(name: str, tmp_path: Path, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -149,7 +149,7 @@ def test_table1_dry_run_grid_and_recipe(tmp_path):
         assert ev["local_log_dir"] == f"{run_root}/{train['run_id']}/eval"
         assert (ev["num_trials_per_task"], ev["seed"], ev["num_images_in_input"]) == ("50", "7", "2")
         assert ev["use_proprio"] == ev["center_crop"] == "True"
-        assert ev["device"] in ("cuda", "cpu") and ev["num_envs"] == "1"
+        assert ev["device"] == "auto" and ev["num_envs"] == "1"  # resolved by the evaluation on its node
     assert len({f["run_id"] for f in trains}) == 24
     assert not (tmp_path / "out").exists(), "DRY_RUN must not create anything"
 
@@ -260,7 +260,8 @@ def test_ablation_groups_can_be_selected(tmp_path):
 
 
 def test_smoke_dry_run_uses_tiny_settings(tmp_path):
-    env = {"SMOKE": "1", "SMOKE_DATA_ROOT": str(tmp_path / "tiny_data"), "SMOKE_VLM_PATH": str(tmp_path / "vlm")}
+    env = {"SMOKE": "1", "SMOKE_FULL": "1", "SMOKE_DATA_ROOT": str(tmp_path / "tiny_data"),
+           "SMOKE_VLM_PATH": str(tmp_path / "vlm")}
     commands, proc = dry_run("ablations", tmp_path, **env)
     trains = [f for kind, f in commands if kind == "train"]
     evals = [f for kind, f in commands if kind == "eval"]
@@ -482,7 +483,7 @@ def test_every_printed_command_parses_with_the_real_configs(tmp_path):
                "drift": _load_module("measure_drift_for_test", REPO / "vla-scripts/measure_drift.py").DriftConfig}
     seen: dict[str, int] = {}
     for name in SCRIPTS:
-        for env in ({}, {"SMOKE": "1", "SMOKE_DATA_ROOT": "d", "SMOKE_VLM_PATH": "v"}):
+        for env in ({}, {"SMOKE": "1", "SMOKE_FULL": "1", "SMOKE_DATA_ROOT": "d", "SMOKE_VLM_PATH": "v"}):
             proc = run_script(name, tmp_path, DRY_RUN="1", SEEDS="7", **env)
             assert proc.returncode == 0, proc.stderr
             for kind, argv in parse_commands(proc.stdout):
