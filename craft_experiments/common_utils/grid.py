@@ -585,9 +585,9 @@ def eval_command(s: Settings, e: Entry, step: int | None = None) -> list[str]:
             "--local_log_dir", str(out_dir), "--num_images_in_input", "2",
             "--use_proprio", "True", "--center_crop", s.image_aug, "--device", s.eval_device,
             "--num_envs", str(s.num_envs),
-            # online wandb: the eval joins the training run's project and group (read from its config.yaml); offline
-            # runs keep the success rate in <run>/eval/summary.json, where log_parser reads it
-            *(["--use_wandb", "True"] if s.wandb_mode == "online" else []), *s.eval_extra]
+            # wandb (online, or offline for `wandb sync`): the eval joins the training run's project and group and
+            # names it (train_run_id), so the parser joins its success rate; summary.json holds it in any case
+            *(["--use_wandb", "True"] if s.wandb_mode != "disabled" else []), *s.eval_extra]
 
 
 def earlier_eval_steps(s: Settings, steps: int) -> list[int]:
@@ -636,7 +636,8 @@ class Runner:
         start = time.monotonic()
         tail: deque[str] = deque(maxlen=FAILURE_TAIL_LINES)
         with open(log, "a") as f:
-            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env={**os.environ, "WANDB_MODE": self.s.wandb_mode})
             assert proc.stdout is not None
             for line in proc.stdout:
                 if self.echo:

@@ -46,7 +46,8 @@ SECTIONS: list[tuple[str, list[tuple[str, list[str], str]]]] = [
 ]
 # success rate of the LIBERO evaluation runs per suite (the keys LIBERO/run_libero_eval.py logs), grouped by method
 SUCCESS_KEYS = [success_rate_key(suite) for suite in ("libero_spatial", "libero_object", "libero_goal", "libero_10")]
-GROUP_BY = ["method", "suite"]
+# the tables' groups (experiment, preset, suite, shots, method): Table-1, k-shot and ablation runs never share a band
+GROUP_BY = ["experiment", "preset", "suite", "shots", "method"]
 
 
 def dashboard_spec(project: str, entity: str | None, name: str) -> dict[str, Any]:

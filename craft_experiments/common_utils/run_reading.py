@@ -28,6 +28,8 @@ from run_layout import (
     stale_reason,
 )
 
+from LIBERO.results import success_rate_key  # noqa: E402  (light; run_layout put the repository on sys.path)
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_SUFFIX = "_chkpt"
@@ -345,7 +347,10 @@ def load_wandb_runs(project: str, entity: str | None = None, api_factory: Callab
                            "logged in? Run `wandb login`, or use --runs_dir with the local run directories "
                            "(metrics.jsonl is written next to every wandb run).") from exc
     records = []
+    evals = [run for run in runs if getattr(run, "job_type", None) == "eval"]
     for run in runs:
+        if getattr(run, "job_type", None) == "eval":
+            continue  # joined to its training run below
         record = RunRecord(name=str(run.name), source=f"wandb:{path}/{run.id}")
         record.config = _unwrap_wandb_config(dict(run.config))
         rows = []
@@ -369,9 +374,35 @@ def load_wandb_runs(project: str, entity: str | None = None, api_factory: Callab
         rate = summary.get("success_rate", summary.get("Eval/Success Rate"))
         if rate is not None:
             record.eval_summary = {"task_suite_name": summary.get("task_suite_name"), "success_rate": float(rate)}
-        else:
-            record.report("warning", "wandb run summary has no success rate: success rate left out")
         records.append(record)
+    _join_eval_runs(records, evals)
+    for record in records:
+        if record.eval_summary is None:
+            record.report("warning", "no success rate in the wandb run summary nor in an evaluation run "
+                          "(job_type eval) of this training run: success rate left out")
     return records
+
+
+def _join_eval_runs(records: list[RunRecord], evals: list[Any]) -> None:
+    """Success rates of the evaluation runs (run_libero_eval.py, job_type `eval`, config `train_run_id` and the
+    evaluated `checkpoint`) onto their training runs: the evaluation of the run's final checkpoint, when the
+    training run's own summary has none."""
+    by_name = {r.name: r for r in records}
+    for run in evals:
+        config = _unwrap_wandb_config(dict(run.config))
+        target = by_name.get(str(config.get("train_run_id")))
+        if target is None or target.eval_summary is not None or target.config is None:
+            continue
+        checkpoint = config.get("checkpoint") or {}
+        if isinstance(checkpoint, dict) and checkpoint.get("step") not in (None, target.config.get("max_steps")):
+            continue  # an earlier checkpoint's evaluation
+        summary = dict(getattr(run.summary, "_json_dict", None) or run.summary)
+        suite = config.get("task_suite_name")
+        rate = summary.get(success_rate_key(str(suite)), summary.get("success_rate/total"))
+        if rate is None:
+            continue
+        target.eval_summary = {"task_suite_name": suite, "success_rate": float(rate)}
+        if isinstance(summary.get("num_episodes"), int):
+            target.eval_summary["num_episodes"] = summary["num_episodes"]
 
 

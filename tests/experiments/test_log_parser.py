@@ -446,8 +446,9 @@ def test_cli_without_usable_runs_fails(tmp_path):
 # wandb
 # ---------------------------------------------------------------------------------------------------------------------
 class FakeRun:
-    def __init__(self, name, config, history, summary):
+    def __init__(self, name, config, history, summary, job_type=None):
         self.name, self.id, self.config, self._history, self.summary = name, name, config, history, summary
+        self.job_type = job_type
 
     def scan_history(self):
         return iter(self._history)
@@ -500,3 +501,36 @@ def test_local_run_is_not_counted_twice_when_also_in_wandb(tmp_path):
 
     results = lp.collect([run_root], wandb_project="p", api_factory=Api)
     assert sorted((r["run"], r["final_action_loss"]) for r in results.run_rows) == [("w7", 0.25), ("w8", 0.75)]
+
+
+def test_evaluation_runs_are_joined_to_their_training_runs(tmp_path):
+    """run_libero_eval.py logs to its own wandb run (job_type eval): its success rate of the final checkpoint reaches
+    the training run named by the eval config's `train_run_id` (set by the real training_run_labels)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_libero_eval_join", REPO / "LIBERO/run_libero_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_root = tmp_path / "table1"
+    config = make_config(run_root, "t1-x-s7", "libero_10", 7, False)
+    (run_root / "t1-x-s7").mkdir(parents=True)
+    (run_root / "t1-x-s7" / "config.yaml").write_text(__import__("yaml").safe_dump(config))
+    labels = module.training_run_labels(module.EvalConfig(
+        pretrained_checkpoint=str(run_root / f"t1-x-s7--{MAX_STEPS}_chkpt"), task_suite_name="libero_10"))
+    assert labels["config"]["train_run_id"] == "t1-x-s7" and labels["group"].endswith("/libero_10/all/baseline")
+    history = [{"_step": MAX_STEPS, "VLA Train/Loss": 0.5}]
+    eval_config = {"task_suite_name": "libero_10", **labels["config"]}
+    runs = [FakeRun("t1-x-s7", config, history, {}, job_type="train"),
+            FakeRun("eval-early", {**eval_config, "checkpoint": {"step": 50}}, [],
+                    {"Eval/Success Rate/libero_10": 0.9}, job_type="eval"),
+            FakeRun("eval-final", {**eval_config, "checkpoint": {"step": MAX_STEPS}}, [],
+                    {"Eval/Success Rate/libero_10": 0.35, "num_episodes": 20}, job_type="eval")]
+
+    class Api:
+        def runs(self, path):
+            return runs
+
+    results = lp.collect(wandb_project="p", api_factory=Api)
+    (row,) = results.run_rows
+    assert row["run"] == "t1-x-s7" and row["success_pct"] == pytest.approx(35.0) and row["eval_episodes"] == 20
+    assert [str(i) for i in results.issues] == []
