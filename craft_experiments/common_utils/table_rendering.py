@@ -46,25 +46,44 @@ BEST_NOTE = ("Best-ckpt success: the best of the final and every k-th earlier ch
              "checkpoint's.")
 
 
+SMOKE_NOTE = ("SMOKE runs (tiny preset, a few training steps, one short episode): the numbers are placeholders that "
+              "show the pipeline works, not results.")
+
+
+def smoke_note(rows: Sequence[dict]) -> str:
+    """The placeholder warning when any row comes from the tiny (SMOKE) preset, else ''."""
+    return SMOKE_NOTE if any(r.get("preset") == "tiny" for r in rows) else ""
+
+
 def shown_metrics(rows: Sequence[dict]) -> list[Metric]:
     """Every metric, without the best-checkpoint column when no run evaluated earlier checkpoints."""
     return [m for m in METRICS if m.key != "best_success_pct" or any(r.get("best_success_pct_n") for r in rows)]
 
 
-def root_tags(rows: Sequence[dict]) -> dict[str, str]:
-    """A short name per experiment root: the experiment (table1, ...), plus the root's parent folder when two roots
-    share an experiment name (e.g. a SMOKE root and a real one), plus the preset when it is not `real`."""
-    by_experiment: dict[str, set[str]] = {}
+class TagCollisionError(ValueError):
+    """Two experiment roots would write the same table / plot files."""
+
+
+def root_tags(rows: Sequence[dict], for_files: bool = False) -> dict[str, str]:
+    """A name per experiment root: the experiment (table1, ...) plus the preset when it is not `real` (a SMOKE root
+    gives `table1-tiny`), whatever else was read. Two roots with the same name are told apart by their parent folder
+    in the Markdown summary; for file names and LaTeX labels (`for_files`) they are refused (TagCollisionError)."""
     presets: dict[str, set[str]] = {}
+    experiments: dict[str, str] = {}
     for row in rows:
-        by_experiment.setdefault(row["experiment"], set()).add(row["root"])
         presets.setdefault(row["root"], set()).add(row["preset"])
+        experiments[row["root"]] = row["experiment"]
+    base = {root: experiments[root] + "".join(f"-{p}" for p in sorted(presets[root]) if p != "real")
+            for root in experiments}
     tags = {}
-    for experiment, roots in by_experiment.items():
-        for root in roots:
-            tag = experiment if len(roots) == 1 else f"{experiment}@{Path(root).parent.name}"
-            extra = sorted(p for p in presets[root] if p != "real")
-            tags[root] = tag + "".join(f"-{p}" for p in extra)
+    for root, tag in base.items():
+        same = sorted(r for r, t in base.items() if t == tag)
+        if len(same) > 1:
+            if for_files:
+                raise TagCollisionError(f"{len(same)} roots would write the tables of '{tag}' ({', '.join(same)}) — "
+                                        "aggregate one root per --output_dir (one --runs_dir each)")
+            tag = f"{tag}@{Path(root).parent.name}"
+        tags[root] = tag
     return tags
 
 
@@ -129,6 +148,8 @@ def markdown_table(rows: Sequence[dict], ddof: int = 1) -> str:
                  "the final checkpoint (ActionQuery features at layer M).")
     if len(metrics) == len(METRICS):
         lines.append(BEST_NOTE)
+    if smoke_note(rows):
+        lines.append(f"**{smoke_note(rows)}**")
     for root, tag in sorted(tags.items(), key=lambda kv: kv[1]):
         lines.append(f"- {tag}: {root}")
     return "\n".join(lines) + "\n"
@@ -138,6 +159,8 @@ def latex_metrics_table(rows: Sequence[dict], tag: str, ddof: int = 1) -> str:
     """Every group and metric of one experiment root, booktabs style, label `tab:<tag>-metrics`."""
     metrics = shown_metrics(rows)
     caption = f"{latex_escape(tag)}: mean $\\pm$ std over seeds (ddof={ddof})."
+    if smoke_note(rows):
+        caption += " " + latex_escape(smoke_note(rows))
     if len(metrics) == len(METRICS):
         caption += " " + latex_escape(BEST_NOTE)
     cols = "lll" + "r" * len(metrics)
@@ -164,6 +187,8 @@ def latex_success_table(rows: Sequence[dict], tag: str, ddof: int = 1, best: boo
     for row in rows:
         table.setdefault((row["method"], row["shots"]), {})[row["suite"]] = row
     caption = f"{latex_escape(tag)}: LIBERO success rate (\\%), mean $\\pm$ std over seeds (ddof={ddof})."
+    if smoke_note(rows):
+        caption += " " + latex_escape(smoke_note(rows))
     if best:
         caption += " " + latex_escape(BEST_NOTE)
     else:
@@ -192,7 +217,7 @@ def latex_success_table(rows: Sequence[dict], tag: str, ddof: int = 1, best: boo
 
 def write_latex_tables(rows: Sequence[dict], output_dir: Path, ddof: int = 1) -> list[Path]:
     """table_success_<tag>.tex and table_metrics_<tag>.tex per experiment root (labels unique across files)."""
-    tags = root_tags(rows)
+    tags = root_tags(rows, for_files=True)
     written = []
     for root, tag in sorted(tags.items(), key=lambda kv: kv[1]):
         mine = [r for r in rows if r["root"] == root]
@@ -270,7 +295,7 @@ def plot_training_curves(records: Sequence[RunRecord], output_dir: Path) -> list
     output_dir.mkdir(parents=True, exist_ok=True)
     keyed = [(run_keys(r), r) for r in records]
     keyed = [(row, r) for row, r in keyed if row is not None and r.metrics]
-    tags = root_tags([row for row, _ in keyed])
+    tags = root_tags([row for row, _ in keyed], for_files=True)
     figures: dict[tuple, list[tuple[dict, RunRecord]]] = {}
     for row, record in keyed:
         figures.setdefault((tags[row["root"]], row["suite"], row["shots"]), []).append((row, record))

@@ -553,7 +553,8 @@ def test_smoke_grid_runs_the_real_tools_into_the_tables(tmp_path, smoke_data, na
     out = tmp_path / "results"
     parser = subprocess.run([sys.executable, str(REPO / "craft_experiments/common_utils/log_parser.py"),
                              "--wandb_project", "vla-craft-training", "--output_dir", str(out),
-                             "--generate_latex_table"], cwd=tmp_path, capture_output=True, text=True,
+                             "--generate_latex_table", "--include_smoke", "True"], cwd=tmp_path, capture_output=True,
+                            text=True,
                             env={**full_env, "WANDB_MODE": "offline", "WANDB_API_KEY": ""})
     assert parser.returncode == 0, parser.stderr
     with open(out / "runs.csv") as fh:

@@ -356,7 +356,7 @@ def test_roots_and_presets_are_never_averaged_together(tmp_path):
     assert sorted((r["preset"], r["runs"]) for r in results.aggregate) == [("real", 2), ("tiny", 2)]
     assert len({r["root"] for r in results.aggregate}) == 2
     md = lp.markdown_table(results.aggregate)
-    assert "table1@craft_experiments_smoke-tiny" in md
+    assert "| table1-tiny |" in md and "| table1 |" in md  # names from experiment and preset only
 
 
 def test_different_episode_counts_are_not_averaged(tmp_path):
@@ -534,3 +534,69 @@ def test_evaluation_runs_are_joined_to_their_training_runs(tmp_path):
     (row,) = results.run_rows
     assert row["run"] == "t1-x-s7" and row["success_pct"] == pytest.approx(35.0) and row["eval_episodes"] == 20
     assert [str(i) for i in results.issues] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A clean results folder per aggregation (issue 24)
+# ---------------------------------------------------------------------------------------------------------------------
+def _parser_cli(cwd: Path, *args: str):
+    import subprocess
+
+    return subprocess.run([sys.executable, str(REPO / "craft_experiments/common_utils/log_parser.py"), *args],
+                          cwd=cwd, capture_output=True, text=True)
+
+
+def _project_runs(tmp_path: Path) -> None:
+    for parent, preset in (("craft_experiments", "real"), ("craft_experiments_smoke", "tiny")):
+        root = tmp_path / "runs" / parent / "table1"
+        for seed in (1, 2):
+            _one_step_run(root, f"r{seed}", seed, model_preset=preset, wandb_project="vla-craft-training")
+
+
+def test_project_aggregation_reads_real_runs_unless_smoke_is_asked_for(tmp_path):
+    _project_runs(tmp_path)
+    proc = _parser_cli(tmp_path, "--wandb_project", "vla-craft-training", "--output_dir", "results",
+                       "--generate_latex_table", "--no_plots")
+    assert proc.returncode == 0, proc.stderr
+    rows = (tmp_path / "results" / "runs.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(",real," in r for r in rows)
+    assert "2 SMOKE run(s) (tiny preset) of the project left out" in proc.stdout
+    assert "placeholders" not in (tmp_path / "results" / "table_success_table1.tex").read_text()
+    both = _parser_cli(tmp_path, "--wandb_project", "vla-craft-training", "--output_dir", "both",
+                       "--generate_latex_table", "--no_plots", "--include_smoke", "True")
+    assert both.returncode == 0, both.stderr
+    assert len((tmp_path / "both" / "runs.csv").read_text().splitlines()) == 5
+    smoke_tex = (tmp_path / "both" / "table_success_table1-tiny.tex").read_text()
+    assert "placeholders" in smoke_tex and "\\label{tab:table1-tiny-success}" in smoke_tex
+    # the real table's file and label do not change because a SMOKE root was read too
+    real_tex = (tmp_path / "both" / "table_success_table1.tex").read_text()
+    assert real_tex == (tmp_path / "results" / "table_success_table1.tex").read_text()
+    assert "\\label{tab:table1-success}" in real_tex
+
+
+def test_two_roots_of_one_experiment_are_refused_for_files(tmp_path):
+    for parent in ("a", "b"):
+        _one_step_run(tmp_path / parent / "table1", "r1", 1)
+    proc = _parser_cli(tmp_path, "--runs_dir", "a", "--runs_dir", "b", "--output_dir", "out",
+                       "--generate_latex_table")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "2 roots would write the tables of 'table1'" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_stale_outputs_are_removed_and_unknown_ones_refused(tmp_path):
+    _one_step_run(tmp_path / "runs" / "table1", "r1", 1)
+    _one_step_run(tmp_path / "runs" / "fewshot", "f1", 1, num_demos_per_task=5)
+    first = _parser_cli(tmp_path, "--runs_dir", "runs", "--output_dir", "out", "--generate_latex_table")
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "out"
+    assert (out / "table_success_fewshot.tex").is_file() and list((out / "plots").glob("fewshot_*.png"))
+    second = _parser_cli(tmp_path, "--runs_dir", "runs/table1", "--output_dir", "out", "--generate_latex_table")
+    assert second.returncode == 0, second.stderr
+    assert not (out / "table_success_fewshot.tex").exists() and not list((out / "plots").glob("fewshot_*"))
+    assert (out / "table_success_table1.tex").is_file() and list((out / "plots").glob("table1_*.png"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "table_success_old.tex").write_text("%")
+    refused = _parser_cli(tmp_path, "--runs_dir", "runs", "--output_dir", "foreign", "--generate_latex_table")
+    assert refused.returncode == 2 and "not written by a recorded aggregation" in refused.stderr
+    assert (foreign / "table_success_old.tex").read_text() == "%" and not (foreign / "runs.csv").exists()
