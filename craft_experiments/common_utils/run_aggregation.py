@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from run_reading import (
     KEY_ACTION_LOSS,
+    KEY_CONFLICT_NULL,
     KEY_CONFLICT_RATIO,
     KEY_LAMBDA,
     KEY_RETENTION_LOSS,
@@ -51,6 +52,8 @@ METRICS = (
     Metric("final_action_loss", "Final L_act", "Final $L_{act}$", ".4f"),
     Metric("final_retention_loss", "Final L_ret", "Final $L_{ret}$", ".4f"),
     Metric("mean_conflict_ratio", "Conflict ratio", "Conflict ratio", ".3f"),
+    # beside it, its null: the same share between unrelated gradients (about 0.5), so a ratio can be read
+    Metric("mean_conflict_null", "Conflict null", "Conflict null", ".3f"),
     Metric("final_lambda", "Final λ", "Final $\\lambda$", ".3f"),
     Metric("drift_retention", "Drift L_ret", "Drift $L_{ret}$", ".4f"),
     Metric("drift_cka_aq", "CKA (AQ)", "CKA (AQ)", ".3f"),
@@ -157,6 +160,7 @@ def summarize_run(record: RunRecord, final_window: int = 1) -> dict | None:
     has_monitor = _series(record.metrics, KEY_RETENTION_MONITOR)[1].size > 0
     row["final_retention_loss"] = final(KEY_RETENTION_MONITOR if has_monitor else KEY_RETENTION_LOSS)
     row["mean_conflict_ratio"] = mean_over_steps(KEY_CONFLICT_RATIO)
+    row["mean_conflict_null"] = mean_over_steps(KEY_CONFLICT_NULL)
     row["final_lambda"] = final(KEY_LAMBDA)
     row.update(drift_numbers(record.drift))
     return row

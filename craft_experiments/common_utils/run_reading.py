@@ -40,8 +40,10 @@ KEY_RETENTION_LOSS = "CRaFT/Retention Loss"
 KEY_RETENTION_MONITOR = "CRaFT/Retention Loss (monitor)"  # the monitor's key inside a CRaFT run
 KEY_LAMBDA = "CRaFT/Lambda"
 KEY_CONFLICT_RATIO = "CRaFT/Conflict Ratio"
+KEY_CONFLICT_NULL = "CRaFT/Conflict Ratio Null"  # the same share between unrelated gradients (docs/CRAFT.md)
 KEY_COSINE = "CRaFT/Grad Cosine"
-CURVE_KEYS = (KEY_ACTION_LOSS, KEY_RETENTION_LOSS, KEY_RETENTION_MONITOR, KEY_LAMBDA, KEY_CONFLICT_RATIO, KEY_COSINE)
+CURVE_KEYS = (KEY_ACTION_LOSS, KEY_RETENTION_LOSS, KEY_RETENTION_MONITOR, KEY_LAMBDA, KEY_CONFLICT_RATIO,
+              KEY_CONFLICT_NULL, KEY_COSINE)
 
 
 class RunDataError(ValueError):

@@ -104,7 +104,7 @@ def finetune(flags: dict[str, str]) -> None:
                 record[monitor] = 0.07 + 0.001 * seed
             if craft:
                 record.update({"CRaFT/Retention Loss": 0.05 + 0.001 * seed, "CRaFT/Lambda": 0.1 * seed,
-                               "CRaFT/Conflict Ratio": 0.2 + 0.01 * seed})
+                               "CRaFT/Conflict Ratio": 0.2 + 0.01 * seed, "CRaFT/Conflict Ratio Null": 0.5})
             f.write(json.dumps(record) + "\n")
     # checkpoints as the real loop writes them: every save_freq steps and the final step, older ones pruned when only
     # the latest is kept; weights that differ per training (FAKE_WEIGHTS_SALT: a retraining writes other weights)

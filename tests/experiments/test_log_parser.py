@@ -164,8 +164,8 @@ def test_plots_are_written_and_not_blank(grid, tmp_path):
     run_root, _ = grid
     results = lp.collect([run_root])
     paths = lp.plot_training_curves(results.records, tmp_path / "plots")
-    assert sorted(p.name for p in paths) == ["table1_libero_goal_full.pdf", "table1_libero_goal_full.png",
-                                             "table1_libero_spatial_full.pdf", "table1_libero_spatial_full.png"]
+    assert sorted(p.name for p in paths) == ["table1_libero_goal.pdf", "table1_libero_goal.png",
+                                             "table1_libero_spatial.pdf", "table1_libero_spatial.png"]
     import matplotlib.image as mpimg
 
     assert all(p.read_bytes()[:5] == b"%PDF-" for p in paths if p.suffix == ".pdf")
@@ -600,3 +600,35 @@ def test_stale_outputs_are_removed_and_unknown_ones_refused(tmp_path):
     refused = _parser_cli(tmp_path, "--runs_dir", "runs", "--output_dir", "foreign", "--generate_latex_table")
     assert refused.returncode == 2 and "not written by a recorded aggregation" in refused.stderr
     assert (foreign / "table_success_old.tex").read_text() == "%" and not (foreign / "runs.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables a reviewer accepts (issue 24)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_tables_carry_n_no_single_seed_std_and_the_conflict_null(tmp_path):
+    root = tmp_path / "table1"
+    nulls = {1: [0.5, 0.52], 2: [0.48, 0.5]}
+    for seed in (1, 2):
+        write_run(root, f"c{seed}", make_config(root, f"c{seed}", "libero_goal", seed, True),
+                  [{"step": 50, "VLA Train/Loss": 1.0, "CRaFT/Conflict Ratio": 0.1 * seed,
+                    "CRaFT/Conflict Ratio Null": nulls[seed][0]},
+                   {"step": MAX_STEPS, "VLA Train/Loss": 1.0, "CRaFT/Conflict Ratio": 0.3 * seed,
+                    "CRaFT/Conflict Ratio Null": nulls[seed][1]}], ("libero_goal", 3 + seed, 50))
+    write_run(root, "b1", make_config(root, "b1", "libero_goal", 1, False),
+              [{"step": MAX_STEPS, "VLA Train/Loss": 1.0}], ("libero_goal", 10, 50))
+    results = lp.collect([root], ddof=0)  # ddof 0 gives a single seed a std of 0.0: it must not be printed
+    rows = {r["method"]: r for r in results.aggregate}
+    assert rows["craft"]["mean_conflict_null_mean"] == pytest.approx(np.mean([np.mean(v) for v in nulls.values()]))
+    assert rows["craft"]["mean_conflict_ratio_mean"] == pytest.approx(np.mean([0.2, 0.4]))
+    md = lp.markdown_table(results.aggregate, ddof=0)
+    assert "| Conflict ratio | Conflict null |" in md
+    baseline_line = next(line for line in md.splitlines() if "| baseline |" in line)
+    assert "| 20.0 |" in baseline_line and "±" not in baseline_line
+    craft_line = next(line for line in md.splitlines() if "| craft |" in line)
+    assert f"{np.mean([8, 10]):.1f} ± {np.std([8, 10]):.1f}" in craft_line
+    out = tmp_path / "out"
+    lp.write_outputs(results, out, ddof=0, latex=True, plots=False)
+    success = (out / "table_success_table1.tex").read_text()
+    assert "n = 1–2 seeds per cell, 50 episodes per evaluation." in success
+    metrics = (out / "table_metrics_table1.tex").read_text()
+    assert "Method & Suite & Shots & Seeds & Episodes" in metrics and "craft & libero\\_goal & all & 2 & 50" in metrics
