@@ -99,12 +99,18 @@ def test_offline_cli_writes_the_workspace_spec(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "not saved" in proc.stdout
     data = json.loads(out.read_text())
-    view = json.dumps(data["wandb_view"])
+    # one view per experiment, each filtered to its runs: Table-1, few-shot and ablation groups never share a band
+    assert sorted(data["wandb_views"]) == sorted(f"CRaFT experiments — {e}" for e in ("table1", "fewshot", "ablations"))
     spec_keys = {k for s in data["spec"]["sections"] for p in s["panels"] for k in p.get("y", p.get("metrics", []))}
-    for key in spec_keys:  # every panel key made it into wandb's own view model
-        assert json.dumps(key)[1:-1] in view, key
-    assert data["wandb_view"]["project"] == "vla-craft-training"
-    assert all(key in view for key in ("experiment", "preset", "suite", "shots", "method"))
+    for experiment in ("table1", "fewshot", "ablations"):
+        model = data["wandb_views"][f"CRaFT experiments — {experiment}"]
+        view = json.dumps(model)
+        for key in spec_keys:  # every panel key made it into wandb's own view model
+            assert json.dumps(key)[1:-1] in view, key
+        assert model["project"] == "vla-craft-training"
+        assert all(key in view for key in ("experiment", "preset", "suite", "shots", "method"))
+        others = {"table1", "fewshot", "ablations"} - {experiment}
+        assert f'"{experiment}"' in view and not any(f'"{o}"' in view for o in others)
 
 
 def test_wandb_groups_are_the_tables_groups():
