@@ -241,9 +241,12 @@ def load_settings(experiment: str, invoke_dir: Path) -> Settings:
     lr = _number("LEARNING_RATE", _env("LEARNING_RATE", str(recipe["learning_rate"])))
     lora_rank = _int("LORA_RANK", _env("LORA_RANK", str(recipe["lora_rank"])), 1)
     image_aug = _bool("IMAGE_AUG", _env("IMAGE_AUG", str(recipe["image_aug"])))
-    batch_size = _int("BATCH_SIZE", _env("BATCH_SIZE", "16"), 1)
     num_gpus = _int("NUM_GPUS", _env("NUM_GPUS", "1"), 1)
-    grad_accum, notes = accumulation(int(recipe["global_batch"]), batch_size, num_gpus,
+    target = int(recipe["global_batch"])
+    # upstream's 16 per GPU, fewer when more GPUs than 64 / 16 (8 GPUs x 8 = 64): accumulation makes up the rest
+    default_batch = 16 if target % (16 * num_gpus) == 0 or target % num_gpus else target // num_gpus
+    batch_size = _int("BATCH_SIZE", _env("BATCH_SIZE", str(default_batch)), 1)
+    grad_accum, notes = accumulation(target, batch_size, num_gpus,
                                      _optional("GRAD_ACCUMULATION_STEPS", 1))
     departures += notes
     if float(lr) != float(recipe["learning_rate"]):

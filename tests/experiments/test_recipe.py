@@ -67,9 +67,12 @@ def test_a_recipe_without_a_source_is_refused(tmp_path):
         recipe_module.load_recipe("libero_goal", tmp_path)
 
 
-@pytest.mark.parametrize("gpus, batch, accum", [("1", "16", "4"), ("2", "8", "4"), ("8", "8", "1"), ("1", "64", "1")])
+@pytest.mark.parametrize("gpus, batch, accum", [("1", "16", "4"), ("2", "8", "4"), ("8", "8", "1"), ("1", "64", "1"),
+                                                ("1", "", "4"), ("2", "", "2"), ("8", "", "1"), ("16", "", "1")])
 def test_other_hardware_keeps_the_global_batch_and_the_steps(tmp_path, gpus, batch, accum):
-    commands, proc = dry_run("table1", tmp_path, NUM_GPUS=gpus, BATCH_SIZE=batch, SEEDS="7", METHODS="baseline")
+    """BATCH_SIZE given, or its default (16 per GPU, 64 / NUM_GPUS past 4 GPUs)."""
+    env = {"BATCH_SIZE": batch} if batch else {}
+    commands, proc = dry_run("table1", tmp_path, NUM_GPUS=gpus, SEEDS="7", METHODS="baseline", **env)
     for _, f in commands:
         if "grad_accumulation_steps" in f:
             assert f["grad_accumulation_steps"] == accum
