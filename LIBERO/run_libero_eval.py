@@ -50,6 +50,7 @@ from LIBERO.suites import INSTRUCTION_SOURCES, TaskSpec, base_suite, load_suite_
 from prismatic.cli_errors import UserError, cli_entry, parse_config
 from prismatic.models.precision import DTYPE_CHOICES as DTYPES  # auto, float32, bfloat16
 from prismatic.training.checkpoint_identity import checkpoint_identity, weight_files
+from prismatic.training.metrics_log import WANDB_LOGIN_FIX
 
 DEFAULT_WANDB_PROJECT = "vla-adapter-libero-eval"
 
@@ -284,7 +285,9 @@ def training_run_labels(cfg: EvalConfig) -> dict | None:
     from prismatic.training.metrics_log import wandb_labels
 
     config = yaml.safe_load(config_file.read_text()) or {}
-    return {**wandb_labels(config), "project": config.get("wandb_project")}
+    labels = wandb_labels(config)
+    labels["config"]["train_run_id"] = head  # the parser joins this evaluation to that training run by it
+    return {**labels, "project": config.get("wandb_project")}
 
 
 def _init_wandb(cfg: EvalConfig, checkpoint: dict | None):
@@ -293,10 +296,15 @@ def _init_wandb(cfg: EvalConfig, checkpoint: dict | None):
     name = cfg.run_name or f"eval-{cfg.task_suite_name}-{Path(cfg.pretrained_checkpoint).name}"
     labels = training_run_labels(cfg) or {}
     project = cfg.wandb_project or labels.get("project") or DEFAULT_WANDB_PROJECT
-    return wandb.init(project=project, entity=cfg.wandb_entity, name=name,
-                      group=cfg.wandb_group or default_wandb_group(cfg),
-                      tags=list(cfg.wandb_tags) if cfg.wandb_tags else ["eval", cfg.task_suite_name],
-                      config={**asdict(cfg), "checkpoint": checkpoint, **labels.get("config", {})}, job_type="eval")
+    Path(cfg.local_log_dir).mkdir(parents=True, exist_ok=True)
+    try:  # mode: WANDB_MODE (offline runs land in <local_log_dir>/wandb/, where `wandb sync` finds them)
+        return wandb.init(project=project, entity=cfg.wandb_entity, name=name, dir=str(cfg.local_log_dir),
+                          group=cfg.wandb_group or default_wandb_group(cfg),
+                          tags=list(cfg.wandb_tags) if cfg.wandb_tags else ["eval", cfg.task_suite_name],
+                          config={**asdict(cfg), "checkpoint": checkpoint, **labels.get("config", {})},
+                          job_type="eval")
+    except wandb.errors.UsageError as exc:  # online without a login: one line with the fix
+        raise UserError(f"--use_wandb True: {exc}", WANDB_LOGIN_FIX) from None
 
 
 def resolve_center_crop(given: bool | None, policy) -> bool | None:

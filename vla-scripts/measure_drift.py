@@ -32,6 +32,7 @@ from prismatic.models.image_transform import batch_pixel_values
 from prismatic.models.loaders import load_policy
 from prismatic.models.precision import DTYPE_CHOICES, resolve_dtype
 from prismatic.models.prompting import tokenize_prompt
+from prismatic.training.checkpoint_identity import checkpoint_identity
 from prismatic.training.drift_metrics import GROUPS, layerwise_drift, pooled_layer_features
 
 SCHEMA_VERSION = 1
@@ -180,6 +181,10 @@ def _measure_drift_locked(cfg: DriftConfig) -> dict:
                       instructions)
     ft_feats = extract_features(finetuned, samples, cfg.batch_size, dataset.pad_token_id, device)
     del finetuned
+    try:  # the weights measured, so that the report stays valid when the folder moves and stale when it is rewritten
+        finetuned_identity = checkpoint_identity(cfg.finetuned_path)
+    except ValueError:
+        finetuned_identity = None
 
     drift = layerwise_drift(ref_feats, ft_feats, labels, episodes, cfg.probe_test_fraction, cfg.seed, cfg.probe_l2,
                             cfg.probe_max_iter)
@@ -187,6 +192,7 @@ def _measure_drift_locked(cfg: DriftConfig) -> dict:
     report = {
         "schema_version": SCHEMA_VERSION,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "finetuned_checkpoint": finetuned_identity,
         "num_samples": len(samples),
         "num_llm_layers": num_layers,
         "layers": list(range(num_layers + 1)),

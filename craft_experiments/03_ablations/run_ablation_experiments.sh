@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ablations of CRaFT on SUITES (default libero_spatial) x SEEDS; each variant is trained and evaluated.
 #
-# Groups (ABLATIONS, default all of them):
+# Groups (ABLATIONS, default all of them; SMOKE alone: reference projection anchor_source, SMOKE_FULL=1: all):
 #   reference      baseline SFT and CRaFT with default settings (the rows every other variant is compared with)
 #   projection     CRaFT without the conflict-aware projection
 #   dual           CRaFT without the adaptive lambda, lambda fixed at each of FIXED_LAMBDAS [0 0.1 1]

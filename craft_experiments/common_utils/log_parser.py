@@ -23,6 +23,7 @@ table_success_<experiment>.tex and table_metrics_<experiment>.tex, plots/<experi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ from table_rendering import (  # noqa: E402,F401
     latex_success_table,
     markdown_table,
     plot_training_curves,
+    root_tags,
     write_csv,
     write_latex_tables,
 )
@@ -76,23 +78,32 @@ class Results:
     run_rows: list[dict]
     aggregate: list[dict]
     issues: list[Issue]
+    smoke_left_out: int = 0  # SMOKE (tiny preset) runs of the project not aggregated (--include_smoke False)
 
 
 def collect(runs_dirs: Sequence[Path] = (), wandb_project: str | None = None, wandb_entity: str | None = None,
             ddof: int = 1, final_window: int = 1, include_incomplete: bool = False,
-            api_factory: Callable[[], Any] | None = None, wandb_online: bool | None = None) -> Results:
+            api_factory: Callable[[], Any] | None = None, wandb_online: bool | None = None,
+            include_smoke: bool = False) -> Results:
     """Read every source, summarise each run, aggregate per group; all problems end up in `Results.issues`.
 
     `wandb_project` without `wandb_online`: the local runs of that project (below `runs_dirs`, default runs/).
     `wandb_online` (default: True when `api_factory` is given): also the wandb API.
     """
     online = bool(api_factory is not None) if wandb_online is None else wandb_online
+    smoke_left_out = 0
     records: list[RunRecord] = []
     issues: list[Issue] = []
     if wandb_project and not (online and runs_dirs):
         roots = list(runs_dirs) or ([DEFAULT_LOCAL_ROOT] if not online else [])
         if roots:
             records, issues = load_local_project_runs(wandb_project, [Path(r) for r in roots])
+        if not include_smoke:  # a project's runs: the real ones unless SMOKE is asked for
+            smoke = [r for r in records if r.config is not None and r.config.get("model_preset") == "tiny"]
+            records = [r for r in records if not any(r is s for s in smoke)]
+            kept = {r.name for r in records}
+            issues = [i for i in issues if i.run in kept or i.run not in {s.name for s in smoke}]
+            smoke_left_out = len(smoke)
     else:
         for runs_dir in runs_dirs:
             found, dir_issues = discover_runs(Path(runs_dir))
@@ -117,14 +128,50 @@ def collect(runs_dirs: Sequence[Path] = (), wandb_project: str | None = None, wa
     for record in records:
         issues += record.issues
     aggregate, agg_issues = aggregate_runs(run_rows, ddof=ddof)
-    return Results(records, run_rows, aggregate, issues + agg_issues)
+    return Results(records, run_rows, aggregate, issues + agg_issues, smoke_left_out)
+
+
+MANIFEST = ".log_parser_outputs.json"  # what the last aggregation wrote here: removed before the next one writes
+OUTPUT_PATTERNS = ("runs.csv", "summary.csv", "summary.md", "issues.txt", "table_*.tex", "plots/*.png", "plots/*.pdf")
+
+
+class OutputFolderError(ValueError):
+    """The output folder holds tables or plots this parser cannot tell apart from the new ones."""
+
+
+def check_output_dir(output_dir: Path) -> list[Path]:
+    """The files of the previous aggregation into `output_dir` (from its manifest), to be removed before writing;
+    OutputFolderError when the folder holds table / plot files without a manifest (stale outputs of unknown age)."""
+    output_dir = Path(output_dir)
+    manifest = output_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            listed = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            listed = None
+        if not isinstance(listed, list):
+            raise OutputFolderError(f"{manifest} is unreadable — remove the folder's tables and plots, or pass "
+                                    "another --output_dir")
+        return [output_dir / name for name in listed if (output_dir / name).is_file()]
+    strangers = sorted(p for pattern in OUTPUT_PATTERNS for p in output_dir.glob(pattern))
+    if strangers:
+        raise OutputFolderError(f"--output_dir {output_dir} already holds {len(strangers)} table / plot file(s) "
+                                f"(e.g. {strangers[0].name}) not written by a recorded aggregation — pass an empty "
+                                "or new --output_dir, or remove them")
+    return []
 
 
 def write_outputs(results: Results, output_dir: Path, ddof: int = 1, latex: bool = False, plots: bool = True
                   ) -> list[Path]:
-    """runs.csv, summary.csv, summary.md, issues.txt, [table_*_<experiment>.tex], plots/*.{png,pdf}."""
+    """runs.csv, summary.csv, summary.md, issues.txt, [table_*_<experiment>.tex], plots/*.{png,pdf}; the outputs of
+    the previous aggregation into the folder are removed first (its manifest), so nothing stale stays beside them."""
     output_dir = Path(output_dir)
+    stale = check_output_dir(output_dir)
+    if latex or plots:  # refuse colliding roots before anything is removed or written
+        root_tags(results.aggregate, for_files=True)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for path in stale:
+        path.unlink()
     written = [write_csv(results.run_rows, output_dir / "runs.csv", RUN_COLUMNS),
                write_csv(results.aggregate, output_dir / "summary.csv", aggregate_columns())]
     (output_dir / "summary.md").write_text(markdown_table(results.aggregate, ddof=ddof))
@@ -135,6 +182,7 @@ def write_outputs(results: Results, output_dir: Path, ddof: int = 1, latex: bool
         written += write_latex_tables(results.aggregate, output_dir, ddof=ddof)
     if plots:
         written += plot_training_curves(results.records, output_dir / "plots")
+    (output_dir / MANIFEST).write_text(json.dumps(sorted(str(p.relative_to(output_dir)) for p in written), indent=1))
     return written
 
 
@@ -161,6 +209,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="'final' values are the mean of this many last logged values")
     parser.add_argument("--include_incomplete", action="store_true",
                         help="keep runs whose training did not reach max_steps (reported as warnings)")
+    parser.add_argument("--include_smoke", type=_bool, default=False,
+                        help="with --wandb_project: also aggregate the project's SMOKE runs (tiny preset); a "
+                             "--runs_dir is always read whole")
     parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any problem was found")
     return parser
@@ -175,12 +226,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = collect(args.runs_dir, args.wandb_project, args.wandb_entity, ddof=args.ddof,
                           final_window=args.final_window, include_incomplete=args.include_incomplete,
-                          wandb_online=args.wandb_online)
+                          wandb_online=args.wandb_online, include_smoke=args.include_smoke)
+        written = write_outputs(results, args.output_dir, ddof=args.ddof, latex=args.generate_latex_table,
+                                plots=not args.no_plots)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    written = write_outputs(results, args.output_dir, ddof=args.ddof, latex=args.generate_latex_table,
-                            plots=not args.no_plots)
+    if results.smoke_left_out:
+        print(f"note: {results.smoke_left_out} SMOKE run(s) (tiny preset) of the project left out; --include_smoke "
+              "True aggregates them")
     print(markdown_table(results.aggregate, ddof=args.ddof))
     for issue in results.issues:
         print(f"PROBLEM {issue}", file=sys.stderr)

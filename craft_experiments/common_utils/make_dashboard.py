@@ -9,7 +9,8 @@ JSON: run it again on a machine with network after `wandb sync` (docs/EXPERIMENT
 
 Panels (every key is one that finetune.py / run_libero_eval.py log; tests/experiments/test_dashboard.py checks this):
 L_ret with the ε line, λ, conflict ratio and gradient cosine, action losses, learning rate, LIBERO success rate per
-suite; runs grouped by method and suite (config entries `method`, `suite` written by finetune.py), mean ± std bands.
+suite; one saved view per experiment (table1, fewshot, ablations: its runs only), runs grouped by the tables' groups
+(config entries `experiment`, `preset`, `suite`, `shots`, `method` written by finetune.py), mean ± std bands.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ SECTIONS: list[tuple[str, list[tuple[str, list[str], str]]]] = [
 ]
 # success rate of the LIBERO evaluation runs per suite (the keys LIBERO/run_libero_eval.py logs), grouped by method
 SUCCESS_KEYS = [success_rate_key(suite) for suite in ("libero_spatial", "libero_object", "libero_goal", "libero_10")]
-GROUP_BY = ["method", "suite"]
+# the tables' groups (experiment, preset, suite, shots, method): Table-1, k-shot and ablation runs never share a band
+GROUP_BY = ["experiment", "preset", "suite", "shots", "method"]
+EXPERIMENTS = ("table1", "fewshot", "ablations")  # the grids' run roots (wandb config `experiment`)
 
 
 def dashboard_spec(project: str, entity: str | None, name: str) -> dict[str, Any]:
@@ -58,11 +61,14 @@ def dashboard_spec(project: str, entity: str | None, name: str) -> dict[str, Any
     sections.append({"name": "LIBERO success rate", "panels": [
         {"type": "bar", "title": "Success rate per suite (mean ± std over seeds)", "metrics": SUCCESS_KEYS,
          "groupby": GROUP_BY, "aggregate": "mean", "range": "stddev"}]})
-    return {"project": project, "entity": entity, "name": name, "runs_grouped_by": GROUP_BY, "sections": sections}
+    # one saved view per experiment (its runs only): Table-1, few-shot and ablation groups never share a panel
+    views = [{"name": f"{name} — {experiment}", "filter": {"experiment": experiment}} for experiment in EXPERIMENTS]
+    return {"project": project, "entity": entity, "name": name, "runs_grouped_by": GROUP_BY, "sections": sections,
+            "views": views}
 
 
-def build_workspace(spec: dict[str, Any]):
-    """The wandb_workspaces.Workspace of a spec (no network)."""
+def build_workspace(spec: dict[str, Any], view: dict[str, Any] | None = None):
+    """The wandb_workspaces.Workspace of a spec (no network); `view`: one of spec["views"] (name and run filter)."""
     import wandb_workspaces.reports.v2 as wr
     import wandb_workspaces.workspaces as ws
 
@@ -79,9 +85,11 @@ def build_workspace(spec: dict[str, Any]):
                 panels.append(wr.BarPlot(title=p["title"], metrics=list(p["metrics"]), groupby_aggfunc="mean",
                                          groupby_rangefunc="stddev", orientation="v"))
         sections.append(ws.Section(name=section["name"], panels=panels, is_open=True))
-    return ws.Workspace(entity=spec["entity"] or "offline", project=spec["project"], name=spec["name"],
-                        sections=sections,
-                        runset_settings=ws.RunsetSettings(groupby=[ws.Config(key) for key in spec["runs_grouped_by"]]))
+    filters = [ws.Config(key) == value for key, value in (view or {}).get("filter", {}).items()]
+    return ws.Workspace(entity=spec["entity"] or "offline", project=spec["project"],
+                        name=view["name"] if view else spec["name"], sections=sections,
+                        runset_settings=ws.RunsetSettings(filters=filters,
+                                                          groupby=[ws.Config(key) for key in spec["runs_grouped_by"]]))
 
 
 def _online_entity(entity: str | None) -> str | None:
@@ -115,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the wandb-workspaces package is missing — pip install -r requirements.txt", file=sys.stderr)
         return 2
     spec = dashboard_spec(args.wandb_project, args.wandb_entity, args.name)
-    workspace = build_workspace(spec)
+    views = {view["name"]: json.loads(build_workspace(spec, view)._to_model().model_dump_json())
+             for view in spec["views"]}
     out = args.output_json or Path("results") / f"wandb_dashboard_{args.wandb_project}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"spec": spec, "wandb_view": json.loads(workspace._to_model().model_dump_json())},
-                              indent=2) + "\n")
+    out.write_text(json.dumps({"spec": spec, "wandb_views": views}, indent=2) + "\n")
     print(f"wrote the dashboard spec to {out}")
     entity = _online_entity(args.wandb_entity)
     if entity is None:
@@ -127,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
               "this command again online (`wandb login`) to save it.")
         return 0
     spec["entity"] = entity
-    saved = build_workspace(spec)
-    saved.save()
-    print(f"saved the workspace: {saved.url}")
+    for view in spec["views"]:
+        saved = build_workspace(spec, view)
+        saved.save()
+        print(f"saved the workspace '{view['name']}': {saved.url}")
     return 0
 
 

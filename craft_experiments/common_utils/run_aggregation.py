@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from run_reading import (
     KEY_ACTION_LOSS,
+    KEY_CONFLICT_NULL,
     KEY_CONFLICT_RATIO,
     KEY_LAMBDA,
     KEY_RETENTION_LOSS,
@@ -25,13 +26,10 @@ from run_reading import (
     _to_float,
 )
 
+from prismatic.training.method_label import CRAFT_DEFAULTS, PRESET_LLM_LAYERS, _as_bool, method_label  # noqa: F401
+
 SUITE_ORDER = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 SUITE_TITLES = {"libero_spatial": "Spatial", "libero_object": "Object", "libero_goal": "Goal", "libero_10": "Long"}
-# LLM depth per model preset: the default anchor layers are m = L // 2 and M = L (finetune.py's defaults).
-PRESET_LLM_LAYERS = {"real": 24, "tiny": 4}
-CRAFT_DEFAULTS = {"craft_retention_budget": 0.1, "craft_dual_lr": 0.01, "craft_anchor_type": "concat",
-                  "craft_anchor_source": "online"}
-
 GROUP_KEYS = ("experiment", "root", "preset", "method", "suite", "shots")
 
 
@@ -49,9 +47,13 @@ class Metric:
 
 METRICS = (
     Metric("success_pct", "Success (%)", "Success (\\%)", ".1f"),
+    # only with EVAL_EVERY_KTH_CHECKPOINT: the best of the evaluated checkpoints, selected on the test episodes
+    Metric("best_success_pct", "Best-ckpt success (%)", "Best-ckpt success (\\%)", ".1f"),
     Metric("final_action_loss", "Final L_act", "Final $L_{act}$", ".4f"),
     Metric("final_retention_loss", "Final L_ret", "Final $L_{ret}$", ".4f"),
     Metric("mean_conflict_ratio", "Conflict ratio", "Conflict ratio", ".3f"),
+    # beside it, its null: the same share between unrelated gradients (about 0.5), so a ratio can be read
+    Metric("mean_conflict_null", "Conflict null", "Conflict null", ".3f"),
     Metric("final_lambda", "Final λ", "Final $\\lambda$", ".3f"),
     Metric("drift_retention", "Drift L_ret", "Drift $L_{ret}$", ".4f"),
     Metric("drift_cka_aq", "CKA (AQ)", "CKA (AQ)", ".3f"),
@@ -63,66 +65,6 @@ METRIC_KEYS = tuple(m.key for m in METRICS)
 # ---------------------------------------------------------------------------------------------------------------------
 # Per-run numbers
 # ---------------------------------------------------------------------------------------------------------------------
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value)
-
-
-def _num(value: Any) -> str:
-    return f"{float(value):g}"
-
-
-def method_label(config: dict) -> str:
-    """baseline | craft | craft-<variant parts> | align | consft | ki[-w<weight>] | freeze ..., from the resolved
-    training config."""
-    retention = str(config.get("retention_method") or "none").lower()
-    use_craft = _as_bool(config.get("use_craft", False)) or retention == "craft"
-    freeze = _as_bool(config.get("freeze_vision_backbone", False))
-    if not use_craft:
-        label = retention if retention not in ("none", "craft") else ("freeze" if freeze else "baseline")
-        ki_weight = config.get("ki_action_loss_weight", 1.0)
-        if retention == "ki" and ki_weight is not None and not math.isclose(float(ki_weight), 1.0):
-            label += f"-w{_num(ki_weight)}"  # w = 0 is the stop-gradient-only ablation: another row
-        if freeze and label != "freeze":
-            label += "+freeze"
-        return label
-    parts = []
-    if not _as_bool(config.get("craft_enable_projection", True)):
-        parts.append("noproj")
-    if not _as_bool(config.get("craft_enable_dual", True)):
-        fixed = config.get("craft_fixed_lambda")
-        parts.append(f"fixlam{_num(fixed if fixed is not None else config.get('craft_init_lambda', 0.0))}")
-    anchor = config.get("craft_anchor_type", "concat")
-    if anchor != CRAFT_DEFAULTS["craft_anchor_type"]:
-        parts.append(f"anchor_{anchor}")
-    budget = config.get("craft_retention_budget", 0.1)
-    if not math.isclose(float(budget), CRAFT_DEFAULTS["craft_retention_budget"]):
-        parts.append(f"eps{_num(budget)}")
-    dual_lr = config.get("craft_dual_lr", 0.01)
-    if not math.isclose(float(dual_lr), CRAFT_DEFAULTS["craft_dual_lr"]):
-        parts.append(f"dlr{_num(dual_lr)}")
-    depth = PRESET_LLM_LAYERS.get(str(config.get("model_preset", "real")))
-    raw, aq = config.get("craft_raw_layer"), config.get("craft_aq_layer")
-    if raw is not None and (depth is None or int(raw) != depth // 2):
-        parts.append(f"m{raw}")
-    if aq is not None and (depth is None or int(aq) != depth):
-        parts.append(f"M{aq}")
-    if config.get("craft_anchor_source", "online") != CRAFT_DEFAULTS["craft_anchor_source"]:
-        parts.append(str(config.get("craft_anchor_source")))
-    if config.get("craft_snapshot_path"):
-        parts.append("snapshot")
-    mode = str(config.get("craft_dual_mode") or "gradient")
-    if mode != "gradient":
-        parts.append(mode)
-    if _as_bool(config.get("craft_dual_normalize", False)):
-        parts.append("norm")
-    if config.get("craft_max_lambda") is not None:
-        parts.append(f"maxlam{_num(config['craft_max_lambda'])}")
-    label = "-".join(["craft", *parts])
-    return label + ("+freeze" if freeze else "")
-
-
 def _suite_of(config: dict) -> str:
     name = str(config.get("dataset_name", ""))
     return name[: -len("_no_noops")] if name.endswith("_no_noops") else name
@@ -210,6 +152,7 @@ def summarize_run(record: RunRecord, final_window: int = 1) -> dict | None:
             return math.nan
         return float(values.mean())
 
+    row.update(best_checkpoint(record, row["success_pct"], suite))
     row["eval_episodes"] = (int(record.eval_summary["num_episodes"]) if record.eval_summary is not None
                             and "num_episodes" in record.eval_summary else None)
     row["final_action_loss"] = final(KEY_ACTION_LOSS)
@@ -217,9 +160,25 @@ def summarize_run(record: RunRecord, final_window: int = 1) -> dict | None:
     has_monitor = _series(record.metrics, KEY_RETENTION_MONITOR)[1].size > 0
     row["final_retention_loss"] = final(KEY_RETENTION_MONITOR if has_monitor else KEY_RETENTION_LOSS)
     row["mean_conflict_ratio"] = mean_over_steps(KEY_CONFLICT_RATIO)
+    row["mean_conflict_null"] = mean_over_steps(KEY_CONFLICT_NULL)
     row["final_lambda"] = final(KEY_LAMBDA)
     row.update(drift_numbers(record.drift))
     return row
+
+
+def best_checkpoint(record: RunRecord, final_pct: float, suite: str) -> dict[str, Any]:
+    """Best success over the final and the earlier evaluated checkpoints (NaN unless earlier ones were evaluated):
+    `best_success_pct`, `best_step`, `checkpoints_evaluated`. Reported apart from the final checkpoint's number."""
+    rates = {step: 100.0 * float(s["success_rate"]) for step, s in record.step_evals.items()
+             if not s.get("task_suite_name") or s.get("task_suite_name") == suite}
+    if not rates:
+        return {"best_success_pct": math.nan, "best_step": None, "checkpoints_evaluated": 1 if final_pct == final_pct
+                else 0}
+    final_step = (record.config or {}).get("max_steps")
+    if not math.isnan(final_pct) and isinstance(final_step, int):
+        rates[final_step] = final_pct
+    best_step = max(sorted(rates), key=lambda s: rates[s])  # the earliest of equal bests
+    return {"best_success_pct": rates[best_step], "best_step": best_step, "checkpoints_evaluated": len(rates)}
 
 
 def drift_numbers(report: dict | None) -> dict[str, float]:

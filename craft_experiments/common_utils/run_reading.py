@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from run_layout import DRIFT_REPORT, EVAL_SUMMARY, drift_stale_reason, final_checkpoint, read_json, stale_reason
+from run_layout import (
+    DRIFT_REPORT,
+    EVAL_STEPS,
+    EVAL_SUMMARY,
+    drift_stale_reason,
+    final_checkpoint,
+    read_json,
+    stale_reason,
+)
+
+from LIBERO.results import success_rate_key  # noqa: E402  (light; run_layout put the repository on sys.path)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -30,8 +40,10 @@ KEY_RETENTION_LOSS = "CRaFT/Retention Loss"
 KEY_RETENTION_MONITOR = "CRaFT/Retention Loss (monitor)"  # the monitor's key inside a CRaFT run
 KEY_LAMBDA = "CRaFT/Lambda"
 KEY_CONFLICT_RATIO = "CRaFT/Conflict Ratio"
+KEY_CONFLICT_NULL = "CRaFT/Conflict Ratio Null"  # the same share between unrelated gradients (docs/CRAFT.md)
 KEY_COSINE = "CRaFT/Grad Cosine"
-CURVE_KEYS = (KEY_ACTION_LOSS, KEY_RETENTION_LOSS, KEY_RETENTION_MONITOR, KEY_LAMBDA, KEY_CONFLICT_RATIO, KEY_COSINE)
+CURVE_KEYS = (KEY_ACTION_LOSS, KEY_RETENTION_LOSS, KEY_RETENTION_MONITOR, KEY_LAMBDA, KEY_CONFLICT_RATIO,
+              KEY_CONFLICT_NULL, KEY_COSINE)
 
 
 class RunDataError(ValueError):
@@ -58,6 +70,7 @@ class RunRecord:
     metrics: list[dict] | None = None
     eval_summary: dict | None = None
     drift: dict | None = None  # measure_drift.py's report on the final checkpoint
+    step_evals: dict[int, dict] = field(default_factory=dict)  # step -> evaluation of that earlier checkpoint
     training_complete: bool | None = None
     issues: list[Issue] = field(default_factory=list)
 
@@ -196,10 +209,11 @@ def load_run_dir(run_dir: Path) -> RunRecord:
         except RunDataError as exc:
             record.report("warning", f"success rate left out: {exc}")
         if record.eval_summary is not None and final is not None:
-            why = stale_reason(record.eval_summary, final, record.config["max_steps"])
+            why = stale_reason(record.eval_summary, final)
             if why is not None:
                 record.eval_summary = None
                 record.report("warning", f"stale evaluation ignored: {why} (rerun the grid script to redo it)")
+    _read_step_evals(record, run_dir)
     drift = read_json(run_dir / DRIFT_REPORT)
     if drift is not None and final is not None:
         why = drift_stale_reason(drift, final)
@@ -217,9 +231,30 @@ def load_run_dir(run_dir: Path) -> RunRecord:
     return record
 
 
+def _read_step_evals(record: RunRecord, run_dir: Path) -> None:
+    """Evaluations of earlier checkpoints (grid option EVAL_EVERY_KTH_CHECKPOINT), each checked against its own
+    checkpoint like the final one; a stale or unreadable one is left out with a warning."""
+    folder = run_dir / EVAL_STEPS
+    if not folder.is_dir():
+        return
+    for step_dir in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not step_dir.name.isdigit() or not (step_dir / "summary.json").is_file():
+            continue
+        try:
+            summary = read_eval_summary(step_dir / "summary.json")
+        except RunDataError as exc:
+            record.report("warning", f"checkpoint evaluation left out: {exc}")
+            continue
+        why = stale_reason(summary, final_checkpoint(run_dir.parent, run_dir.name, int(step_dir.name)))
+        if why is not None:
+            record.report("warning", f"stale evaluation of step {step_dir.name} ignored: {why}")
+            continue
+        record.step_evals[int(step_dir.name)] = summary
+
+
 # Files finetune.py writes into a run directory; a folder holding any of them is a run (perhaps a broken one).
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, "dataset_statistics.json", "few_shot_episodes.json")
-NOT_RUN_DIRS = ("logs", "wandb", "eval", "drift", "plots", "results", "craft_cache")
+NOT_RUN_DIRS = ("logs", "wandb", "eval", EVAL_STEPS, "drift", "plots", "results", "craft_cache")
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -314,7 +349,10 @@ def load_wandb_runs(project: str, entity: str | None = None, api_factory: Callab
                            "logged in? Run `wandb login`, or use --runs_dir with the local run directories "
                            "(metrics.jsonl is written next to every wandb run).") from exc
     records = []
+    evals = [run for run in runs if getattr(run, "job_type", None) == "eval"]
     for run in runs:
+        if getattr(run, "job_type", None) == "eval":
+            continue  # joined to its training run below
         record = RunRecord(name=str(run.name), source=f"wandb:{path}/{run.id}")
         record.config = _unwrap_wandb_config(dict(run.config))
         rows = []
@@ -338,9 +376,35 @@ def load_wandb_runs(project: str, entity: str | None = None, api_factory: Callab
         rate = summary.get("success_rate", summary.get("Eval/Success Rate"))
         if rate is not None:
             record.eval_summary = {"task_suite_name": summary.get("task_suite_name"), "success_rate": float(rate)}
-        else:
-            record.report("warning", "wandb run summary has no success rate: success rate left out")
         records.append(record)
+    _join_eval_runs(records, evals)
+    for record in records:
+        if record.eval_summary is None:
+            record.report("warning", "no success rate in the wandb run summary nor in an evaluation run "
+                          "(job_type eval) of this training run: success rate left out")
     return records
+
+
+def _join_eval_runs(records: list[RunRecord], evals: list[Any]) -> None:
+    """Success rates of the evaluation runs (run_libero_eval.py, job_type `eval`, config `train_run_id` and the
+    evaluated `checkpoint`) onto their training runs: the evaluation of the run's final checkpoint, when the
+    training run's own summary has none."""
+    by_name = {r.name: r for r in records}
+    for run in evals:
+        config = _unwrap_wandb_config(dict(run.config))
+        target = by_name.get(str(config.get("train_run_id")))
+        if target is None or target.eval_summary is not None or target.config is None:
+            continue
+        checkpoint = config.get("checkpoint") or {}
+        if isinstance(checkpoint, dict) and checkpoint.get("step") not in (None, target.config.get("max_steps")):
+            continue  # an earlier checkpoint's evaluation
+        summary = dict(getattr(run.summary, "_json_dict", None) or run.summary)
+        suite = config.get("task_suite_name")
+        rate = summary.get(success_rate_key(str(suite)), summary.get("success_rate/total"))
+        if rate is None:
+            continue
+        target.eval_summary = {"task_suite_name": suite, "success_rate": float(rate)}
+        if isinstance(summary.get("num_episodes"), int):
+            target.eval_summary["num_episodes"] = summary["num_episodes"]
 
 

@@ -8,9 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-from prismatic.cli_errors import disk_full_error
+from prismatic.cli_errors import UserError, disk_full_error
+from prismatic.training.method_label import method_label
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_LOGIN_FIX = ("run `wandb login` (or set WANDB_API_KEY), or log offline with --wandb_mode offline / WANDB_MODE="
+                   "offline and upload later with `wandb sync`")
 
 
 def _jsonable(value):
@@ -37,10 +40,14 @@ class MetricsLogger:
             import wandb
 
             labels = wandb_labels(config)
-            self._wandb_run = wandb.init(project=wandb_project, entity=wandb_entity, name=run_id, id=_wandb_id(run_id),
-                                         config={**config, **labels["config"]}, dir=str(run_dir), mode=wandb_mode,
-                                         resume="allow", group=labels["group"], tags=labels["tags"],
-                                         job_type=labels["job_type"])
+            labels["config"]["train_run_id"] = run_id
+            try:
+                self._wandb_run = wandb.init(project=wandb_project, entity=wandb_entity, name=run_id,
+                                             id=_wandb_id(run_id), config={**config, **labels["config"]},
+                                             dir=str(run_dir), mode=wandb_mode, resume="allow", group=labels["group"],
+                                             tags=labels["tags"], job_type=labels["job_type"])
+            except wandb.errors.UsageError as exc:  # online without a login: one line with the fix
+                raise UserError(f"wandb {wandb_mode} mode: {exc}", WANDB_LOGIN_FIX) from None
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -63,33 +70,23 @@ class MetricsLogger:
             self._wandb_run = None
 
 
-def method_name(config: dict) -> str:
-    """sft | freeze | align | consft | ki[-w<weight>] | craft (+ "+freeze"): the method a training config runs."""
-    method = str(config.get("retention_method") or "none")
-    if config.get("use_craft") or method == "craft":
-        method = "craft"
-    elif method == "ki" and float(config.get("ki_action_loss_weight", 1.0)) != 1.0:
-        method = f"ki-w{float(config['ki_action_loss_weight']):g}"  # w = 0, the stop-gradient ablation: its own group
-    elif method == "none":
-        method = "freeze" if config.get("freeze_vision_backbone") else "sft"
-    if config.get("freeze_vision_backbone") and method != "freeze":
-        method += "+freeze"
-    return method
-
-
 def wandb_labels(config: dict) -> dict:
-    """wandb group `<experiment>/<suite>/<method>` (experiment = the run root's folder name, e.g. table1), tags, job
-    type, and the same labels as config entries (`experiment`, `suite`, `method`) for grouping in the dashboard."""
+    """The labels the tables group by, for wandb: group `<experiment>/<preset>/<suite>/<shots>/<method>` (experiment =
+    the run root's folder name, e.g. table1; shots `all` or `<k>shot`; method = the tables' label, so ablation
+    variants and shot counts are groups of their own), tags, job type, and the same labels as config entries
+    (`experiment`, `preset`, `suite`, `shots`, `method`, `seed`, `train_run_id`) for the dashboard and the parser."""
     root = config.get("run_root_dir")
     experiment = Path(str(root)).name if root else "runs"
     dataset = str(config.get("dataset_name", ""))
     suite = dataset[: -len("_no_noops")] if dataset.endswith("_no_noops") else dataset
-    method = method_name(config)
-    tags = [experiment, suite, method, f"preset-{config.get('model_preset', 'real')}", f"seed-{config.get('seed')}"]
-    if config.get("num_demos_per_task"):
-        tags.append(f"{config['num_demos_per_task']}shot")
-    return {"group": f"{experiment}/{suite}/{method}", "tags": tags, "job_type": "train",
-            "config": {"experiment": experiment, "suite": suite, "method": method}}
+    method = method_label(config)
+    preset = str(config.get("model_preset", "real"))
+    k = config.get("num_demos_per_task")
+    shots = f"{k}shot" if k else "all"
+    tags = [experiment, suite, method, f"preset-{preset}", f"seed-{config.get('seed')}", f"shots-{shots}"]
+    return {"group": f"{experiment}/{preset}/{suite}/{shots}/{method}", "tags": tags, "job_type": "train",
+            "config": {"experiment": experiment, "preset": preset, "suite": suite, "shots": shots, "method": method,
+                       "seed": config.get("seed"), "train_run_id": config.get("run_id")}}
 
 
 def _wandb_id(run_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -94,6 +95,12 @@ def test_perturbed_policy_matches_craft_retention(script, policies, drift_data_r
     data = _check_schema(report, tmp_path / "ft", 4)
     raw, aq = data["groups"]["raw"]["retention"], data["groups"]["aq"]["retention"]
     assert all(v > 0 for v in raw) and aq[0] == 0.0 and all(v > 0 for v in aq[1:])
+    # the report names the weights it measured (hash recomputed here from the files), so a moved root keeps it
+    files = sorted(p for p in Path(finetuned).iterdir() if p.suffix in (".safetensors", ".pt", ".bin", ".pth")
+                   and p.name != "training_state.pt")
+    lines = "".join(f"{p.name} {hashlib.sha256(p.read_bytes()).hexdigest()}\n" for p in files)
+    assert data["finetuned_checkpoint"]["weights_sha256"] == hashlib.sha256(lines.encode()).hexdigest()
+    assert data["finetuned_checkpoint"]["path"] == str(Path(finetuned).resolve())
     # the layer-3 drift of the perturbed decoder layer 2 adds to the projector's: a jump at layer 3
     assert raw[3] > raw[2]
 

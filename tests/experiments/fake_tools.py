@@ -17,10 +17,14 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from prismatic.training.checkpoint_identity import checkpoint_identity  # noqa: E402
+
 CONFIGS = {"finetune.py": ("prismatic/training/finetune_config.py", "FinetuneConfig"),
            "run_libero_eval.py": ("LIBERO/run_libero_eval.py", "EvalConfig"),
            "build_craft_cache.py": ("vla-scripts/build_craft_cache.py", "BuildCacheConfig"),
@@ -100,22 +104,36 @@ def finetune(flags: dict[str, str]) -> None:
                 record[monitor] = 0.07 + 0.001 * seed
             if craft:
                 record.update({"CRaFT/Retention Loss": 0.05 + 0.001 * seed, "CRaFT/Lambda": 0.1 * seed,
-                               "CRaFT/Conflict Ratio": 0.2 + 0.01 * seed})
+                               "CRaFT/Conflict Ratio": 0.2 + 0.01 * seed, "CRaFT/Conflict Ratio Null": 0.5})
             f.write(json.dumps(record) + "\n")
-    chkpt = run_root / f"{run_id}--{max_steps}_chkpt"
-    chkpt.mkdir(parents=True, exist_ok=True)
-    (chkpt / "COMPLETE").write_text("{}")
+    # checkpoints as the real loop writes them: every save_freq steps and the final step, older ones pruned when only
+    # the latest is kept; weights that differ per training (FAKE_WEIGHTS_SALT: a retraining writes other weights)
+    save_freq = int(flags.get("save_freq", max_steps))
+    start = int(flags.get("resume_step", 0)) if flags.get("resume") == "True" else 0
+    steps = sorted({s for s in range(save_freq, max_steps + 1, save_freq) if s > start} | {max_steps})
+    for step in steps:
+        chkpt = run_root / f"{run_id}--{step}_chkpt"
+        chkpt.mkdir(parents=True, exist_ok=True)
+        salt = os.environ.get("FAKE_WEIGHTS_SALT", "")
+        (chkpt / f"action_head--{step}_checkpoint.pt").write_bytes(f"{run_id} {step} {salt}".encode())
+        (chkpt / "COMPLETE").write_text("{}")
+        if flags.get("save_latest_checkpoint_only") == "True":
+            for old in run_root.glob(f"{run_id}--*_chkpt"):
+                if old != chkpt:
+                    shutil.rmtree(old)
 
 
 def evaluate(flags: dict[str, str]) -> None:
+    if not Path(flags["pretrained_checkpoint"]).is_dir():
+        reject(f"--pretrained_checkpoint '{flags['pretrained_checkpoint']}' does not exist")
     out = Path(flags["local_log_dir"])
     out.mkdir(parents=True, exist_ok=True)
     name = Path(flags["pretrained_checkpoint"]).name
     successes = fake_success(name)
+    # the real tool's identity of the evaluated checkpoint (path, step, weights_sha256)
     summary = {"task_suite_name": flags["task_suite_name"], "num_episodes": 10, "num_successes": successes,
                "success_rate": successes / 10, "per_task": {}, "pretrained_checkpoint": flags["pretrained_checkpoint"],
-               "checkpoint": {"path": flags["pretrained_checkpoint"],
-                              "step": int(name.rsplit("--", 1)[1].removesuffix("_chkpt"))}}
+               "checkpoint": checkpoint_identity(flags["pretrained_checkpoint"])}
     (out / "summary.json").write_text(json.dumps(summary))
 
 
@@ -129,7 +147,10 @@ def measure_drift(flags: dict[str, str]) -> None:
     out = Path(flags["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     value = fake_success(Path(flags["finetuned_path"]).name) / 10
-    report = {"config": flags, "craft_default_anchor": {"raw_layer": 0, "aq_layer": 0, "L_ret_concat": value},
+    if not Path(flags["finetuned_path"]).is_dir():
+        reject(f"--finetuned_path '{flags['finetuned_path']}' does not exist")
+    report = {"config": flags, "finetuned_checkpoint": checkpoint_identity(flags["finetuned_path"]),
+              "craft_default_anchor": {"raw_layer": 0, "aq_layer": 0, "L_ret_concat": value},
               "groups": {"aq": {"cka": [1 - value], "probe_accuracy_finetuned": [0.5]}}}
     (out / "drift.json").write_text(json.dumps(report))
 
@@ -141,6 +162,7 @@ def main(argv: list[str]) -> int:
             f.write(json.dumps({"script": script, "args": args}) + "\n")
     flags = parse_flags(args)
     check_flags(script, flags)
+    print(f"fake_tools: {Path(script).name} chatter (a simulator / wandb line)")  # belongs in the per-run log
     fail_on = os.environ.get("FAKE_FAIL_ON")
     if fail_on and (flags.get("run_id") == fail_on or fail_on in flags.get("local_log_dir", "")):
         print(f"fake failure of {fail_on}", file=sys.stderr)

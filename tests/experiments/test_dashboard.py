@@ -76,17 +76,19 @@ def test_panels_name_keys_that_are_logged(logged):
 
     bar_keys = {k for s in spec["sections"] for p in s["panels"] if p["type"] == "bar" for k in p["metrics"]}
     assert bar_keys == {success_rate_key(s) for s in ("libero_spatial", "libero_object", "libero_goal", "libero_10")}
-    assert spec["runs_grouped_by"] == ["method", "suite"]
+    assert spec["runs_grouped_by"] == ["experiment", "preset", "suite", "shots", "method"]
 
 
 def test_wandb_runs_carry_group_tags_job_type_and_the_grouping_config(logged):
     _, inits = logged
-    assert [i["group"] for i in inits] == ["table1/libero_goal/craft", "table1/libero_goal/sft"]
-    for init, method in zip(inits, ("craft", "sft"), strict=True):
+    # the tables' labels: baseline (not sft), and experiment / preset / suite / shots / method in the group
+    assert [i["group"] for i in inits] == ["table1/tiny/libero_goal/all/craft", "table1/tiny/libero_goal/all/baseline"]
+    for init, method, run_id in zip(inits, ("craft", "baseline"), ("craft", "sft"), strict=True):
         assert init["job_type"] == "train"
-        assert {"table1", "libero_goal", method, "preset-tiny", "seed-7"} <= set(init["tags"])
-        assert (init["config"]["method"], init["config"]["suite"], init["config"]["experiment"]) == \
-            (method, "libero_goal", "table1")
+        assert {"table1", "libero_goal", method, "preset-tiny", "seed-7", "shots-all"} <= set(init["tags"])
+        config = init["config"]
+        assert (config["method"], config["suite"], config["experiment"], config["preset"], config["shots"],
+                config["seed"], config["train_run_id"]) == (method, "libero_goal", "table1", "tiny", "all", 7, run_id)
 
 
 def test_offline_cli_writes_the_workspace_spec(tmp_path):
@@ -97,9 +99,33 @@ def test_offline_cli_writes_the_workspace_spec(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "not saved" in proc.stdout
     data = json.loads(out.read_text())
-    view = json.dumps(data["wandb_view"])
+    # one view per experiment, each filtered to its runs: Table-1, few-shot and ablation groups never share a band
+    assert sorted(data["wandb_views"]) == sorted(f"CRaFT experiments — {e}" for e in ("table1", "fewshot", "ablations"))
     spec_keys = {k for s in data["spec"]["sections"] for p in s["panels"] for k in p.get("y", p.get("metrics", []))}
-    for key in spec_keys:  # every panel key made it into wandb's own view model
-        assert json.dumps(key)[1:-1] in view, key
-    assert data["wandb_view"]["project"] == "vla-craft-training"
-    assert "method" in view and "suite" in view
+    for experiment in ("table1", "fewshot", "ablations"):
+        model = data["wandb_views"][f"CRaFT experiments — {experiment}"]
+        view = json.dumps(model)
+        for key in spec_keys:  # every panel key made it into wandb's own view model
+            assert json.dumps(key)[1:-1] in view, key
+        assert model["project"] == "vla-craft-training"
+        assert all(key in view for key in ("experiment", "preset", "suite", "shots", "method"))
+        others = {"table1", "fewshot", "ablations"} - {experiment}
+        assert f'"{experiment}"' in view and not any(f'"{o}"' in view for o in others)
+
+
+def test_wandb_groups_are_the_tables_groups():
+    """Shots and ablation variants are groups of their own, with the tables' method label (one vocabulary)."""
+    import log_parser
+
+    from prismatic.training.metrics_log import wandb_labels
+
+    base = {"run_root_dir": "/x/fewshot", "dataset_name": "libero_spatial_no_noops", "seed": 42,
+            "model_preset": "real", "use_craft": True, "num_demos_per_task": 5}
+    configs = [base, {**base, "num_demos_per_task": 10}, {**base, "craft_retention_budget": 0.05},
+               {**base, "craft_enable_projection": False}, {**base, "use_craft": False}]
+    groups = [wandb_labels(c)["group"] for c in configs]
+    prefix = "fewshot/real/libero_spatial/"
+    assert groups == [prefix + g for g in ("5shot/craft", "10shot/craft", "5shot/craft-eps0.05", "5shot/craft-noproj",
+                                           "5shot/baseline")]
+    for config in configs:
+        assert wandb_labels(config)["config"]["method"] == log_parser.method_label(config)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from prismatic.training.lr_schedule import WarmupStepDecay
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = {
     "table1": REPO / "craft_experiments/01_main_results/run_table1_experiments.sh",
@@ -31,13 +33,21 @@ FACTS = {"libero_spatial": (432, 52970), "libero_object": (454, 66984), "libero_
          "libero_10": (379, 101469)}
 
 
-def expected_steps(suite: str, global_batch: int, epochs: int = 20, save_freq: int = 5000, shots: int | None = None
-                   ) -> int:
+# Upstream's per-suite steps for 4 GPUs x batch 16 (VLA-Adapter issue #46, quoting the maintainers' answer in #35).
+UPSTREAM_STEPS = {"libero_spatial": 20000, "libero_object": 5000, "libero_goal": 50000, "libero_10": 60000}
+
+
+def expected_steps(suite: str, shots: int | None = None) -> int:
+    """Upstream's steps; a k-shot run gets the same epochs over the k x 10 episodes it sees."""
+    episodes, _ = FACTS[suite]
+    if shots is None:
+        return UPSTREAM_STEPS[suite]
+    return math.ceil(UPSTREAM_STEPS[suite] * min(shots * 10, episodes) / episodes)
+
+
+def epoch_steps(suite: str, global_batch: int, epochs: int, save_freq: int = 5000) -> int:
     episodes, steps = FACTS[suite]
-    frames = steps - 7 * episodes
-    if shots is not None:
-        frames = frames * min(shots * 10, episodes) // episodes
-    raw = math.ceil(epochs * frames / global_batch)
+    raw = math.ceil(epochs * (steps - 7 * episodes) / global_batch)
     return math.ceil(raw / save_freq) * save_freq
 
 
@@ -45,9 +55,9 @@ def expected_steps(suite: str, global_batch: int, epochs: int = 20, save_freq: i
 CONTROL_PREFIXES = ("SMOKE", "DRY_RUN", "SUITES", "SEEDS", "NUM_GPUS", "MAX_STEPS", "METHODS", "ABLATIONS", "WANDB_",
                     "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "LORA_RANK", "SAVE_", "WARMUP_", "DECAY_", "IMAGE_AUG",
                     "DATA_ROOT", "VLM_PATH", "CONFIG_FILE_PATH", "OUTPUT_ROOT", "PYTHON", "TORCHRUN", "CRAFT_",
-                    "EVAL_", "SHOTS", "FIXED_LAMBDAS", "EPSILON_SWEEP", "RAW_LAYER_SWEEP", "RELATED_BASELINES",
-                    "AUTO_RESUME", "NUM_WORKERS", "GRAD_ACCUMULATION_STEPS", "FAKE_", "NUM_ENVS", "MEASURE_DRIFT",
-                    "DRIFT_", "RETENTION_MONITOR")
+                    "EVAL_", "LR_SCHEDULE", "SHOTS", "FIXED_LAMBDAS", "EPSILON_SWEEP", "RAW_LAYER_SWEEP",
+                    "RELATED_BASELINES", "AUTO_RESUME", "NUM_WORKERS", "GRAD_ACCUMULATION_STEPS", "FAKE_", "NUM_ENVS",
+                    "MEASURE_DRIFT", "DRIFT_", "RETENTION_MONITOR", "GRID_")
 
 
 def run_script(name: str, tmp_path: Path, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -87,13 +97,13 @@ def dry_run(name: str, tmp_path: Path, **env: str) -> tuple[list[tuple[str, dict
     return [(kind, flags_of(argv)) for kind, argv in parse_commands(proc.stdout)], proc
 
 
-RECIPE = {"batch_size": "8", "learning_rate": "5e-4", "lora_rank": "64", "image_aug": "True", "use_proprio": "True",
+RECIPE = {"batch_size": "16", "learning_rate": "2e-4", "lora_rank": "64", "image_aug": "True", "use_proprio": "True",
           "num_images_in_input": "2", "use_pro_version": "True", "use_lora": "True", "use_l1_regression": "True",
-          "model_preset": "real", "grad_accumulation_steps": "1", "wandb_project": "vla-craft-training",
+          "model_preset": "real", "grad_accumulation_steps": "4", "wandb_project": "vla-craft-training",
           "retention_monitor": "True", "retention_monitor_freq": "100"}
 
 
-def expected_run_id(prefix: str, suite: str, label: str, seed, craft: bool, shots=None, lr="5e-4", batch=8,
+def expected_run_id(prefix: str, suite: str, label: str, seed, craft: bool, shots=None, lr="2e-4", batch=64,
                     rank=64, eps="0.1") -> str:
     """Every flag the grid varies is in the id."""
     parts = [prefix, suite, *([f"{shots}shot"] if shots else []), label, f"lr{lr}", f"b{batch}", f"r{rank}"]
@@ -112,10 +122,11 @@ def test_table1_dry_run_grid_and_recipe(tmp_path):
         for key, value in RECIPE.items():
             assert f[key] == value, (key, f)
         suite = f["dataset_name"].removesuffix("_no_noops")
-        steps = expected_steps(suite, global_batch=8)
+        steps = expected_steps(suite)
         assert int(f["max_steps"]) == steps
-        assert int(f["lr_warmup_steps"]) == steps // 10
-        assert int(f["num_steps_before_decay"]) == steps * 80 // 100
+        # upstream's schedule: the real scheduler's factor is 1 at every step of the run (no warm-up, no decay)
+        factor = WarmupStepDecay(int(f["lr_warmup_steps"]), int(f["num_steps_before_decay"]))
+        assert {factor(s) for s in (0, 1, steps // 2, steps - 1, 10 * steps)} == {1.0}
         assert f["run_root_dir"] == run_root
         craft = f["use_craft"] == "True"
         if craft:
@@ -138,7 +149,7 @@ def test_table1_dry_run_grid_and_recipe(tmp_path):
         assert ev["local_log_dir"] == f"{run_root}/{train['run_id']}/eval"
         assert (ev["num_trials_per_task"], ev["seed"], ev["num_images_in_input"]) == ("50", "7", "2")
         assert ev["use_proprio"] == ev["center_crop"] == "True"
-        assert ev["device"] in ("cuda", "cpu") and ev["num_envs"] == "1"
+        assert ev["device"] == "auto" and ev["num_envs"] == "1"  # resolved by the evaluation on its node
     assert len({f["run_id"] for f in trains}) == 24
     assert not (tmp_path / "out").exists(), "DRY_RUN must not create anything"
 
@@ -154,8 +165,10 @@ def test_table1_multi_gpu_uses_torchrun_and_scales_steps(tmp_path):
         assert argv[1:6] == ["--standalone", "--nnodes", "1", "--nproc_per_node", "4"]
         assert argv[6] == "vla-scripts/finetune.py"
         f = flags_of(argv)
-        assert int(f["max_steps"]) == expected_steps("libero_10", global_batch=16 * 4)
+        assert int(f["max_steps"]) == expected_steps("libero_10")  # the recipe's 4 x 16: no accumulation
         assert (f["wandb_entity"], f["wandb_project"], f["batch_size"]) == ("lab", "p1", "16")
+        assert f["grad_accumulation_steps"] == "1"
+    assert "departures from the recipe: none" in proc.stdout
 
 
 def test_env_paths_are_resolved_from_the_invocation_directory(tmp_path):
@@ -191,7 +204,7 @@ def test_fewshot_dry_run(tmp_path):
                                          ["7", "42", "123"]))
     for f in trains:
         suite = f["dataset_name"].removesuffix("_no_noops")
-        assert int(f["max_steps"]) == expected_steps(suite, 8, shots=int(f["num_demos_per_task"]))
+        assert int(f["max_steps"]) == expected_steps(suite, shots=int(f["num_demos_per_task"]))
         craft = f["use_craft"] == "True"
         assert f["run_id"] == expected_run_id("fs", suite, "craft" if craft else "baseline", f["seed"], craft,
                                               shots=f["num_demos_per_task"])
@@ -247,13 +260,14 @@ def test_ablation_groups_can_be_selected(tmp_path):
 
 
 def test_smoke_dry_run_uses_tiny_settings(tmp_path):
-    env = {"SMOKE": "1", "SMOKE_DATA_ROOT": str(tmp_path / "tiny_data"), "SMOKE_VLM_PATH": str(tmp_path / "vlm")}
+    env = {"SMOKE": "1", "SMOKE_FULL": "1", "SMOKE_DATA_ROOT": str(tmp_path / "tiny_data"),
+           "SMOKE_VLM_PATH": str(tmp_path / "vlm")}
     commands, proc = dry_run("ablations", tmp_path, **env)
     trains = [f for kind, f in commands if kind == "train"]
     evals = [f for kind, f in commands if kind == "eval"]
     assert len(trains) == len(evals) == 17 * 3
     for f in trains:
-        assert (f["model_preset"], f["max_steps"], f["save_freq"], f["wandb_mode"]) == ("tiny", "4", "4", "disabled")
+        assert (f["model_preset"], f["max_steps"], f["save_freq"], f["wandb_mode"]) == ("tiny", "4", "4", "offline")
         assert f["run_root_dir"] == str(tmp_path / "out" / "ablations")  # OUTPUT_ROOT given: used as is
         assert f["data_root_dir"] == str(tmp_path / "tiny_data") and f["vlm_path"] == str(tmp_path / "vlm")
     assert sorted({f["craft_raw_layer"] for f in trains if "craft_raw_layer" in f}) == ["1", "3"]
@@ -441,7 +455,7 @@ def test_log_parser_labels_every_ablation_variant_as_the_script_names_it(tmp_pat
     assert [str(i) for i in results.issues] == []
     assert len(results.run_rows) == 17
     for row in results.run_rows:
-        assert row["run"].startswith(f"abl-libero_spatial-{row['method']}-lr5e-4-b8-r64-")
+        assert row["run"].startswith(f"abl-libero_spatial-{row['method']}-lr2e-4-b64-r64-")
         assert math.isfinite(row["final_retention_loss"]) and math.isfinite(row["drift_retention"])
 
 
@@ -469,7 +483,7 @@ def test_every_printed_command_parses_with_the_real_configs(tmp_path):
                "drift": _load_module("measure_drift_for_test", REPO / "vla-scripts/measure_drift.py").DriftConfig}
     seen: dict[str, int] = {}
     for name in SCRIPTS:
-        for env in ({}, {"SMOKE": "1", "SMOKE_DATA_ROOT": "d", "SMOKE_VLM_PATH": "v"}):
+        for env in ({}, {"SMOKE": "1", "SMOKE_FULL": "1", "SMOKE_DATA_ROOT": "d", "SMOKE_VLM_PATH": "v"}):
             proc = run_script(name, tmp_path, DRY_RUN="1", SEEDS="7", **env)
             assert proc.returncode == 0, proc.stderr
             for kind, argv in parse_commands(proc.stdout):
@@ -518,7 +532,7 @@ def test_smoke_grid_runs_the_real_tools_into_the_tables(tmp_path, smoke_data, na
     run_libero_eval.py (one 20-step LIBERO episode) on one suite and seed; then the promised log_parser command,
     offline, gives CSV / Markdown / LaTeX / PNG tables with a drift number in every row, baselines included."""
     extra, expected_runs = SMOKE_GRIDS[name]
-    env = {"SMOKE": "1", "SUITES": "libero_spatial", "SEEDS": "7", "SMOKE_WANDB_MODE": "offline", **smoke_data,
+    env = {"SMOKE": "1", "SUITES": "libero_spatial", "SEEDS": "7", "WANDB_MODE": "offline", **smoke_data,
            **extra}
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(CONTROL_PREFIXES)}
     full_env.update(OUTPUT_ROOT=str(tmp_path / "runs" / "craft_experiments_smoke"), WANDB_SILENT="true", **env)
@@ -539,7 +553,8 @@ def test_smoke_grid_runs_the_real_tools_into_the_tables(tmp_path, smoke_data, na
     out = tmp_path / "results"
     parser = subprocess.run([sys.executable, str(REPO / "craft_experiments/common_utils/log_parser.py"),
                              "--wandb_project", "vla-craft-training", "--output_dir", str(out),
-                             "--generate_latex_table"], cwd=tmp_path, capture_output=True, text=True,
+                             "--generate_latex_table", "--include_smoke", "True"], cwd=tmp_path, capture_output=True,
+                            text=True,
                             env={**full_env, "WANDB_MODE": "offline", "WANDB_API_KEY": ""})
     assert parser.returncode == 0, parser.stderr
     with open(out / "runs.csv") as fh:
@@ -560,3 +575,160 @@ def test_smoke_grid_runs_the_real_tools_into_the_tables(tmp_path, smoke_data, na
     # a second invocation finds everything finished
     again = subprocess.run(["bash", str(SCRIPTS[name])], env=full_env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and not parse_commands(again.stdout, prefix="")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results belong to weights (issue 24): a copied root keeps them, a checkpoint rewritten in place loses them
+# ---------------------------------------------------------------------------------------------------------------------
+def test_copied_root_keeps_every_result_in_the_parser_and_the_grid(tmp_path, fake_env):
+    import shutil
+
+    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1 2", "MAX_STEPS": "5000"}
+    assert run_script("table1", tmp_path, **env).returncode == 0
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+
+    original = log_parser.collect([tmp_path / "out" / "table1"])
+    elsewhere = tmp_path / "elsewhere" / "moved_out"
+    shutil.copytree(tmp_path / "out", elsewhere, symlinks=True)
+    copied = log_parser.collect([elsewhere / "table1"])
+    assert [str(i) for i in copied.issues] == []
+    columns = ("success_pct", "drift_retention", "final_action_loss")
+    assert [[r[c] for c in columns] for r in copied.run_rows] == [[r[c] for c in columns] for r in original.run_rows]
+    assert all(math.isfinite(r["success_pct"]) and math.isfinite(r["drift_retention"]) for r in copied.run_rows)
+    made = len(calls(tmp_path))
+    again = run_script("table1", tmp_path, **{**env, "OUTPUT_ROOT": str(elsewhere)})
+    assert again.returncode == 0, again.stderr
+    assert len(calls(tmp_path)) == made, "a copied finished root has nothing to redo"
+    assert again.stdout.count("[skip-eval]") == again.stdout.count("[skip-drift]") == 4
+
+
+def test_checkpoint_retrained_in_place_invalidates_its_results(tmp_path, fake_env):
+    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1", "METHODS": "baseline", "MAX_STEPS": "5000"}
+    assert run_script("table1", tmp_path, **env).returncode == 0
+    train_args = calls(tmp_path)[0]["args"]
+    # the same training run again into the same folder, other weights (a rerun of finetune.py by hand)
+    subprocess.run([sys.executable, str(FAKE_TOOLS), "vla-scripts/finetune.py", *train_args], check=True,
+                   env={**os.environ, "FAKE_WEIGHTS_SALT": "retrained"})
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+
+    results = log_parser.collect([tmp_path / "out" / "table1"])
+    (row,) = results.run_rows
+    assert math.isnan(row["success_pct"]) and math.isnan(row["drift_retention"])
+    messages = [str(i) for i in results.issues]
+    assert any("stale evaluation ignored" in m and "retrained at the same path" in m for m in messages), messages
+    assert any("stale drift report ignored" in m for m in messages), messages
+    proc = run_script("table1", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert "[stale-eval]" in proc.stdout and "[stale-drift]" in proc.stdout
+    assert [Path(c["script"]).name for c in calls(tmp_path)[3:]] == ["measure_drift.py", "run_libero_eval.py"]
+    (row,) = log_parser.collect([tmp_path / "out" / "table1"]).run_rows
+    assert math.isfinite(row["success_pct"]) and math.isfinite(row["drift_retention"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint selection (issue 27): the final checkpoint in the tables; best of every k-th one in its own column
+# ---------------------------------------------------------------------------------------------------------------------
+def test_every_kth_checkpoint_is_evaluated_and_reported_apart_from_the_final(tmp_path, fake_env):
+    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1 2", "METHODS": "baseline", "MAX_STEPS": "15000",
+           "EVAL_EVERY_KTH_CHECKPOINT": "1", "SAVE_LATEST_CHECKPOINT_ONLY": "False"}
+    proc = run_script("table1", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    evals = [flags_of(["x", *c["args"]])["pretrained_checkpoint"] for c in calls(tmp_path)
+             if c["script"].endswith("run_libero_eval.py")]
+    ids = [expected_run_id("t1", "libero_goal", "baseline", s, False) for s in (1, 2)]
+    run_root = tmp_path / "out" / "table1"
+    assert evals == [str(run_root / f"{i}--{step}_chkpt") for i in ids for step in (15000, 5000, 10000)]
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+
+    results = log_parser.collect([run_root])
+    assert [str(i) for i in results.issues] == []
+    for row, run_id in zip(results.run_rows, ids, strict=True):
+        rates = {step: 10.0 * fake_success_of(f"{run_id}--{step}_chkpt") for step in (5000, 10000, 15000)}
+        assert row["success_pct"] == rates[15000]  # the tables' number: the final checkpoint's
+        assert row["best_success_pct"] == max(rates.values()) and row["checkpoints_evaluated"] == 3
+        assert rates[row["best_step"]] == max(rates.values())
+    out = tmp_path / "results"
+    log_parser.write_outputs(results, out, latex=True, plots=False)
+    md = (out / "summary.md").read_text()
+    assert "| Success (%) | Best-ckpt success (%) |" in md and "selected on the evaluation episodes" in md
+    best_tex = (out / "table_success_best_table1.tex").read_text()
+    assert "\\label{tab:table1-success-best}" in best_tex and "optimistic" in best_tex
+    assert "Final checkpoint of every run" in (out / "table_success_table1.tex").read_text()
+    again = run_script("table1", tmp_path, **env)
+    assert again.returncode == 0 and again.stdout.count("[skip-eval]") == 6
+
+
+def test_tables_have_no_best_column_without_the_option(tmp_path, fake_env):
+    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1", "METHODS": "baseline", "MAX_STEPS": "5000"}
+    assert run_script("table1", tmp_path, **env).returncode == 0
+    sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
+    import log_parser
+
+    results = log_parser.collect([tmp_path / "out" / "table1"])
+    out = tmp_path / "results"
+    log_parser.write_outputs(results, out, latex=True, plots=False)
+    assert "Best" not in (out / "summary.md").read_text() and not (out / "table_success_best_table1.tex").exists()
+    refused = run_script("table1", tmp_path, DRY_RUN="1", EVAL_EVERY_KTH_CHECKPOINT="2")
+    assert refused.returncode == 2 and "SAVE_LATEST_CHECKPOINT_ONLY=False" in refused.stderr
+
+
+def fake_success_of(name: str) -> int:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_tools import fake_success
+
+    return fake_success(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# wandb modes (issue 24): offline by default, WANDB_MODE the same with and without SMOKE, online without login = 1 line
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("smoke", [{}, {"SMOKE": "1", "SMOKE_DATA_ROOT": "d", "SMOKE_VLM_PATH": "v"}])
+def test_wandb_mode_is_offline_by_default_and_means_the_same_under_smoke(tmp_path, smoke):
+    for env, mode in (({}, "offline"), ({"WANDB_MODE": "disabled"}, "disabled"), ({"WANDB_MODE": "online"}, "online")):
+        commands, _ = dry_run("table1", tmp_path, SEEDS="7", SUITES="libero_goal", **smoke, **env)
+        modes = {f["wandb_mode"] for kind, f in commands if kind == "train"}
+        assert modes == {mode}, (env, smoke)
+    refused = run_script("table1", tmp_path, DRY_RUN="1", SMOKE_WANDB_MODE="offline", **smoke)
+    assert refused.returncode == 2 and "set WANDB_MODE" in refused.stderr
+
+
+def test_online_without_login_is_one_line_before_anything_runs(tmp_path, fake_env):
+    """The real wandb is asked (no network, no terminal): with no key anywhere it refuses, and the grid says so."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**fake_env, "WANDB_MODE": "online", "HOME": str(home), "NETRC": str(home / ".netrc"),
+           "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(home / ".config"), "SUITES": "libero_goal", "SEEDS": "1",
+           "MAX_STEPS": "5000"}
+    proc = run_script("table1", tmp_path, **env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "No API key configured" in proc.stderr and "wandb login" in proc.stderr
+    assert calls(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_metrics_logger_online_without_login_is_a_user_error(tmp_path):
+    """finetune.py's wandb run: the real wandb's refusal becomes `error: ... — <fix>`, exit 2 (cli_entry)."""
+    probe = (
+        "import sys\n"
+        "from prismatic.cli_errors import cli_entry\n"
+        "from prismatic.training.metrics_log import MetricsLogger\n"
+        "@cli_entry('probe')\n"
+        "def main(argv=None):\n"
+        f"    config = {{'run_root_dir': {str(tmp_path / 'table1')!r}, 'dataset_name': 'libero_goal_no_noops',"
+        " 'seed': 1}\n"
+        f"    MetricsLogger({str(tmp_path / 'run')!r}, 'r', config, enabled=True, wandb_mode='online',"
+        " wandb_project='p', wandb_entity=None)\n"
+        "main([])\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), NETRC=str(home / ".netrc"), WANDB_CONFIG_DIR=str(home / ".config"))
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: wandb online mode: No API key configured")
+    assert "--wandb_mode offline" in lines[0]

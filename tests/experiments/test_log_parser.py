@@ -164,8 +164,8 @@ def test_plots_are_written_and_not_blank(grid, tmp_path):
     run_root, _ = grid
     results = lp.collect([run_root])
     paths = lp.plot_training_curves(results.records, tmp_path / "plots")
-    assert sorted(p.name for p in paths) == ["table1_libero_goal_full.pdf", "table1_libero_goal_full.png",
-                                             "table1_libero_spatial_full.pdf", "table1_libero_spatial_full.png"]
+    assert sorted(p.name for p in paths) == ["table1_libero_goal.pdf", "table1_libero_goal.png",
+                                             "table1_libero_spatial.pdf", "table1_libero_spatial.png"]
     import matplotlib.image as mpimg
 
     assert all(p.read_bytes()[:5] == b"%PDF-" for p in paths if p.suffix == ".pdf")
@@ -359,7 +359,7 @@ def test_roots_and_presets_are_never_averaged_together(tmp_path):
     assert sorted((r["preset"], r["runs"]) for r in results.aggregate) == [("real", 2), ("tiny", 2)]
     assert len({r["root"] for r in results.aggregate}) == 2
     md = lp.markdown_table(results.aggregate)
-    assert "table1@craft_experiments_smoke-tiny" in md
+    assert "| table1-tiny |" in md and "| table1 |" in md  # names from experiment and preset only
 
 
 def test_different_episode_counts_are_not_averaged(tmp_path):
@@ -380,7 +380,7 @@ def test_stale_evaluation_is_ignored(tmp_path):
     (run_dir / "eval" / "summary.json").write_text(json.dumps(summary))
     results = lp.collect([root])
     assert math.isnan(results.run_rows[0]["success_pct"])
-    assert any("stale evaluation ignored: it evaluated a--50_chkpt" in str(i) for i in results.issues)
+    assert any("stale evaluation ignored: it evaluated step 50, not step" in str(i) for i in results.issues)
     summary["checkpoint"] = {"path": str(root / f"a--{MAX_STEPS}_chkpt"), "step": MAX_STEPS}
     (run_dir / "eval" / "summary.json").write_text(json.dumps(summary))
     assert lp.collect([root]).run_rows[0]["success_pct"] == 30.0
@@ -449,8 +449,9 @@ def test_cli_without_usable_runs_fails(tmp_path):
 # wandb
 # ---------------------------------------------------------------------------------------------------------------------
 class FakeRun:
-    def __init__(self, name, config, history, summary):
+    def __init__(self, name, config, history, summary, job_type=None):
         self.name, self.id, self.config, self._history, self.summary = name, name, config, history, summary
+        self.job_type = job_type
 
     def scan_history(self):
         return iter(self._history)
@@ -503,3 +504,134 @@ def test_local_run_is_not_counted_twice_when_also_in_wandb(tmp_path):
 
     results = lp.collect([run_root], wandb_project="p", api_factory=Api)
     assert sorted((r["run"], r["final_action_loss"]) for r in results.run_rows) == [("w7", 0.25), ("w8", 0.75)]
+
+
+def test_evaluation_runs_are_joined_to_their_training_runs(tmp_path):
+    """run_libero_eval.py logs to its own wandb run (job_type eval): its success rate of the final checkpoint reaches
+    the training run named by the eval config's `train_run_id` (set by the real training_run_labels)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_libero_eval_join", REPO / "LIBERO/run_libero_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_root = tmp_path / "table1"
+    config = make_config(run_root, "t1-x-s7", "libero_10", 7, False)
+    (run_root / "t1-x-s7").mkdir(parents=True)
+    (run_root / "t1-x-s7" / "config.yaml").write_text(__import__("yaml").safe_dump(config))
+    labels = module.training_run_labels(module.EvalConfig(
+        pretrained_checkpoint=str(run_root / f"t1-x-s7--{MAX_STEPS}_chkpt"), task_suite_name="libero_10"))
+    assert labels["config"]["train_run_id"] == "t1-x-s7" and labels["group"].endswith("/libero_10/all/baseline")
+    history = [{"_step": MAX_STEPS, "VLA Train/Loss": 0.5}]
+    eval_config = {"task_suite_name": "libero_10", **labels["config"]}
+    runs = [FakeRun("t1-x-s7", config, history, {}, job_type="train"),
+            FakeRun("eval-early", {**eval_config, "checkpoint": {"step": 50}}, [],
+                    {"Eval/Success Rate/libero_10": 0.9}, job_type="eval"),
+            FakeRun("eval-final", {**eval_config, "checkpoint": {"step": MAX_STEPS}}, [],
+                    {"Eval/Success Rate/libero_10": 0.35, "num_episodes": 20}, job_type="eval")]
+
+    class Api:
+        def runs(self, path):
+            return runs
+
+    results = lp.collect(wandb_project="p", api_factory=Api)
+    (row,) = results.run_rows
+    assert row["run"] == "t1-x-s7" and row["success_pct"] == pytest.approx(35.0) and row["eval_episodes"] == 20
+    assert [str(i) for i in results.issues] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A clean results folder per aggregation (issue 24)
+# ---------------------------------------------------------------------------------------------------------------------
+def _parser_cli(cwd: Path, *args: str):
+    import subprocess
+
+    return subprocess.run([sys.executable, str(REPO / "craft_experiments/common_utils/log_parser.py"), *args],
+                          cwd=cwd, capture_output=True, text=True)
+
+
+def _project_runs(tmp_path: Path) -> None:
+    for parent, preset in (("craft_experiments", "real"), ("craft_experiments_smoke", "tiny")):
+        root = tmp_path / "runs" / parent / "table1"
+        for seed in (1, 2):
+            _one_step_run(root, f"r{seed}", seed, model_preset=preset, wandb_project="vla-craft-training")
+
+
+def test_project_aggregation_reads_real_runs_unless_smoke_is_asked_for(tmp_path):
+    _project_runs(tmp_path)
+    proc = _parser_cli(tmp_path, "--wandb_project", "vla-craft-training", "--output_dir", "results",
+                       "--generate_latex_table", "--no_plots")
+    assert proc.returncode == 0, proc.stderr
+    rows = (tmp_path / "results" / "runs.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(",real," in r for r in rows)
+    assert "2 SMOKE run(s) (tiny preset) of the project left out" in proc.stdout
+    assert "placeholders" not in (tmp_path / "results" / "table_success_table1.tex").read_text()
+    both = _parser_cli(tmp_path, "--wandb_project", "vla-craft-training", "--output_dir", "both",
+                       "--generate_latex_table", "--no_plots", "--include_smoke", "True")
+    assert both.returncode == 0, both.stderr
+    assert len((tmp_path / "both" / "runs.csv").read_text().splitlines()) == 5
+    smoke_tex = (tmp_path / "both" / "table_success_table1-tiny.tex").read_text()
+    assert "placeholders" in smoke_tex and "\\label{tab:table1-tiny-success}" in smoke_tex
+    # the real table's file and label do not change because a SMOKE root was read too
+    real_tex = (tmp_path / "both" / "table_success_table1.tex").read_text()
+    assert real_tex == (tmp_path / "results" / "table_success_table1.tex").read_text()
+    assert "\\label{tab:table1-success}" in real_tex
+
+
+def test_two_roots_of_one_experiment_are_refused_for_files(tmp_path):
+    for parent in ("a", "b"):
+        _one_step_run(tmp_path / parent / "table1", "r1", 1)
+    proc = _parser_cli(tmp_path, "--runs_dir", "a", "--runs_dir", "b", "--output_dir", "out",
+                       "--generate_latex_table")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "2 roots would write the tables of 'table1'" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_stale_outputs_are_removed_and_unknown_ones_refused(tmp_path):
+    _one_step_run(tmp_path / "runs" / "table1", "r1", 1)
+    _one_step_run(tmp_path / "runs" / "fewshot", "f1", 1, num_demos_per_task=5)
+    first = _parser_cli(tmp_path, "--runs_dir", "runs", "--output_dir", "out", "--generate_latex_table")
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "out"
+    assert (out / "table_success_fewshot.tex").is_file() and list((out / "plots").glob("fewshot_*.png"))
+    second = _parser_cli(tmp_path, "--runs_dir", "runs/table1", "--output_dir", "out", "--generate_latex_table")
+    assert second.returncode == 0, second.stderr
+    assert not (out / "table_success_fewshot.tex").exists() and not list((out / "plots").glob("fewshot_*"))
+    assert (out / "table_success_table1.tex").is_file() and list((out / "plots").glob("table1_*.png"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "table_success_old.tex").write_text("%")
+    refused = _parser_cli(tmp_path, "--runs_dir", "runs", "--output_dir", "foreign", "--generate_latex_table")
+    assert refused.returncode == 2 and "not written by a recorded aggregation" in refused.stderr
+    assert (foreign / "table_success_old.tex").read_text() == "%" and not (foreign / "runs.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables a reviewer accepts (issue 24)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_tables_carry_n_no_single_seed_std_and_the_conflict_null(tmp_path):
+    root = tmp_path / "table1"
+    nulls = {1: [0.5, 0.52], 2: [0.48, 0.5]}
+    for seed in (1, 2):
+        write_run(root, f"c{seed}", make_config(root, f"c{seed}", "libero_goal", seed, True),
+                  [{"step": 50, "VLA Train/Loss": 1.0, "CRaFT/Conflict Ratio": 0.1 * seed,
+                    "CRaFT/Conflict Ratio Null": nulls[seed][0]},
+                   {"step": MAX_STEPS, "VLA Train/Loss": 1.0, "CRaFT/Conflict Ratio": 0.3 * seed,
+                    "CRaFT/Conflict Ratio Null": nulls[seed][1]}], ("libero_goal", 3 + seed, 50))
+    write_run(root, "b1", make_config(root, "b1", "libero_goal", 1, False),
+              [{"step": MAX_STEPS, "VLA Train/Loss": 1.0}], ("libero_goal", 10, 50))
+    results = lp.collect([root], ddof=0)  # ddof 0 gives a single seed a std of 0.0: it must not be printed
+    rows = {r["method"]: r for r in results.aggregate}
+    assert rows["craft"]["mean_conflict_null_mean"] == pytest.approx(np.mean([np.mean(v) for v in nulls.values()]))
+    assert rows["craft"]["mean_conflict_ratio_mean"] == pytest.approx(np.mean([0.2, 0.4]))
+    md = lp.markdown_table(results.aggregate, ddof=0)
+    assert "| Conflict ratio | Conflict null |" in md
+    baseline_line = next(line for line in md.splitlines() if "| baseline |" in line)
+    assert "| 20.0 |" in baseline_line and "±" not in baseline_line
+    craft_line = next(line for line in md.splitlines() if "| craft |" in line)
+    assert f"{np.mean([8, 10]):.1f} ± {np.std([8, 10]):.1f}" in craft_line
+    out = tmp_path / "out"
+    lp.write_outputs(results, out, ddof=0, latex=True, plots=False)
+    success = (out / "table_success_table1.tex").read_text()
+    assert "n = 1–2 seeds per cell, 50 episodes per evaluation." in success
+    metrics = (out / "table_metrics_table1.tex").read_text()
+    assert "Method & Suite & Shots & Seeds & Episodes" in metrics and "craft & libero\\_goal & all & 2 & 50" in metrics

@@ -440,8 +440,9 @@ def test_eval_joins_the_training_runs_wandb_group(tmp_path):
         "model_preset": "tiny", "wandb_project": "vla-craft-training"}))
     cfg = EvalConfig(pretrained_checkpoint=str(runs / "t1-craft-s7--20_chkpt"), task_suite_name="libero_goal")
     labels = training_run_labels(cfg)
-    assert default_wandb_group(cfg) == labels["group"] == "table1/libero_goal/craft"
+    assert default_wandb_group(cfg) == labels["group"] == "table1/tiny/libero_goal/all/craft"
     assert labels["project"] == "vla-craft-training"
-    assert labels["config"] == {"experiment": "table1", "suite": "libero_goal", "method": "craft"}
+    assert labels["config"] == {"experiment": "table1", "preset": "tiny", "suite": "libero_goal", "shots": "all",
+                                "method": "craft", "seed": 7, "train_run_id": "t1-craft-s7"}
     lone = EvalConfig(pretrained_checkpoint=str(tmp_path / "released-policy"), task_suite_name="libero_goal")
     assert training_run_labels(lone) is None and default_wandb_group(lone) == "released-policy"

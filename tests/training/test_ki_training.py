@@ -154,9 +154,13 @@ def test_measure_drift_reports_a_ki_run(make_cfg, tmp_path):
 
 
 def test_wandb_groups_tell_the_weights_apart():
-    from prismatic.training.metrics_log import method_name
+    from prismatic.training.method_label import method_label
+    from prismatic.training.metrics_log import wandb_labels
 
-    assert method_name({"retention_method": "ki", "ki_action_loss_weight": 1.0}) == "ki"
-    assert method_name({"retention_method": "ki", "ki_action_loss_weight": 0.0}) == "ki-w0"
-    assert method_name({"retention_method": "ki", "ki_action_loss_weight": 0.0, "freeze_vision_backbone": True}) \
+    assert method_label({"retention_method": "ki", "ki_action_loss_weight": 1.0}) == "ki"
+    assert method_label({"retention_method": "ki", "ki_action_loss_weight": 0.0}) == "ki-w0"
+    assert method_label({"retention_method": "ki", "ki_action_loss_weight": 0.0, "freeze_vision_backbone": True}) \
         == "ki-w0+freeze"
+    groups = {wandb_labels({"retention_method": "ki", "ki_action_loss_weight": w, "dataset_name": "libero_spatial",
+                            "run_root_dir": "runs/table1"})["group"] for w in (1.0, 0.0)}
+    assert len(groups) == 2
