@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Few-shot: SHOTS demonstrations per task (5 and 10), baseline SFT vs CRaFT, every suite and seed; train + evaluate.
+# Few-shot: SHOTS demonstrations per task (5 and 10), baseline SFT vs CRaFT vs knowledge insulation, every suite and
+# seed; train + evaluate.
 # A k-shot run gets the same number of epochs as the suite's full-data recipe: steps x min(k * 10, episodes) / episodes.
 #
 #   bash run_fewshot_experiments.sh | DRY_RUN=1 bash run_fewshot_experiments.sh | SMOKE=1 ... bash run_fewshot_experiments.sh

@@ -67,7 +67,9 @@ SMOKE_ABLATION_GROUPS = ("reference", "projection", "anchor_source")  # SMOKE wi
 PLAIN_METHODS = {"baseline": ["--use_craft", "False"],
                  "align": ["--use_craft", "False", "--retention_method", "align"],
                  "consft": ["--use_craft", "False", "--retention_method", "consft"],
+                 "ki": ["--use_craft", "False", "--retention_method", "ki"],  # knowledge insulation (issue 25)
                  "freeze": ["--use_craft", "False", "--freeze_vision_backbone", "True"]}
+DEFAULT_METHODS = "baseline craft ki"  # Table 1 and few-shot rows; KI is the strongest published rival of CRaFT
 NUMBER = re.compile(r"^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$")
 
 
@@ -418,7 +420,7 @@ def make_run_id(s: Settings, prefix: str, suite: str, label: str, seed: int, fla
 
 
 def table1_entries(s: Settings) -> list[Entry]:
-    methods = _env("METHODS", "baseline craft").split()
+    methods = _env("METHODS", DEFAULT_METHODS).split()
     out = []
     for suite in s.suites:
         steps = max_steps(s, suite)
@@ -430,7 +432,7 @@ def table1_entries(s: Settings) -> list[Entry]:
 
 
 def fewshot_entries(s: Settings) -> list[Entry]:
-    methods = _env("METHODS", "baseline craft").split()
+    methods = _env("METHODS", DEFAULT_METHODS).split()
     smoke_shots = "1 2" if _on("SMOKE_FULL") else "1"
     shots_list = [_int("SHOTS entry", v, 1) for v in (_env("SMOKE_SHOTS", smoke_shots) if s.smoke
                                                        else _env("SHOTS", "5 10")).split()]

@@ -114,9 +114,9 @@ def test_table1_dry_run_grid_and_recipe(tmp_path):
     commands, proc = dry_run("table1", tmp_path)
     trains = [f for kind, f in commands if kind == "train"]
     evals = [f for kind, f in commands if kind == "eval"]
-    assert len(trains) == 4 * 2 * 3 and len(evals) == 4 * 2 * 3
-    grid = {(f["dataset_name"], f["use_craft"], f["seed"]) for f in trains}
-    assert grid == set(itertools.product([f"{s}_no_noops" for s in SUITES], ["False", "True"], ["7", "42", "123"]))
+    assert len(trains) == 4 * 3 * 3 and len(evals) == 4 * 3 * 3
+    grid = {(f["dataset_name"], _method_of(f), f["seed"]) for f in trains}
+    assert grid == set(itertools.product([f"{s}_no_noops" for s in SUITES], METHODS, ["7", "42", "123"]))
     run_root = str(tmp_path / "out" / "table1")
     for f in trains:
         for key, value in RECIPE.items():
@@ -134,10 +134,10 @@ def test_table1_dry_run_grid_and_recipe(tmp_path):
             assert f["craft_enable_projection"] == f["craft_enable_dual"] == "True"
         else:
             assert not any(k.startswith("craft_") for k in f)
-        assert f["run_id"] == expected_run_id("t1", suite, "craft" if craft else "baseline", f["seed"], craft)
+        assert f["run_id"] == expected_run_id("t1", suite, _method_of(f), f["seed"], craft)
     # every training is followed by the drift measure and the evaluation of its final checkpoint
     kinds = [kind for kind, _ in commands]
-    assert kinds == ["train", "drift", "eval"] * 24
+    assert kinds == ["train", "drift", "eval"] * 36
     vlm = str(REPO / "pretrained_models/prism-qwen25-extra-dinosiglip-224px-0_5b")
     for (_, train), (_, drift), (_, ev) in zip(commands[::3], commands[1::3], commands[2::3], strict=True):
         final = f"{run_root}/{train['run_id']}--{train['max_steps']}_chkpt"
@@ -150,8 +150,18 @@ def test_table1_dry_run_grid_and_recipe(tmp_path):
         assert (ev["num_trials_per_task"], ev["seed"], ev["num_images_in_input"]) == ("50", "7", "2")
         assert ev["use_proprio"] == ev["center_crop"] == "True"
         assert ev["device"] == "auto" and ev["num_envs"] == "1"  # resolved by the evaluation on its node
-    assert len({f["run_id"] for f in trains}) == 24
+    assert len({f["run_id"] for f in trains}) == 36
     assert not (tmp_path / "out").exists(), "DRY_RUN must not create anything"
+
+
+METHODS = ("baseline", "craft", "ki")  # the default rows of Table 1 and the few-shot grid
+
+
+def _method_of(flags: dict) -> str:
+    """The row a printed training command is: craft, ki (knowledge insulation) or the plain baseline."""
+    if flags["use_craft"] == "True":
+        return "craft"
+    return "ki" if flags.get("retention_method") == "ki" else "baseline"
 
 
 def test_table1_multi_gpu_uses_torchrun_and_scales_steps(tmp_path):
@@ -159,7 +169,7 @@ def test_table1_multi_gpu_uses_torchrun_and_scales_steps(tmp_path):
                       WANDB_ENTITY="lab", WANDB_PROJECT="p1", BATCH_SIZE="16")
     assert proc.returncode == 0, proc.stderr
     trains = [argv for kind, argv in parse_commands(proc.stdout) if kind == "train"]
-    assert len(trains) == 2
+    assert len(trains) == 3
     for argv in trains:
         assert Path(argv[0]).name == "torchrun"
         assert argv[1:6] == ["--standalone", "--nnodes", "1", "--nproc_per_node", "4"]
@@ -198,15 +208,15 @@ def test_bad_environment_is_refused(tmp_path, env, message):
 def test_fewshot_dry_run(tmp_path):
     commands, _ = dry_run("fewshot", tmp_path)
     trains = [f for kind, f in commands if kind == "train"]
-    assert len(trains) == 4 * 2 * 2 * 3 and sum(kind == "eval" for kind, _ in commands) == 48
-    grid = {(f["dataset_name"], f["num_demos_per_task"], f["use_craft"], f["seed"]) for f in trains}
-    assert grid == set(itertools.product([f"{s}_no_noops" for s in SUITES], ["5", "10"], ["False", "True"],
+    assert len(trains) == 4 * 2 * 3 * 3 and sum(kind == "eval" for kind, _ in commands) == 72
+    grid = {(f["dataset_name"], f["num_demos_per_task"], _method_of(f), f["seed"]) for f in trains}
+    assert grid == set(itertools.product([f"{s}_no_noops" for s in SUITES], ["5", "10"], METHODS,
                                          ["7", "42", "123"]))
     for f in trains:
         suite = f["dataset_name"].removesuffix("_no_noops")
         assert int(f["max_steps"]) == expected_steps(suite, shots=int(f["num_demos_per_task"]))
         craft = f["use_craft"] == "True"
-        assert f["run_id"] == expected_run_id("fs", suite, "craft" if craft else "baseline", f["seed"], craft,
+        assert f["run_id"] == expected_run_id("fs", suite, _method_of(f), f["seed"], craft,
                                               shots=f["num_demos_per_task"])
 
 
@@ -276,8 +286,8 @@ def test_smoke_dry_run_uses_tiny_settings(tmp_path):
     skip = run_script("table1", tmp_path, DRY_RUN="1", SMOKE_SKIP_EVAL="1", **env)
     assert skip.returncode == 0
     kinds = [kind for kind, _ in parse_commands(skip.stdout)]
-    assert kinds == ["train", "drift"] * 24
-    assert skip.stderr.count("SMOKE_SKIP_EVAL=1") >= 24 and "EVALUATION IS SKIPPED" in skip.stderr
+    assert kinds == ["train", "drift"] * 36
+    assert skip.stderr.count("SMOKE_SKIP_EVAL=1") >= 36 and "EVALUATION IS SKIPPED" in skip.stderr
     missing = run_script("table1", tmp_path, SMOKE="1")
     assert missing.returncode != 0 and "SMOKE_DATA_ROOT" in missing.stderr
     scratch, _ = dry_run("table1", tmp_path, SMOKE="1", SMOKE_DATA_ROOT="d", SUITES="libero_10", SEEDS="1")
@@ -310,7 +320,8 @@ def calls(tmp_path: Path) -> list[dict]:
 
 
 def test_real_run_skips_finished_work_and_feeds_the_log_parser(tmp_path, fake_env):
-    env = {**fake_env, "SUITES": "libero_spatial libero_goal", "SEEDS": "1 2 3", "MAX_STEPS": "10000"}
+    env = {**fake_env, "SUITES": "libero_spatial libero_goal", "SEEDS": "1 2 3", "MAX_STEPS": "10000",
+           "METHODS": "baseline craft"}
     first = run_script("table1", tmp_path, **env)
     assert first.returncode == 0, first.stderr
     made = calls(tmp_path)
@@ -500,8 +511,8 @@ def test_every_printed_command_parses_with_the_real_configs(tmp_path):
                 elif kind == "cache":
                     assert str(cfg.cache_dir) == flags["cache_dir"]
                 seen[kind] = seen.get(kind, 0) + 1
-    # 2 modes x (table1 8 runs + fewshot 16 + ablations 17) trainings, each with drift and eval; 1 cache per mode
-    assert seen == {"train": 2 * 41, "drift": 2 * 41, "eval": 2 * 41, "cache": 2}
+    # 2 modes x (table1 12 runs + fewshot 24 + ablations 17) trainings, each with drift and eval; 1 cache per mode
+    assert seen == {"train": 2 * 53, "drift": 2 * 53, "eval": 2 * 53, "cache": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -583,7 +594,7 @@ def test_smoke_grid_runs_the_real_tools_into_the_tables(tmp_path, smoke_data, na
 def test_copied_root_keeps_every_result_in_the_parser_and_the_grid(tmp_path, fake_env):
     import shutil
 
-    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1 2", "MAX_STEPS": "5000"}
+    env = {**fake_env, "SUITES": "libero_goal", "SEEDS": "1 2", "MAX_STEPS": "5000", "METHODS": "baseline craft"}
     assert run_script("table1", tmp_path, **env).returncode == 0
     sys.path.insert(0, str(REPO / "craft_experiments/common_utils"))
     import log_parser

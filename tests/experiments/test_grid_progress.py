@@ -55,7 +55,8 @@ def test_progress_counts_times_and_eta_from_the_runs_that_worked():
 
 
 def test_grid_prints_counter_times_and_one_summary_line_per_run(tmp_path, fake_env):  # noqa: F811
-    env = {**fake_env, "SUITES": "libero_goal libero_10", "SEEDS": "1", "MAX_STEPS": "5000"}
+    env = {**fake_env, "SUITES": "libero_goal libero_10", "SEEDS": "1", "MAX_STEPS": "5000",
+           "METHODS": "baseline craft"}
     proc = run_script("table1", tmp_path, **env)
     assert proc.returncode == 0, proc.stderr
     done = [line for line in proc.stdout.splitlines() if " done t1-" in line]
@@ -91,7 +92,7 @@ def test_eval_device_is_left_to_the_evaluating_node(tmp_path):
     assert bad.returncode == 2 and "EVAL_DEVICE must be auto, cpu, cuda or cuda:<index>" in bad.stderr
 
 
-@pytest.mark.parametrize("name, small, full", [("table1", 2, 24), ("fewshot", 2, 48), ("ablations", 4, 51)])
+@pytest.mark.parametrize("name, small, full", [("table1", 3, 36), ("fewshot", 3, 72), ("ablations", 4, 51)])
 def test_smoke_alone_is_a_small_selection_and_smoke_full_the_whole_grid(tmp_path, name, small, full):
     env = {"SMOKE": "1", "SMOKE_DATA_ROOT": "d", "SMOKE_VLM_PATH": "v"}
     commands, _ = dry_run(name, tmp_path, **env)

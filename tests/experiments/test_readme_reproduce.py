@@ -46,7 +46,7 @@ def test_readme_reproduce_block_runs_as_written(tmp_path):
     proc = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("[DRY_RUN][train]") == 24 + 48 + 51
+    assert proc.stdout.count("[DRY_RUN][train]") == 36 + 72 + 51
     summary = (tmp_path / "results" / "summary.md").read_text()
     assert "| table1 | real | baseline | libero_goal | all | 1 | 4 | 75.0 |" in summary
     assert (tmp_path / "results" / "table_success_table1.tex").is_file()
