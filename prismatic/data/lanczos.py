@@ -94,39 +94,39 @@ def lanczos3_spans(input_size: int, output_size: int) -> tuple[np.ndarray, np.nd
 
 
 @numba.njit(cache=True, nogil=True)
+def _resample_rows(source, starts, weights):  # pragma: no cover - compiled
+    """out[i, :] = sum_j weights[i, j] * source[starts[i] + j, :], accumulated in float32 from 0 in span order (TF's
+    GatherRows), returned transposed (columns, out rows) so the next pass reads contiguous rows again."""
+    count_in, width = source.shape
+    count_out, span = weights.shape
+    out_t = np.empty((width, count_out), np.float32)
+    row = np.empty(width, np.float32)
+    for i in range(count_out):
+        start = starts[i]
+        row[:] = np.float32(0.0)
+        for j in range(min(start + span, count_in) - start):
+            weight = weights[i, j]
+            for x in range(width):
+                row[x] += weight * source[start + j, x]
+        for x in range(width):
+            out_t[x, i] = row[x]
+    return out_t
+
+
+@numba.njit(cache=True, nogil=True)
 def _resize_planes(image, row_starts, row_weights, col_starts, col_weights):  # pragma: no cover - compiled
     height, width, channels = image.shape
-    out_h, row_span = row_weights.shape
-    out_w, col_span = col_weights.shape
-    out = np.empty((channels, out_h, out_w), np.uint8)
+    out = np.empty((channels, row_weights.shape[0], col_weights.shape[0]), np.uint8)
     plane = np.empty((height, width), np.float32)
-    row = np.empty(width, np.float32)
-    between_t = np.empty((width, out_h), np.float32)  # the row pass's result, transposed: a column is contiguous
-    column = np.empty(out_h, np.float32)
     for c in range(channels):
         for y in range(height):
             for x in range(width):
                 plane[y, x] = np.float32(image[y, x, c])
-        for y in range(out_h):  # row pass: out[y, :] = sum_j w[y, j] * in[start_y + j, :], from 0, in span order
-            start = row_starts[y]
-            count = min(start + row_span, height) - start
-            row[:] = np.float32(0.0)
-            for j in range(count):
-                weight = row_weights[y, j]
-                for x in range(width):
-                    row[x] += weight * plane[start + j, x]
-            for x in range(width):
-                between_t[x, y] = row[x]
-        for x in range(out_w):  # column pass, same order
-            start = col_starts[x]
-            count = min(start + col_span, width) - start
-            column[:] = np.float32(0.0)
-            for j in range(count):
-                weight = col_weights[x, j]
-                for y in range(out_h):
-                    column[y] += weight * between_t[start + j, y]
-            for y in range(out_h):
-                value = np.round(column[y])  # half to even, as tf.round
+        # rows, then columns (TF's order); the second pass's output comes back (out_h, out_w)
+        resized = _resample_rows(_resample_rows(plane, row_starts, row_weights), col_starts, col_weights)
+        for y in range(resized.shape[0]):
+            for x in range(resized.shape[1]):
+                value = np.round(resized[y, x])  # half to even, as tf.round
                 out[c, y, x] = np.uint8(min(max(value, np.float32(0.0)), np.float32(255.0)))
     return out
 

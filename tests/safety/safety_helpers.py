@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,3 +47,16 @@ def tree(root: Path) -> set[str]:
 
 def shard_of(root: Path) -> Path:
     return next((root / DATASET / "1.0.0").glob("*.tfrecord-*"))
+
+
+def one_error_line(capsys, call) -> str:
+    """Run `call`, which must end the process the CLI way: exit 2, no traceback, exactly one `error: <what> — <fix>`
+    line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and " — " in lines[0], err
+    return lines[0]

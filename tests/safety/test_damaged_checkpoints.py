@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safety_helpers import DATASET, finetune_args, run_cli, tree
+from safety_helpers import DATASET, finetune_args, one_error_line, run_cli, tree
 
 from prismatic.integrity import CorruptCheckpointError, is_legacy_marker, verify_checkpoint
 
@@ -45,17 +45,6 @@ def _flip(path: Path, where: int = -10) -> None:
 def _garble(path: Path) -> None:
     """What a torn copy leaves: the first 40 bytes, then junk (no reader can deserialise it)."""
     path.write_bytes(path.read_bytes()[:40] + b"\x00garbage" * 8)
-
-
-def _one_error_line(capsys, call) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and " — " in lines[0], err
-    return lines[0]
 
 
 def _resume(data_root: Path, chkpt: Path):
@@ -111,7 +100,7 @@ def test_empty_marker_and_a_flipped_bit_resume_nothing_and_reseal_nothing(data_r
     _flip(chkpt / "lora_adapter" / "trainable_state.safetensors")
     (chkpt / "COMPLETE").write_text("")
     before = tree(chkpt.parent)
-    line = _one_error_line(capsys, _resume(data_root, chkpt))
+    line = one_error_line(capsys, _resume(data_root, chkpt))
     assert "corrupt" in line and "COMPLETE" in line and "done--1_chkpt" in line, line
     assert tree(chkpt.parent) == before  # no done--2_chkpt, no metrics line
 
@@ -121,7 +110,7 @@ def test_torn_marker_is_refused_by_merge(finished_run, tmp_path, capsys):
 
     chkpt = _copy(finished_run, tmp_path)
     (chkpt / "COMPLETE").write_text(_torn((chkpt / "COMPLETE").read_text()))
-    line = _one_error_line(capsys, lambda: merge.main(["--lora_finetuned_checkpoint_dir", str(chkpt),
+    line = one_error_line(capsys, lambda: merge.main(["--lora_finetuned_checkpoint_dir", str(chkpt),
                                                        "--output_dir", str(tmp_path / "merged")]))
     assert "COMPLETE" in line and "corrupt" in line, line
     assert not (tmp_path / "merged").exists()
@@ -166,7 +155,7 @@ def test_corrupt_training_state_is_one_line_on_resume(legacy, data_root, finishe
         _make_legacy(chkpt)
     _garble(chkpt / "training_state.pt")
     before = tree(chkpt.parent)
-    line = _one_error_line(capsys, _resume(data_root, chkpt))
+    line = one_error_line(capsys, _resume(data_root, chkpt))
     assert "training_state.pt" in line, line
     assert ("cannot be read" if legacy else "sha256 differs") in line, line
     assert tree(chkpt.parent) == before
@@ -198,7 +187,7 @@ def test_corrupt_files_of_a_legacy_checkpoint_are_one_line_on_every_reader(data_
     chkpt = _copy(finished_run, tmp_path)
     _make_legacy(chkpt)
     _garble(chkpt / "lora_adapter" / "trainable_state.safetensors")
-    line = _one_error_line(capsys, lambda: merge.main(["--lora_finetuned_checkpoint_dir", str(chkpt),
+    line = one_error_line(capsys, lambda: merge.main(["--lora_finetuned_checkpoint_dir", str(chkpt),
                                                        "--output_dir", str(tmp_path / "merged")]))
     assert "trainable_state.safetensors" in line and "cannot be read" in line, line
     assert not (tmp_path / "merged").exists()
@@ -210,12 +199,12 @@ def test_corrupt_files_of_a_legacy_checkpoint_are_one_line_on_every_reader(data_
     _garble(head)
     with pytest.raises(CorruptCheckpointError, match=head.name):
         load_policy_checkpoint(other)
-    line = _one_error_line(capsys, lambda: measure_drift.main([
+    line = one_error_line(capsys, lambda: measure_drift.main([
         "--reference_path", str(other), "--finetuned_path", str(other), "--data_root_dir", str(data_root),
         "--dataset_name", DATASET, "--output_dir", str(tmp_path / "drift")]))
     assert head.name in line and "cannot be read" in line, line
     assert not (tmp_path / "drift").exists()
-    line = _one_error_line(capsys, lambda: build_craft_cache.main([
+    line = one_error_line(capsys, lambda: build_craft_cache.main([
         "--config_file_path", str(other), "--model_preset", "tiny", "--cache_dir", str(tmp_path / "cache"),
         "--data_root_dir", str(data_root), "--dataset_name", DATASET, "--num_images_in_input", "1"]))
     assert head.name in line and "cannot be read" in line, line

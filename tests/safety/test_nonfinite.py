@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safety_helpers import DATASET, finetune_args
+from safety_helpers import DATASET, finetune_args, one_error_line
 
 from prismatic.data import rlds_writer
 from prismatic.data.rlds_episodes import EpisodeTable
@@ -35,17 +35,6 @@ def _dataset_with(tmp: Path, monkeypatch, key: str, episode: int, step: int, dim
     return tmp / "rlds"
 
 
-def _one_error_line(capsys, call) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and " — " in lines[0], err
-    return lines[0]
-
-
 @pytest.mark.parametrize("key,value,word", [("action", float("nan"), "action"), ("state", float("inf"), "state")])
 def test_a_non_finite_action_or_proprio_is_one_line_naming_episode_and_step(key, value, word, tmp_path,
                                                                            monkeypatch, capsys):
@@ -53,7 +42,7 @@ def test_a_non_finite_action_or_proprio_is_one_line_naming_episode_and_step(key,
 
     data = _dataset_with(tmp_path, monkeypatch, key, episode=2, step=5, dim=3, value=value)
     runs = tmp_path / "runs"
-    line = _one_error_line(capsys, lambda: finetune.main([str(a) for a in finetune_args(data, runs)[1:]]))
+    line = one_error_line(capsys, lambda: finetune.main([str(a) for a in finetune_args(data, runs)[1:]]))
     assert f"'steps/{'observation/' if key == 'state' else ''}{word}'" in line, line
     assert "episode_000002.hdf5" in line and "at step 5, dimension 3" in line, line
     assert not runs.exists()  # no run folder, no statistics with NaN entries
@@ -86,7 +75,7 @@ def test_a_run_whose_every_step_was_skipped_never_exits_0(data_root, tmp_path, m
     _nan_losses(monkeypatch)
     runs = tmp_path / "runs"
     argv = [str(a) for a in finetune_args(data_root, runs, "--max_steps", "4", "--save_freq", "2", "--run_id", "n")[1:]]
-    line = _one_error_line(capsys, lambda: finetune.main(argv))
+    line = one_error_line(capsys, lambda: finetune.main(argv))
     assert "all 4 optimizer steps of this run had a non-finite loss" in line and "no checkpoint" in line, line
     assert not list(runs.rglob("COMPLETE")) and not list(runs.glob("n--*"))
 
@@ -98,6 +87,6 @@ def test_non_finite_loss_error_is_one_line_with_its_advice(data_root, tmp_path, 
     _nan_losses(monkeypatch)
     argv = [str(a) for a in finetune_args(data_root, tmp_path / "runs", "--max_steps", "12", "--save_freq", "100",
                                           "--max_consecutive_nonfinite", "3")[1:]]
-    line = _one_error_line(capsys, lambda: finetune.main(argv))
+    line = one_error_line(capsys, lambda: finetune.main(argv))
     assert "3 consecutive optimizer steps had a non-finite loss" in line, line
     assert "— lower --learning_rate, check the data for NaN/inf" in line and "start again" in line, line

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from safety_helpers import DATASET, REPO, cli_env, finetune_args, run_cli, tree
+from safety_helpers import DATASET, REPO, cli_env, finetune_args, one_error_line, run_cli, tree
 
 from prismatic.run_lock import FolderInUseError, acquire_folder_lock, lock_path
 
@@ -54,15 +54,9 @@ def holder():
 
 
 def _refused(capsys, call, holder_pid: int) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and " — " in lines[0], err
-    assert f"pid {holder_pid} on host {socket.gethostname()}" in lines[0] and "since" in lines[0], lines[0]
-    return lines[0]
+    line = one_error_line(capsys, call)
+    assert f"pid {holder_pid} on host {socket.gethostname()}" in line and "since" in line, line
+    return line
 
 
 # ---- the lock itself --------------------------------------------------------------------------------------------
