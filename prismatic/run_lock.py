@@ -143,7 +143,7 @@ def _acquire_exclusive_file(folder: Path, path: Path, tool: str, fix: str) -> Fo
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _read_holder(path)
-            if holder and holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0))):
+            if holder and holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", 0))):
                 path.unlink(missing_ok=True)  # left by a dead process of this host
                 continue
             raise _in_use(folder, path, holder, f"{fix}; this filesystem has no file locks, so delete {path} if "
@@ -155,7 +155,8 @@ def _acquire_exclusive_file(folder: Path, path: Path, tool: str, fix: str) -> Fo
     raise _in_use(folder, path, _read_holder(path), fix)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
     if pid <= 0:
         return False
     try:

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from prismatic.cli_errors import UserError
+from prismatic.run_lock import pid_alive
 from prismatic.training.metrics_log import METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -68,18 +69,6 @@ def claim_run_folder(run_root_dir: Path, run_id: str, overwrite: bool, delete: b
 
 
 # ---- crash recovery ---------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover_interrupted_saves(run_root_dir: Path, run_id: str) -> list[str]:
     """Clean what a killed save of this run left; returns a note per action (printed by the caller)."""
     root = Path(run_root_dir)
@@ -89,7 +78,7 @@ def recover_interrupted_saves(run_root_dir: Path, run_id: str) -> list[str]:
     own = re.compile(rf"^{re.escape(run_id)}--\d+_chkpt$")
     for path in sorted(root.iterdir()):
         match = _TMP.match(path.name)
-        if match is None or not own.match(match.group("name")) or _pid_alive(int(match.group("pid"))):
+        if match is None or not own.match(match.group("name")) or pid_alive(int(match.group("pid"))):
             continue
         final = root / match.group("name")
         if match.group("kind") == "old" and not final.exists():
