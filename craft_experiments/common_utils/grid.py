@@ -710,15 +710,20 @@ class Runner:
         final = final_checkpoint(self.s.run_root, e.run_id, e.steps)
         report_path = self.s.run_root / e.run_id / DRIFT_REPORT
         report = read_json(report_path)
-        if report is not None:
-            why = drift_stale_reason(report, final)
-            if why is None:
-                self.note(f"[skip-drift] {e.run_id}: {report_path} is current")
-                self.counts["skip"] += 1
-                return
-            self.note(f"[stale-drift] {e.run_id}: {why}; measuring again")
-            self.move_aside(report_path.parent)
+        if report is not None and self.kept("drift", e.run_id, report_path, drift_stale_reason(report, final)):
+            return
         self.run("drift", self.s.run_root / "logs" / f"{e.run_id}.drift.log", drift_command(self.s, e))
+
+    def kept(self, kind: str, who: str, result: Path, stale: str | None) -> bool:
+        """A result found on disk: kept (noted, counted as a skip) when it is of the final weights (`stale` is None),
+        else moved aside so that it is made again."""
+        if stale is None:
+            self.note(f"[skip-{kind}] {who}: {result} is current")
+            self.counts["skip"] += 1
+            return True
+        self.note(f"[stale-{kind}] {who}: {stale}; {'measuring' if kind == 'drift' else 'evaluating'} again")
+        self.move_aside(result.parent)
+        return False
 
     def evaluate(self, e: Entry) -> None:
         if self.s.skip_eval:
@@ -728,13 +733,8 @@ class Runner:
         eval_dir = self.s.run_root / e.run_id / EVAL_SUMMARY.parent
         summary = read_json(self.s.run_root / e.run_id / EVAL_SUMMARY)
         if summary is not None:
-            why = stale_reason(summary, final)
-            if why is None:
-                self.note(f"[skip-eval] {e.run_id}: {eval_dir / 'summary.json'} is current")
-                self.counts["skip"] += 1
+            if self.kept("eval", e.run_id, eval_dir / "summary.json", stale_reason(summary, final)):
                 return
-            self.note(f"[stale-eval] {e.run_id}: {why}; evaluating again")
-            self.move_aside(eval_dir)
         elif eval_dir.exists():  # interrupted: run_libero_eval.py resumes from episodes.jsonl (same settings only)
             self.note(f"[resume-eval] {e.run_id}: {eval_dir} exists without summary.json")
         self.run("eval", self.s.run_root / "logs" / f"{e.run_id}.eval.log", eval_command(self.s, e))
@@ -750,14 +750,9 @@ class Runner:
             checkpoint = final_checkpoint(self.s.run_root, e.run_id, step)
             path = step_eval_summary(self.s.run_root, e.run_id, step)
             summary = read_json(path)
-            if summary is not None:
-                why = stale_reason(summary, checkpoint)
-                if why is None:
-                    self.note(f"[skip-eval] {e.run_id} step {step}: {path} is current")
-                    self.counts["skip"] += 1
-                    continue
-                self.note(f"[stale-eval] {e.run_id} step {step}: {why}; evaluating again")
-                self.move_aside(path.parent)
+            if summary is not None and self.kept("eval", f"{e.run_id} step {step}", path,
+                                                 stale_reason(summary, checkpoint)):
+                continue
             if not self.s.dry_run and not (checkpoint / COMPLETE_MARKER).is_file():
                 raise fail(f"EVAL_EVERY_KTH_CHECKPOINT: {e.run_id} has no complete checkpoint of step {step} "
                            f"('{checkpoint}')", "it was trained with SAVE_LATEST_CHECKPOINT_ONLY=True; retrain it or "
