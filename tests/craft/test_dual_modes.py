@@ -289,3 +289,37 @@ def test_old_checkpoints_load_and_nupi_refusals():
             CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, mode="nupi", nu=nu)
     with pytest.raises(ValueError, match="EMA coefficient of mode 'nupi'"):
         CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, mode="gradient", nu=0.5)
+
+
+def test_log_error_and_setpoint_equal_a_hand_computation():
+    """e = ln(max(L_ret, 1e-3 ρε) / (ρε)) with ρ = setpoint, fed to νPI; numpy float64 reference."""
+    eps, rho, ki, kp, nu = 0.02, 0.7, 0.1, 0.5, 0.4
+    losses = [0.0, 0.3, 0.05, 0.013, 1e-9, 0.0151, 0.002, 0.02, 0.0139, 0.4]  # includes 0 (θ0) and far below ρε
+    target = rho * eps
+    ratios = np.maximum(np.asarray(losses), 1e-3 * target) / target
+    logs = np.log(ratios)  # the error as the documented formula, vectorised
+    assert logs.min() == pytest.approx(np.log(1e-3))  # the floor binds at L_ret = 0
+    dual = CRaFTDualOptimizer(epsilon=eps, dual_lr=ki, mode="nupi", kp=kp, nu=nu, log_error=True, setpoint=rho)
+    got = [dual.step(v) for v in losses]
+    # _nupi_by_hand with the raw difference error on pre-transformed inputs: feed e + ε as the "loss"
+    want = _nupi_by_hand(list(logs + eps), eps, kp=kp, ki=ki, nu=nu)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-14)
+    assert any(w == 0.0 for w in want) and max(want) > 0.3
+    # the setpoint moves the gradient rule's target too: λ = max(0, η (L_ret - ρ ε))
+    grad = CRaFTDualOptimizer(epsilon=eps, dual_lr=3.0, setpoint=rho)
+    assert grad.step(0.016) == pytest.approx(3.0 * (0.016 - rho * eps))
+    assert grad.last_slack == pytest.approx(0.016 - eps)  # the logged slack stays against ε itself
+
+
+def test_log_error_and_setpoint_refusals_and_resume_guard():
+    with pytest.raises(ValueError, match=r"setpoint \(craft_dual_setpoint\) must be in \(0, 1\]"):
+        CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, setpoint=1.5)
+    with pytest.raises(ValueError, match="choose one"):
+        CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, log_error=True, normalize=True)
+    with pytest.raises(ValueError, match="needs epsilon > 0"):
+        CRaFTDualOptimizer(epsilon=0.0, dual_lr=0.1, log_error=True)
+    kwargs = dict(epsilon=0.1, dual_lr=0.1, mode="nupi", kp=0.2, nu=0.5, log_error=True, setpoint=0.7)
+    state = CRaFTDualOptimizer(**kwargs).state_dict()
+    for change in (dict(nu=0.6), dict(setpoint=0.8), dict(log_error=False)):
+        with pytest.raises(ValueError, match="resume with the run's values"):
+            CRaFTDualOptimizer(**{**kwargs, **change}).load_state_dict(state)
