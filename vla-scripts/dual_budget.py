@@ -13,6 +13,7 @@ Runs are resumable (a finished run is reused). Results: `dual_budget.json` and a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import sys
@@ -47,7 +48,7 @@ class DualBudgetConfig:
     nupi_ki: float = 0.1                   # --craft_dual_lr (integral gain) on the log-ratio error
     nupi_kp: float = 0.5                   # --craft_dual_kp
     nupi_nu: float = 0.9                   # --craft_dual_nu
-    nupi_setpoint: float = 0.7             # --craft_dual_setpoint
+    nupi_setpoint: float = 0.8             # --craft_dual_setpoint
     nupi_max_lambda: float | None = 1.5    # --craft_max_lambda
     # fmt: on
 
@@ -105,8 +106,10 @@ def main(cfg: DualBudgetConfig) -> list[dict]:
     rows = []
     for i, (rule, seed) in enumerate([(r, s) for r in rules for s in seeds]):
         started = time.perf_counter()
-        ft = replace(base, run_id=f"dual-{rule}-s{seed}", seed=seed, log_update_norms=False,
-                     **rule_overrides(cfg, rule))
+        overrides = rule_overrides(cfg, rule)
+        # the run id names the rule's flags: a finished run is reused only for the same settings
+        tag = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+        ft = replace(base, run_id=f"dual-{rule}-{tag}-s{seed}", seed=seed, log_update_norms=False, **overrides)
         demo.run_training(ft)
         metrics = read_metrics(run_root / ft.run_id / "metrics.jsonl")
         l_ret = np.asarray([m[demo.RET_KEY] for m in metrics if demo.RET_KEY in m], dtype=np.float64)
