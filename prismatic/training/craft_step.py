@@ -17,7 +17,7 @@ One optimizer step (`compute_gradients`, then the loop's unchanged `apply_update
                               projector.accumulate(L_act / k, L_ret / k)          (autograd.grad: no DDP hook fires)
     projector.step(λ)         all-reduce of [g_act | g_ret] over ranks, g = g_act + (λ - c) g_ret written into .grad
     apply_update              as the plain step (finite check, AdamW, scheduler; no clipping, as the plain path)
-    finish_step               λ <- max(0, λ + η (all_reduce_mean(L_ret) - ε))   (or the pid rule, --craft_dual_mode)
+    finish_step               λ <- max(0, λ + η (all_reduce_mean(L_ret) - ε))   (or pid / nupi, --craft_dual_mode)
 
 Non-finite losses or features are errors here (the projection cannot be computed from them), unlike the plain
 step which skips such an update.
@@ -74,6 +74,7 @@ METRIC_KEYS = {
     "conflict_ratio_params_null": "CRaFT/Conflict Ratio Null",
     "conflict_ratio_tensors_null": "CRaFT/Conflict Ratio Null (tensors)",
     "dual_integral": "CRaFT/Dual Integral",
+    "dual_error_ema": "CRaFT/Dual Error EMA",
 }
 _CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype")
 
@@ -225,7 +226,9 @@ class CRaFTStep:
                                        init_lambda=cfg.craft_init_lambda, enable_dual=cfg.craft_enable_dual,
                                        fixed_lambda=cfg.craft_fixed_lambda, mode=cfg.craft_dual_mode,
                                        kp=cfg.craft_dual_kp, kd=cfg.craft_dual_kd,
-                                       normalize=cfg.craft_dual_normalize, max_lambda=cfg.craft_max_lambda)
+                                       normalize=cfg.craft_dual_normalize, max_lambda=cfg.craft_max_lambda,
+                                       nu=cfg.craft_dual_nu, log_error=cfg.craft_dual_log_error,
+                                       setpoint=cfg.craft_dual_setpoint)
         saved = dict(saved_state or {})
         if saved and saved.get("anchor_source", self.source) != self.source:
             raise ValueError(f"the checkpoint's CRaFT run used --craft_anchor_source {saved['anchor_source']}, "
@@ -384,6 +387,8 @@ class CRaFTStep:
             metrics[METRIC_KEYS[key]] = float(stats[key])
         if self.dual.mode == "pid":
             metrics[METRIC_KEYS["dual_integral"]] = self.dual.integral  # the I used for this step's λ
+        elif self.dual.mode == "nupi":
+            metrics[METRIC_KEYS["dual_error_ema"]] = self.dual.xi  # ξ after the previous step's update
         for key in ("projection_fired_rate", "conflict_indicator_mean"):
             metrics[METRIC_KEYS[key]] = running[key]
         return {"loss": means[0], "curr_l1": means[1], "next_l1": means[2], "metrics": metrics}

@@ -803,18 +803,26 @@ class CRaFTGradientProjector:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-DUAL_MODES = ("gradient", "pid")
+DUAL_MODES = ("gradient", "pid", "nupi")
+LOG_ERROR_FLOOR = 1e-3  # log_error: L_ret below 1e-3 of the target counts as 1e-3 (L_ret is exactly 0 at θ0)
 
 
 class CRaFTDualOptimizer:
     """The dual variable λ, updated AFTER the optimizer step from the rank-averaged L_ret of that step.
 
-    Error signal  e = L_ret - ε,  or  e = L_ret / ε - 1  with `normalize=True` (ε > 0).
+    Error signal  e = L_ret - ε,  or  e = L_ret / ε - 1  with `normalize=True` (ε > 0),  or  e = ln(L_ret / ε)
+    with `log_error=True` (ε > 0; L_ret floored at 1e-3 ε, so e >= ln 1e-3). With `setpoint` = ρ < 1 the controller
+    aims at ρ ε instead of ε (ε replaced by ρ ε in the three errors): a margin for the batch-to-batch noise of L_ret.
     mode "gradient" (default, the paper's rule):  λ <- max(0, λ + η e)
     mode "pid" (PID Lagrangian, Stooke, Achiam & Abbeel 2020, Alg. 2, with K_I = η):
         I <- max(0, I + η e)                       (integral clamped at 0; starts at init_lambda)
         D  = max(0, e - e_prev)                    (only a rising violation adds; 0 at the first step)
         λ  = max(0, kp e + I + kd D)
+    mode "nupi" (νPI, Sohrabi et al. 2024, recursive form with λ projected onto [0, max_lambda] every step, as the
+    `cooper` library applies it to a multiplier; κ_I = η, κ_P = kp, EMA coefficient ν = nu; ξ starts at 0):
+        ξ <- ν ξ_prev + (1 - ν) e
+        λ <- clip(λ + η e + kp (ξ - ξ_prev), 0, max_lambda)
+    The clip acts on λ itself, so there is no separate integral to wind up: when λ sits at 0 the history is gone.
     `max_lambda` (optional) caps λ (and, in pid mode, the integral too: no wind-up above the cap).
     With `enable_dual=False` λ is constant: `fixed_lambda` if given, else `init_lambda`.
     pid with kp = kd = 0 reproduces the gradient rule (I is then λ).
@@ -832,6 +840,9 @@ class CRaFTDualOptimizer:
         kd: float = 0.0,
         normalize: bool = False,
         max_lambda: float | None = None,
+        nu: float = 0.0,
+        log_error: bool = False,
+        setpoint: float = 1.0,
     ) -> None:
         for name, v in (("epsilon (craft_retention_budget)", epsilon), ("dual_lr (craft_dual_lr)", dual_lr),
                         ("init_lambda (craft_init_lambda)", init_lambda), ("kp (craft_dual_kp)", kp),
@@ -848,11 +859,25 @@ class CRaFTDualOptimizer:
             raise ValueError("normalize (craft_dual_normalize) divides by epsilon: it needs epsilon > 0")
         if max_lambda is not None and (not math.isfinite(max_lambda) or max_lambda <= 0):
             raise ValueError(f"max_lambda (craft_max_lambda) must be a finite number > 0, got {max_lambda}")
+        if not (math.isfinite(nu) and 0.0 <= nu < 1.0):
+            raise ValueError(f"nu (craft_dual_nu) must be in [0, 1), got {nu}")
+        if mode != "nupi" and nu != 0.0:
+            raise ValueError("nu (craft_dual_nu) is the EMA coefficient of mode 'nupi'")
+        if not (math.isfinite(setpoint) and 0.0 < setpoint <= 1.0):
+            raise ValueError(f"setpoint (craft_dual_setpoint) must be in (0, 1], got {setpoint}")
+        if log_error and normalize:
+            raise ValueError("log_error (craft_dual_log_error) and normalize (craft_dual_normalize) are two error "
+                             "signals: choose one")
+        if log_error and not epsilon > 0:
+            raise ValueError("log_error (craft_dual_log_error) divides by epsilon: it needs epsilon > 0")
         self.epsilon = float(epsilon)
         self.dual_lr = float(dual_lr)
         self.enable_dual = bool(enable_dual)
         self.mode = mode
         self.kp, self.kd = float(kp), float(kd)
+        self.nu = float(nu)
+        self.log_error = bool(log_error)
+        self.setpoint = float(setpoint)
         self.normalize = bool(normalize)
         self.max_lambda = None if max_lambda is None else float(max_lambda)
         self.lam = float(fixed_lambda if (not enable_dual and fixed_lambda is not None) else init_lambda)
@@ -860,12 +885,16 @@ class CRaFTDualOptimizer:
             self.lam = min(self.lam, self.max_lambda)
         self.integral = self.lam  # pid state
         self.prev_error: float | None = None  # pid state (None before the first step)
+        self.xi = 0.0  # nupi state: the EMA of the error (ξ_{-1} = 0)
         self.steps = 0
         self.last_slack = 0.0
 
     def error(self, retention_loss: float) -> float:
         """The controller's error signal for this L_ret (see the class docstring)."""
-        return retention_loss / self.epsilon - 1.0 if self.normalize else retention_loss - self.epsilon
+        target = self.epsilon if self.setpoint == 1.0 else self.setpoint * self.epsilon
+        if self.log_error:
+            return math.log(max(retention_loss, LOG_ERROR_FLOOR * target) / target)
+        return retention_loss / target - 1.0 if self.normalize else retention_loss - target
 
     def _cap(self, value: float) -> float:
         return value if self.max_lambda is None else min(value, self.max_lambda)
@@ -877,9 +906,13 @@ class CRaFTDualOptimizer:
             raise FloatingPointError(f"retention loss is not finite ({v}); λ not updated")
         self.last_slack = v - self.epsilon
         if self.enable_dual:
-            e = self.last_slack if not self.normalize else self.error(v)
+            e = self.error(v)
             if self.mode == "gradient":
                 self.lam = self._cap(max(0.0, self.lam + self.dual_lr * e))
+            elif self.mode == "nupi":
+                xi_prev = self.xi
+                self.xi = self.nu * xi_prev + (1.0 - self.nu) * e
+                self.lam = self._cap(max(0.0, self.lam + self.dual_lr * e + self.kp * (self.xi - xi_prev)))
             else:
                 self.integral = self._cap(max(0.0, self.integral + self.dual_lr * e))
                 derivative = 0.0 if self.prev_error is None else max(0.0, e - self.prev_error)
@@ -892,7 +925,8 @@ class CRaFTDualOptimizer:
         return {"lambda": self.lam, "steps": self.steps, "last_slack": self.last_slack, "epsilon": self.epsilon,
                 "dual_lr": self.dual_lr, "enable_dual": self.enable_dual, "mode": self.mode, "kp": self.kp,
                 "kd": self.kd, "normalize": self.normalize, "max_lambda": self.max_lambda,
-                "integral": self.integral, "prev_error": self.prev_error}
+                "integral": self.integral, "prev_error": self.prev_error, "nu": self.nu, "xi": self.xi,
+                "log_error": self.log_error, "setpoint": self.setpoint}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "lambda" not in state or "steps" not in state:
@@ -901,6 +935,14 @@ class CRaFTDualOptimizer:
         if self.enable_dual and saved_mode != self.mode:
             raise ValueError(f"the checkpoint's dual mode is {saved_mode!r}, the flags say {self.mode!r}: resume "
                              "with the same --craft_dual_mode")
+        # flags added with the nupi mode (issue 26): absent in older checkpoints, whose values were the defaults
+        saved = {"nu": float(state.get("nu", 0.0)), "log_error": bool(state.get("log_error", False)),
+                 "setpoint": float(state.get("setpoint", 1.0))}
+        diffs = [f"--craft_dual_{k} {v} (run) vs {getattr(self, k)} (flags)" for k, v in saved.items()
+                 if v != getattr(self, k)]
+        if self.enable_dual and diffs:
+            raise ValueError("the checkpoint's dual controller differs from the flags: " + "; ".join(diffs) +
+                             ": resume with the run's values")
         lam = float(state["lambda"])
         if not math.isfinite(lam) or lam < 0:
             raise ValueError(f"restored lambda must be >= 0, got {lam}")
@@ -909,6 +951,7 @@ class CRaFTDualOptimizer:
             self.integral = float(state.get("integral", lam))
             prev = state.get("prev_error")
             self.prev_error = None if prev is None else float(prev)
+            self.xi = float(state.get("xi", 0.0))  # absent before the nupi mode (then the mode was not nupi)
         self.steps = int(state["steps"])
         self.last_slack = float(state.get("last_slack", 0.0))
 

@@ -24,7 +24,7 @@ PRESETS = ("real", "tiny")
 WANDB_MODES = ("online", "offline", "disabled")
 CRAFT_ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
 CRAFT_ANCHOR_SOURCES = ("online", "offline")
-CRAFT_DUAL_MODES = ("gradient", "pid")
+CRAFT_DUAL_MODES = ("gradient", "pid", "nupi")
 RETENTION_METHODS = ("none", "craft", "align", "consft", "ki")
 
 
@@ -110,9 +110,13 @@ class FinetuneConfig:
 
     # ---- CRaFT dual dynamics and training diagnostics (issue 15; docs/CRAFT.md "Dual modes") -----------------
     craft_dual_mode: str = "gradient"       # gradient (lambda += eta*e, the paper's rule) | pid (Stooke et al. 2020)
-    craft_dual_kp: float = 0.0              # pid: proportional gain (ki is --craft_dual_lr)
+    #                                         | nupi (Sohrabi et al. 2024)
+    craft_dual_kp: float = 0.0              # pid / nupi: proportional gain (ki is --craft_dual_lr)
     craft_dual_kd: float = 0.0              # pid: derivative gain (on the positive part of the error's rise)
     craft_dual_normalize: bool = False      # error e = L_ret/eps - 1 instead of L_ret - eps
+    craft_dual_nu: float = 0.0              # nupi: EMA coefficient of the error in the proportional term, [0, 1)
+    craft_dual_log_error: bool = False      # error e = ln(L_ret/eps) (floored at ln 1e-3) instead of L_ret - eps
+    craft_dual_setpoint: float = 1.0        # the controller aims at setpoint * eps, in (0, 1] (a noise margin)
     craft_max_lambda: float | None = None   # optional cap on lambda (and on the pid integral)
     log_update_norms: bool = False          # per-group ||update|| and AdamW sqrt(v) (update_norms.py)
 
@@ -341,8 +345,20 @@ def _craft_dual_errors(cfg: FinetuneConfig) -> list[str]:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value >= 0):
             errors.append(f"--{name} must be a finite number >= 0, got {value}")
-    if cfg.craft_dual_mode != "pid" and (cfg.craft_dual_kp or cfg.craft_dual_kd):
-        errors.append("--craft_dual_kp / --craft_dual_kd need --craft_dual_mode pid")
+    if cfg.craft_dual_mode not in ("pid", "nupi") and cfg.craft_dual_kp:
+        errors.append("--craft_dual_kp needs --craft_dual_mode pid or nupi")
+    if cfg.craft_dual_mode != "pid" and cfg.craft_dual_kd:
+        errors.append("--craft_dual_kd needs --craft_dual_mode pid (nupi has no derivative term)")
+    if not (math.isfinite(cfg.craft_dual_nu) and 0.0 <= cfg.craft_dual_nu < 1.0):
+        errors.append(f"--craft_dual_nu must be in [0, 1), got {cfg.craft_dual_nu}")
+    elif cfg.craft_dual_nu and cfg.craft_dual_mode != "nupi":
+        errors.append("--craft_dual_nu needs --craft_dual_mode nupi")
+    if not (math.isfinite(cfg.craft_dual_setpoint) and 0.0 < cfg.craft_dual_setpoint <= 1.0):
+        errors.append(f"--craft_dual_setpoint must be in (0, 1] (a fraction of epsilon), got {cfg.craft_dual_setpoint}")
+    if cfg.craft_dual_log_error and cfg.craft_dual_normalize:
+        errors.append("--craft_dual_log_error True and --craft_dual_normalize True are two error signals: choose one")
+    elif cfg.craft_dual_log_error and not cfg.craft_retention_budget > 0:
+        errors.append("--craft_dual_log_error True divides by epsilon: set --craft_retention_budget > 0")
     if cfg.craft_dual_normalize and not cfg.craft_retention_budget > 0:
         errors.append("--craft_dual_normalize True divides by epsilon: set --craft_retention_budget > 0")
     if cfg.craft_max_lambda is not None and not (math.isfinite(cfg.craft_max_lambda) and cfg.craft_max_lambda > 0):

@@ -200,3 +200,126 @@ def test_null_share_and_dots_over_tensors_larger_than_a_chunk(monkeypatch):
     assert stats["conflict_ratio_tensors_null"] == pytest.approx(len(null) / len(a))
     want = sum(a[i].size for i in null) / sum(x.size for x in a)
     assert stats["conflict_ratio_params_null"] == pytest.approx(want)
+
+
+# ---- nupi (νPI, Sohrabi et al. 2024; issue 26) ----------------------------------------------------------------------
+def _nupi_by_hand(losses, eps, kp, ki, nu, lam0=0.0, normalize=False, cap=None):
+    """νPI in numpy float64, written from the paper's recursion: ξ_t = ν ξ_{t-1} + (1 - ν) e_t with ξ_{-1} = 0,
+    λ_{t+1} = clip(λ_t + κ_I e_t + κ_P (ξ_t - ξ_{t-1}), 0, cap)."""
+    e = np.asarray(losses, dtype=np.float64)
+    e = e / eps - 1.0 if normalize else e - eps
+    xi = np.zeros(len(e) + 1)  # xi[t + 1] is ξ_t; xi[0] is ξ_{-1}
+    for t in range(len(e)):
+        xi[t + 1] = nu * xi[t] + (1.0 - nu) * e[t]
+    lam, out = np.float64(lam0), []
+    for t in range(len(e)):
+        lam = np.clip(lam + ki * e[t] + kp * (xi[t + 1] - xi[t]), 0.0, np.inf if cap is None else cap)
+        out.append(float(lam))
+    return out
+
+
+@pytest.mark.parametrize("nu", [0.0, 0.6])
+def test_nupi_equals_a_hand_computation_over_40_steps(nu):
+    dual = CRaFTDualOptimizer(epsilon=0.5, dual_lr=0.3, mode="nupi", kp=0.8, nu=nu, init_lambda=0.1)
+    got = [dual.step(v) for v in LOSSES]
+    want = _nupi_by_hand(LOSSES, 0.5, kp=0.8, ki=0.3, nu=nu, lam0=0.1)
+    assert got == pytest.approx(want, rel=1e-13, abs=1e-15)
+    assert any(w == 0.0 for w in want) and max(want) > 0.5  # both the clip at 0 and real motion are exercised
+    # steps 1-2 written out (ν = 0: ξ is the error itself, ξ_{-1} = 0)
+    if nu == 0.0:
+        e1, e2 = LOSSES[0] - 0.5, LOSSES[1] - 0.5
+        lam1 = max(0.0, 0.1 + 0.3 * e1 + 0.8 * e1)
+        assert got[0] == pytest.approx(lam1)
+        assert got[1] == pytest.approx(max(0.0, lam1 + 0.3 * e2 + 0.8 * (e2 - e1)))
+
+
+def test_nupi_clips_at_zero_and_at_the_cap_without_windup():
+    eps = 0.02
+    dual = CRaFTDualOptimizer(epsilon=eps, dual_lr=0.05, mode="nupi", kp=0.5, nu=0.3, normalize=True, max_lambda=1.2)
+    big, small = [0.5] * 6, [0.0] * 6  # L_ret 25 ε (the cap binds), then 0 (λ falls to 0 and stays)
+    got = [dual.step(v) for v in big + small]
+    assert got == pytest.approx(_nupi_by_hand(big + small, eps, 0.5, 0.05, 0.3, normalize=True, cap=1.2), rel=1e-13)
+    assert got[len(big) - 1] == 1.2 and got[-1] == 0.0
+    # the clip acts on λ itself: one step at L_ret = 2 ε after sitting at 0 moves λ by κ_I e + κ_P Δξ from 0, not
+    # from a negative wound-up value
+    xi_before = dual.xi
+    lam = dual.step(2 * eps)
+    xi_after = 0.3 * xi_before + 0.7 * 1.0
+    assert lam == pytest.approx(max(0.0, 0.05 * 1.0 + 0.5 * (xi_after - xi_before)))
+
+
+def test_nupi_with_kp_zero_is_the_gradient_rule_bit_for_bit():
+    dual = CRaFTDualOptimizer(epsilon=0.5, dual_lr=0.7, init_lambda=0.25, mode="nupi")
+    assert [dual.step(v).hex() for v in LOSSES] == OUT
+
+
+@pytest.mark.parametrize("kwargs", [dict(kp=0.8, nu=0.0), dict(kp=0.8, nu=0.6, max_lambda=1.0)])
+def test_nupi_resume_mid_run_is_exact(kwargs):
+    common = dict(epsilon=0.5, dual_lr=0.3, mode="nupi", **kwargs)
+    full = CRaFTDualOptimizer(**common)
+    want = [full.step(v) for v in LOSSES]
+    first = CRaFTDualOptimizer(**common)
+    for v in LOSSES[:17]:
+        first.step(v)
+    resumed = CRaFTDualOptimizer(**common)
+    resumed.load_state_dict(_roundtrip(first.state_dict()))
+    assert [resumed.step(v) for v in LOSSES[17:]] == want[17:]  # exact: ξ is part of the state
+    assert resumed.state_dict() == full.state_dict()
+    # without ξ the continuation differs: the test can see a lost state
+    lossy = CRaFTDualOptimizer(**common)
+    state = first.state_dict()
+    state.pop("xi")
+    lossy.load_state_dict(state)
+    assert [lossy.step(v) for v in LOSSES[17:]] != want[17:]
+
+
+def test_old_checkpoints_load_and_nupi_refusals():
+    # a state written before the modes existed: lambda and steps only -> loads as gradient, refused by nupi
+    old = {"lambda": 0.75, "steps": 12, "last_slack": -0.1}
+    dual = CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1)
+    dual.load_state_dict(old)
+    assert (dual.lam, dual.steps, dual.xi) == (0.75, 12, 0.0)
+    with pytest.raises(ValueError, match="same --craft_dual_mode"):
+        CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, mode="nupi").load_state_dict(old)
+    with pytest.raises(ValueError, match="same --craft_dual_mode"):
+        CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, mode="pid").load_state_dict(
+            CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, mode="nupi").state_dict())
+    for nu in (1.0, -0.2, float("nan")):
+        with pytest.raises(ValueError, match=r"nu \(craft_dual_nu\) must be in \[0, 1\)"):
+            CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, mode="nupi", nu=nu)
+    with pytest.raises(ValueError, match="EMA coefficient of mode 'nupi'"):
+        CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, mode="gradient", nu=0.5)
+
+
+def test_log_error_and_setpoint_equal_a_hand_computation():
+    """e = ln(max(L_ret, 1e-3 ρε) / (ρε)) with ρ = setpoint, fed to νPI; numpy float64 reference."""
+    eps, rho, ki, kp, nu = 0.02, 0.7, 0.1, 0.5, 0.4
+    losses = [0.0, 0.3, 0.05, 0.013, 1e-9, 0.0151, 0.002, 0.02, 0.0139, 0.4]  # includes 0 (θ0) and far below ρε
+    target = rho * eps
+    ratios = np.maximum(np.asarray(losses), 1e-3 * target) / target
+    logs = np.log(ratios)  # the error as the documented formula, vectorised
+    assert logs.min() == pytest.approx(np.log(1e-3))  # the floor binds at L_ret = 0
+    dual = CRaFTDualOptimizer(epsilon=eps, dual_lr=ki, mode="nupi", kp=kp, nu=nu, log_error=True, setpoint=rho)
+    got = [dual.step(v) for v in losses]
+    # _nupi_by_hand with the raw difference error on pre-transformed inputs: feed e + ε as the "loss"
+    want = _nupi_by_hand(list(logs + eps), eps, kp=kp, ki=ki, nu=nu)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-14)
+    assert any(w == 0.0 for w in want) and max(want) > 0.3
+    # the setpoint moves the gradient rule's target too: λ = max(0, η (L_ret - ρ ε))
+    grad = CRaFTDualOptimizer(epsilon=eps, dual_lr=3.0, setpoint=rho)
+    assert grad.step(0.016) == pytest.approx(3.0 * (0.016 - rho * eps))
+    assert grad.last_slack == pytest.approx(0.016 - eps)  # the logged slack stays against ε itself
+
+
+def test_log_error_and_setpoint_refusals_and_resume_guard():
+    with pytest.raises(ValueError, match=r"setpoint \(craft_dual_setpoint\) must be in \(0, 1\]"):
+        CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, setpoint=1.5)
+    with pytest.raises(ValueError, match="choose one"):
+        CRaFTDualOptimizer(epsilon=0.1, dual_lr=0.1, log_error=True, normalize=True)
+    with pytest.raises(ValueError, match="needs epsilon > 0"):
+        CRaFTDualOptimizer(epsilon=0.0, dual_lr=0.1, log_error=True)
+    kwargs = dict(epsilon=0.1, dual_lr=0.1, mode="nupi", kp=0.2, nu=0.5, log_error=True, setpoint=0.7)
+    state = CRaFTDualOptimizer(**kwargs).state_dict()
+    for change in (dict(nu=0.6), dict(setpoint=0.8), dict(log_error=False)):
+        with pytest.raises(ValueError, match="resume with the run's values"):
+            CRaFTDualOptimizer(**{**kwargs, **change}).load_state_dict(state)

@@ -43,6 +43,19 @@ def test_cli_rejects_bad_flags_at_startup(tiny_data_root, tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+def test_cli_rejects_bad_nupi_flags_in_one_line_each(tiny_data_root, tmp_path):
+    """The dual controller flags of issue 26: every problem named, exit 2, no traceback, nothing written."""
+    proc = subprocess.run(_args(tiny_data_root, tmp_path / "runs", "--use_craft", "True", "--craft_dual_mode", "nupi",
+                                "--craft_dual_nu", "1.0", "--craft_dual_setpoint", "0", "--craft_dual_kd", "0.5"),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for needle in ("--craft_dual_nu must be in [0, 1), got 1.0", "--craft_dual_setpoint must be in (0, 1]",
+                   "--craft_dual_kd needs --craft_dual_mode pid (nupi has no derivative term)"):
+        assert sum(needle in line for line in proc.stderr.splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_exits_zero(tiny_data_root, tmp_path):
     run_root = tmp_path / "runs"

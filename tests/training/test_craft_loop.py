@@ -218,6 +218,35 @@ def test_pid_dual_from_metrics_and_resume_exact_through_training_state(make_cfg,
                            "resume_step", "run_root_dir"})
 
 
+def test_nupi_dual_from_metrics_and_resume_exact_through_training_state(make_cfg, tmp_path):
+    """--craft_dual_mode nupi in the loop: λ of each step follows νPI from the logged (rank-averaged) L_ret;
+    resuming from the mid-run checkpoint restores ξ (training_state.pt) and reproduces the run exactly."""
+    n, eps, ki, kp, nu = 2, 1e-3, 0.05, 0.4, 0.3
+    common = dict(use_craft=True, max_steps=2 * n, save_freq=n, craft_retention_budget=eps, craft_dual_lr=ki,
+                  craft_dual_mode="nupi", craft_dual_kp=kp, craft_dual_nu=nu, craft_dual_normalize=True,
+                  craft_max_lambda=50.0)
+    full = train(make_cfg(run_root_dir=tmp_path / "a", **common))
+    records = read_metrics(full.run_dir / "metrics.jsonl")
+    xi, lam = 0.0, 0.0
+    for r in records:  # hand-written νPI on the normalised error
+        assert r[LAM] == pytest.approx(lam, rel=1e-12, abs=1e-15)
+        assert r["CRaFT/Dual Error EMA"] == pytest.approx(xi, rel=1e-12, abs=1e-15)
+        e = r[RET] / eps - 1.0
+        xi_new = nu * xi + (1.0 - nu) * e
+        lam = min(50.0, max(0.0, lam + ki * e + kp * (xi_new - xi)))
+        xi = xi_new
+    state_a = ckpt.load_training_state(ckpt.checkpoint_dir(tmp_path / "a", "test", 2 * n))["craft"]["dual"]
+    assert state_a["mode"] == "nupi" and state_a["lambda"] == pytest.approx(lam, rel=1e-12)
+    assert state_a["xi"] == pytest.approx(xi, rel=1e-12) and state_a["nu"] == nu
+    first = ckpt.checkpoint_dir(tmp_path / "a", "test", n)
+    resumed = train(make_cfg(run_root_dir=tmp_path / "b", resume=True, config_file_path=first, resume_step=n,
+                             **common))
+    state_b = ckpt.load_training_state(ckpt.checkpoint_dir(tmp_path / "b", "test", 2 * n))["craft"]["dual"]
+    assert state_b == state_a
+    assert [h[LAM] for h in resumed.history] == [h[LAM] for h in full.history[n:]]
+    assert [h[RET] for h in resumed.history] == [h[RET] for h in full.history[n:]]
+
+
 # ---- anchors: online == offline ----------------------------------------------------------------------------------
 def _cache(tmp_path, data_root, name="cache", **overrides) -> Path:
     values = dict(cache_dir=tmp_path / name, model_preset="tiny", seed=7, num_images_in_input=1,
