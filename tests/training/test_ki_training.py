@@ -123,7 +123,8 @@ def test_resume_with_another_weight_is_refused(make_cfg, tmp_path):
     common = dict(retention_method="ki", max_steps=3, save_freq=2)
     train(make_cfg(run_root_dir=tmp_path / "a", ki_action_loss_weight=0.5, **common))
     first = ckpt.checkpoint_dir(tmp_path / "a", "test", 2)
-    with pytest.raises(UserError, match="--ki_action_loss_weight 0.5"):
+    # the run folder defines the weight: refused before anything is built, naming both values
+    with pytest.raises(UserError, match=r"--ki_action_loss_weight 0\.3 \(run: 0\.5\)"):
         train(make_cfg(run_root_dir=tmp_path / "a", resume=True, config_file_path=first, resume_step=2,
                        ki_action_loss_weight=0.3, **common))
 
