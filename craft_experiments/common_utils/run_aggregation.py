@@ -26,7 +26,7 @@ from run_reading import (
     _to_float,
 )
 
-from prismatic.training.method_label import CRAFT_DEFAULTS, PRESET_LLM_LAYERS, _as_bool, method_label  # noqa: F401
+from prismatic.training.method_label import CRAFT_DEFAULTS, _as_bool, method_label
 
 SUITE_ORDER = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 SUITE_TITLES = {"libero_spatial": "Spatial", "libero_object": "Object", "libero_goal": "Goal", "libero_10": "Long"}
