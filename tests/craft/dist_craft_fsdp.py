@@ -58,6 +58,9 @@ def main(out_dir: Path) -> None:
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
     assert not any(n.startswith("unused") for n in grads), "a parameter no loss reaches got a gradient"
     torch.save({"grads": grads, "stats": stats}, out_dir / f"rank{rank}.pt")
+    # orderly teardown, as dist_craft_ddp.py: both ranks leave together (rank 0 once aborted at exit, "terminate
+    # called without an active exception", when it destroyed the group while its peer was still in a collective)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -79,6 +79,7 @@ def main() -> None:
                                 craft_cache_dir=cache_dir if "offline" in variant else None,
                                 **ALL_VARIANTS[variant])
             torch.save(run(cfg), out_dir / f"{strategy}_{variant}_k{k}_rank{rank}.pt")
+    torch.distributed.barrier()  # both ranks leave together (see tests/craft/dist_craft_fsdp.py)
     torch.distributed.destroy_process_group()
 
 
