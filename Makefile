@@ -6,9 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_runs
+STUDY_DIR ?= study_runs
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all test-slow demo demo-quick lint bench clean-demo
+.PHONY: venv test test-all test-slow demo demo-quick study lint bench clean-demo
 
 venv: $(STAMP)
 
@@ -34,6 +35,10 @@ demo: venv
 
 demo-quick: venv
 	$(PY) vla-scripts/demo.py --output_dir $(DEMO_DIR)/quick --quick True
+
+# Every method and sweep over 3 seeds on the demo's data and θ0 (≤ 45 min on 2 cores; resumable).
+study: venv
+	$(PY) vla-scripts/study.py --output_dir $(STUDY_DIR)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from any working directory
     sys.path.insert(0, str(REPO))
 
+import retention_plots as rp
+
 from finetune import train
 from prismatic.cli_errors import cli_entry, parse_config
 from prismatic.data.loader import make_eval_loader
@@ -382,13 +384,10 @@ def training_curves(run_root: Path, out: Path) -> list[Path]:
 
 
 def demo_plots(run_metrics: dict[str, list[dict]], epsilon: float, out: Path) -> list[Path]:
-    """retention.png (L_ret of every run, epsilon, log scale, one panel), lambda.png, update_norms.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = dict(zip(METHOD_TITLES, plt.get_cmap("tab10").colors, strict=False))
+    """retention.png (L_ret of every run, epsilon, log scale, one panel), lambda.png, update_norms.png; the study's
+    style (vla-scripts/retention_plots.py)."""
+    plt = rp.pyplot()
+    colours = rp.colours(list(METHOD_TITLES))
     paths = []
 
     def series(records, key):
@@ -398,29 +397,20 @@ def demo_plots(run_metrics: dict[str, list[dict]], epsilon: float, out: Path) ->
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, records in run_metrics.items():
         steps, values = series(records, RET_KEY)
-        if steps:
-            ax.plot(steps, np.maximum(values, 1e-8), color=colours[name], linewidth=1.2,
-                    linestyle="--" if name in CONTINUATIONS else "-", label=METHOD_TITLES[name])
-    ax.axhline(epsilon, color="black", linestyle=":", linewidth=1.2, label=f"epsilon = {epsilon:g}")
-    ax.set(yscale="log", xlabel="optimizer step", ylabel="L_ret (vs theta0)",
-           title="Drift of the bridge features from theta0, every run")
+        rp.band(ax, [(steps, values)] if steps else [], colours[name], METHOD_TITLES[name], log=True,
+                linestyle="--" if name in CONTINUATIONS else "-")
+    rp.epsilon_line(ax, epsilon)
+    rp.retention_axes(ax, "Drift of the bridge features from θ0, every run")
     ax.legend(fontsize=7)
-    paths.append(out / "retention.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(rp.save(fig, out / "retention.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, records in run_metrics.items():
         steps, values = series(records, LAMBDA_KEY)
-        if steps:
-            ax.plot(steps, values, color=colours[name], linewidth=1.2, label=METHOD_TITLES[name])
-    ax.set(xlabel="optimizer step", ylabel="lambda (used in the step)", title="Dual variable")
+        rp.band(ax, [(steps, values)] if steps else [], colours[name], METHOD_TITLES[name])
+    rp.lambda_axes(ax, "Dual variable")
     ax.legend(fontsize=7)
-    paths.append(out / "lambda.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(rp.save(fig, out / "lambda.png"))
 
     fig, axes = plt.subplots(2, len(NORM_GROUPS), figsize=(4 * len(NORM_GROUPS), 7), squeeze=False)
     for col, group in enumerate(NORM_GROUPS):
@@ -433,10 +423,7 @@ def demo_plots(run_metrics: dict[str, list[dict]], epsilon: float, out: Path) ->
                             linestyle="--" if name in CONTINUATIONS else "-", label=METHOD_TITLES[name])
             ax.set(yscale="log", title=f"{group}: {label}", xlabel="optimizer step")
     axes[0][0].legend(fontsize=6)
-    paths.append(out / "update_norms.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(rp.save(fig, out / "update_norms.png", dpi=100))
     return paths
 
 
