@@ -6,13 +6,13 @@ logged training L_ret (the rank-averaged L_ret the dual sees):
   last10   mean L_ret of the last 10% of steps / epsilon         (goal: in [0.5, 1])
   above    share of steps with L_ret > epsilon after the first 10% (goal: <= 0.10)
 Rules: `gradient` (the paper's rule, the demo's eta), `nupi` (the flags below; docs/CRAFT.md "Dual modes"),
-`gradient-actv` (the paper's rule with --craft_adam_second_moment action), `new` (NEW_RULE_FLAGS of
-prismatic/training/dual_presets.py: the chosen rule, AdamW's v on the action part only) and `plain` (no CRaFT; L_ret
-from the retention monitor, for reference). Every run also records AdamW's final mean sqrt(v_hat) of the LLM LoRA
+`gradient-actv` (the paper's rule with --craft_adam_second_moment action: diverges here), `new` (NEW_RULE_FLAGS of
+prismatic/training/dual_presets.py: the chosen rule, a warm-started PID) and `plain` (no CRaFT; L_ret from the
+retention monitor, for reference). Every run also records AdamW's final mean sqrt(v_hat) of the LLM LoRA
 (`--log_update_norms`, which does not change training). Runs are resumable (a finished run is reused). Results:
 `dual_budget.json` and a printed table.
 
-    python vla-scripts/dual_budget.py --output_dir dual_budget_runs --seeds 7,8,9
+    python vla-scripts/dual_budget.py --output_dir dual_budget_runs --seeds 7,8,9 --rules gradient,nupi,new
 """
 
 from __future__ import annotations
