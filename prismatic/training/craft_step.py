@@ -16,7 +16,8 @@ One optimizer step (`compute_gradients`, then the loop's unchanged `apply_update
                               L_act unchanged (forward_losses), L_ret = retention_loss(features, anchors)
                               projector.accumulate(L_act / k, L_ret / k)          (autograd.grad: no DDP hook fires)
     projector.step(λ)         all-reduce of [g_act | g_ret] over ranks, g = g_act + (λ - c) g_ret written into .grad
-    apply_update              as the plain step (finite check, AdamW, scheduler; no clipping, as the plain path)
+    apply_update              as the plain step (finite check, AdamW, scheduler; no clipping, as the plain path);
+                              --craft_adam_second_moment action: SplitMomentAdamW, its v fed `action_grads()`
     finish_step               λ <- max(0, λ + η (all_reduce_mean(L_ret) - ε))   (or pid / nupi, --craft_dual_mode)
 
 Non-finite losses or features are errors here (the projection cannot be computed from them), unlike the plain
