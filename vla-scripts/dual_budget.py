@@ -5,10 +5,14 @@ the new tasks for each rule and each fine-tuning seed (`--seed` of the run: LoRA
 logged training L_ret (the rank-averaged L_ret the dual sees):
   last10   mean L_ret of the last 10% of steps / epsilon         (goal: in [0.5, 1])
   above    share of steps with L_ret > epsilon after the first 10% (goal: <= 0.10)
-Rules: `gradient` (the paper's rule, the demo's eta) and `nupi` (the flags below; docs/CRAFT.md "Dual modes").
-Runs are resumable (a finished run is reused). Results: `dual_budget.json` and a printed table.
+Rules: `gradient` (the paper's rule, the demo's eta), `nupi` (the flags below; docs/CRAFT.md "Dual modes"),
+`gradient-actv` (the paper's rule with --craft_adam_second_moment action: diverges here), `new` (NEW_RULE_FLAGS of
+prismatic/training/dual_presets.py: the chosen rule, a warm-started PID) and `plain` (no CRaFT; L_ret from the
+retention monitor, for reference). Every run also records AdamW's final mean sqrt(v_hat) of the LLM LoRA
+(`--log_update_norms`, which does not change training). Runs are resumable (a finished run is reused). Results:
+`dual_budget.json` and a printed table.
 
-    python vla-scripts/dual_budget.py --output_dir dual_budget_runs --seeds 7,8,9
+    python vla-scripts/dual_budget.py --output_dir dual_budget_runs --seeds 7,8,9 --rules gradient,nupi,new
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ for path in (REPO, REPO / "vla-scripts"):
 import demo  # noqa: E402  (the demo's data, theta0 and CRaFT row are reused as they are)
 
 from prismatic.cli_errors import UserError, cli_entry, parse_config  # noqa: E402
+from prismatic.training.dual_presets import NEW_RULE_FLAGS  # noqa: E402
 from prismatic.training.metrics_log import read_metrics  # noqa: E402
+from prismatic.training.update_norms import ADAM_KEY  # noqa: E402
 
-RULES = ("gradient", "nupi")
+RULES = ("gradient", "nupi", "gradient-actv", "new", "plain")
 
 
 @dataclass
@@ -42,7 +48,7 @@ class DualBudgetConfig:
     # fmt: off
     output_dir: Path = Path("dual_budget_runs")
     seeds: str = "7,8,9"                   # fine-tuning seeds (comma-separated); data and theta0 use the demo's seed
-    rules: str = "gradient,nupi"           # any of gradient, nupi
+    rules: str = "gradient,nupi,new"       # any of gradient, nupi, gradient-actv, new, plain
     threads: int = 1                       # torch CPU threads per run
     # nupi (docs/CRAFT.md "Dual modes": why these values)
     nupi_ki: float = 0.1                   # --craft_dual_lr (integral gain) on the log-ratio error
@@ -83,8 +89,12 @@ def budget_metrics(l_ret: np.ndarray, epsilon: float) -> dict[str, float]:
 
 
 def rule_overrides(cfg: DualBudgetConfig, rule: str) -> dict:
-    if rule == "gradient":
+    if rule in ("gradient", "plain"):
         return {}
+    if rule == "gradient-actv":
+        return {"craft_adam_second_moment": "action"}
+    if rule == "new":
+        return dict(NEW_RULE_FLAGS)
     return dict(craft_dual_mode="nupi", craft_dual_log_error=True, craft_dual_lr=cfg.nupi_ki,
                 craft_dual_kp=cfg.nupi_kp, craft_dual_nu=cfg.nupi_nu, craft_dual_setpoint=cfg.nupi_setpoint,
                 craft_max_lambda=cfg.nupi_max_lambda)
@@ -101,34 +111,52 @@ def main(cfg: DualBudgetConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     demo.build_data(demo_cfg, data_root)
     theta0, _ = demo.run_training(demo.theta0_config(demo_cfg, data_root, run_root))
-    base = demo.finetune_configs(demo_cfg, data_root, run_root, theta0)["craft"]
-    eps = base.craft_retention_budget
+    configs = demo.finetune_configs(demo_cfg, data_root, run_root, theta0)
+    eps = configs["craft"].craft_retention_budget
     rows = []
     for i, (rule, seed) in enumerate([(r, s) for r in rules for s in seeds]):
         started = time.perf_counter()
-        overrides = rule_overrides(cfg, rule)
-        # the run id names the rule's flags: a finished run is reused only for the same settings
-        tag = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
-        ft = replace(base, run_id=f"dual-{rule}-{tag}-s{seed}", seed=seed, log_update_norms=False, **overrides)
-        demo.run_training(ft)
-        metrics = read_metrics(run_root / ft.run_id / "metrics.jsonl")
-        l_ret = np.asarray([m[demo.RET_KEY] for m in metrics if demo.RET_KEY in m], dtype=np.float64)
-        lam = np.asarray([m[demo.LAMBDA_KEY] for m in metrics if demo.LAMBDA_KEY in m], dtype=np.float64)
-        rows.append({"rule": rule, "seed": seed, "steps": len(l_ret), **budget_metrics(l_ret, eps),
-                     "max_lambda": float(lam.max()), "final_lambda": float(lam[-1])})
+        base = configs["plain"] if rule == "plain" else configs["craft"]
+        rows.append(run_rule(base, run_root, rule, rule_overrides(cfg, rule), seed, eps))
         print(f"[dual_budget] {i + 1}/{len(rules) * len(seeds)} {rule} seed {seed}: "
-              f"last10 {rows[-1]['last10_over_eps']:.3f} eps, above {rows[-1]['share_above_eps']:.3f} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+              f"last10 {rows[-1]['last10_over_eps']:.3f} eps, above {rows[-1]['share_above_eps']:.3f}, "
+              f"sqrt(v) llm_lora {rows[-1]['adam_sqrt_v_llm_lora']:.2e} ({time.perf_counter() - started:.0f} s)",
+              flush=True)
     record = {"epsilon": eps, "config": {k: str(v) for k, v in vars(cfg).items()}, "rows": rows,
               "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                           "torch": torch.__version__, "numpy": np.__version__}}
     (out / "dual_budget.json").write_text(json.dumps(record, indent=2) + "\n")
-    print("| rule | seed | last-10% L_ret / eps | share > eps after 10% | max lambda | final lambda |")
-    print("|---|---|---|---|---|---|")
+    print("| rule | seed | last-10% L_ret / eps | share > eps after 10% | max lambda | final lambda | "
+          "sqrt(v) llm_lora |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['rule']} | {r['seed']} | {r['last10_over_eps']:.3f} | {r['share_above_eps']:.3f} | "
-              f"{r['max_lambda']:.2f} | {r['final_lambda']:.2f} |")
+        budget = (f"{r['last10_over_eps']:.3f} | {r['share_above_eps']:.3f}" if r["diverged"] is None
+                  else f"diverged at step {r['steps'] + 1} | -")
+        print(f"| {r['rule']} | {r['seed']} | {budget} | {r['max_lambda']:.2f} | {r['final_lambda']:.2f} | "
+              f"{r['adam_sqrt_v_llm_lora']:.2e} |")
     return rows
+
+
+def run_rule(base, run_root: Path, rule: str, overrides: dict, seed: int, epsilon: float) -> dict:
+    """One fine-tuning run of `base` with `overrides` and `seed` (reused if finished) -> its row."""
+    # the run id names the rule's flags: a finished run is reused only for the same settings
+    tag = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+    ft = replace(base, run_id=f"dual-{rule}-{tag}-s{seed}", seed=seed, log_update_norms=True, **overrides)
+    diverged = None
+    try:
+        demo.run_training(ft)
+    except FloatingPointError as err:  # a run that diverges (CRaFT refuses non-finite numbers) is a result too
+        diverged = str(err).splitlines()[0]
+    metrics = read_metrics(run_root / ft.run_id / "metrics.jsonl")
+    l_ret = np.asarray([m[demo.RET_KEY] for m in metrics if demo.RET_KEY in m], dtype=np.float64)
+    lam = np.asarray([m.get(demo.LAMBDA_KEY, 0.0) for m in metrics if demo.RET_KEY in m], dtype=np.float64)
+    sqrt_v = [m[ADAM_KEY.format("llm_lora")] for m in metrics if ADAM_KEY.format("llm_lora") in m]
+    row = {"rule": rule, "seed": seed, "steps": len(l_ret), **budget_metrics(l_ret, epsilon),
+           "max_lambda": float(lam.max()), "final_lambda": float(lam[-1]), "adam_sqrt_v_llm_lora": sqrt_v[-1],
+           "overrides": overrides, "diverged": diverged}
+    if diverged is not None:  # the goal's numbers need the whole run
+        row.update(last10_over_eps=float("nan"), share_above_eps=float("nan"))
+    return row
 
 
 @cli_entry("dual_budget")

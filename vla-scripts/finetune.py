@@ -289,7 +289,12 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
         model = DDP(policy, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                     find_unused_parameters=True, **_no_buffer_sync_kwargs())
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    if cfg.craft_adam_second_moment == "action":  # AdamW's v sees only CRaFT's action part (docs/CRAFT.md)
+        from prismatic.training.split_moment_adamw import SplitMomentAdamW
+
+        optimizer = SplitMomentAdamW(params, lr=cfg.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     update_meter = UpdateNormMeter(policy.named_parameters()) if cfg.log_update_norms else None
     scheduler = build_lr_scheduler(optimizer, cfg.lr_warmup_steps, cfg.num_steps_before_decay)
     # The loader iterator draws its base seed from the global RNG: create it before the RNG state is restored.
@@ -408,6 +413,8 @@ def _train_in_run_dir(cfg: FinetuneConfig, env: DistEnv, hooks: TrainHooks, run_
             lr = optimizer.param_groups[0]["lr"]
             if update_meter is not None:
                 update_meter.before()
+            if craft is not None and cfg.craft_adam_second_moment == "action":
+                optimizer.set_second_moment_grads(craft.action_grads())
             applied, grad_norm = apply_update(optimizer, scheduler, params, stats)
             update_norms = update_meter.after(optimizer) if update_meter is not None else {}
             if craft is not None:

@@ -16,7 +16,8 @@ One optimizer step (`compute_gradients`, then the loop's unchanged `apply_update
                               L_act unchanged (forward_losses), L_ret = retention_loss(features, anchors)
                               projector.accumulate(L_act / k, L_ret / k)          (autograd.grad: no DDP hook fires)
     projector.step(λ)         all-reduce of [g_act | g_ret] over ranks, g = g_act + (λ - c) g_ret written into .grad
-    apply_update              as the plain step (finite check, AdamW, scheduler; no clipping, as the plain path)
+    apply_update              as the plain step (finite check, AdamW, scheduler; no clipping, as the plain path);
+                              --craft_adam_second_moment action: SplitMomentAdamW, its v fed `action_grads()`
     finish_step               λ <- max(0, λ + η (all_reduce_mean(L_ret) - ε))   (or pid / nupi, --craft_dual_mode)
 
 Non-finite losses or features are errors here (the projection cannot be computed from them), unlike the plain
@@ -222,6 +223,8 @@ class CRaFTStep:
         self.projector = CRaFTGradientProjector(named, delta=cfg.craft_delta,
                                                 enable_projection=cfg.craft_enable_projection)
         self.projector.null_seed = int(cfg.seed)  # the null conflict share's random g_ret: same on every rank
+        # --craft_adam_second_moment action: the projector keeps g_act - c g_ret for AdamW's v (`action_grads`)
+        self.projector.keep_action_part = cfg.craft_adam_second_moment == "action"
         self.dual = CRaFTDualOptimizer(epsilon=cfg.craft_retention_budget, dual_lr=cfg.craft_dual_lr,
                                        init_lambda=cfg.craft_init_lambda, enable_dual=cfg.craft_enable_dual,
                                        fixed_lambda=cfg.craft_fixed_lambda, mode=cfg.craft_dual_mode,
@@ -392,6 +395,12 @@ class CRaFTStep:
         for key in ("projection_fired_rate", "conflict_indicator_mean"):
             metrics[METRIC_KEYS[key]] = running[key]
         return {"loss": means[0], "curr_l1": means[1], "next_l1": means[2], "metrics": metrics}
+
+    def action_grads(self) -> dict[nn.Parameter, torch.Tensor]:
+        """This step's action part (combined - λ g_ret) per parameter L_ret reaches, rank-averaged (FSDP2: the local
+        shard, as a DTensor), for `SplitMomentAdamW.set_second_moment_grads`. Only with
+        --craft_adam_second_moment action."""
+        return self.projector.action_grads()
 
     def finish_step(self) -> float:
         """After the optimizer step: λ <- max(0, λ + η (L_ret - ε)) with the rank-averaged L_ret. Returns λ."""

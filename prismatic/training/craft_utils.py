@@ -159,6 +159,17 @@ def _apply(g_act: Sequence[torch.Tensor], g_ret: Sequence[torch.Tensor | None], 
     return out
 
 
+def _as_grad_of(p: nn.Parameter, g: torch.Tensor) -> torch.Tensor:
+    """A local gradient (shard) as a tensor laid out like `p`: a DTensor with p's mesh and placements for an FSDP2
+    parameter, else g itself."""
+    if not _is_dtensor(p):
+        return g
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(g.to(p.dtype), p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride())
+
+
 def combine_gradients(
     g_act: Sequence[torch.Tensor],
     g_ret: Sequence[torch.Tensor | None],
@@ -326,6 +337,10 @@ class CRaFTGradientProjector:
         self.conflict_ratio_params_sum = 0.0
         self.conflict_ratio_tensors_sum = 0.0
         self.conflict_ratio_params_null_sum = 0.0
+        # --craft_adam_second_moment action: `step` also keeps the action part g_act - c g_ret (`action_grads`)
+        self.keep_action_part = False
+        self._action_flat = torch.zeros(0, dtype=torch.float32, device=self.device)
+        self._action_grads: dict[nn.Parameter, torch.Tensor] = {}
 
     # -- reachability and buffers -------------------------------------------------------------------------------------
     @property
@@ -651,6 +666,8 @@ class CRaFTGradientProjector:
         for j, i in enumerate(self.ret_index):
             has_ret[i] = reached_ret[j]
         a, stats = _scalars_and_stats(sums, has_ret, self._numels_global, lam, self.delta, self.enable_projection)
+        if self.keep_action_part:
+            self._keep_action_part(-stats["projection_coef"], reached_act, reached_ret)
         if self.sharded:
             combined = _apply(self._act, [r if reached_ret[j] else None for j, r in enumerate(self._ret)], a)
             for j, (i, g) in enumerate(zip(self.ret_index, combined, strict=True)):
@@ -674,6 +691,35 @@ class CRaFTGradientProjector:
             self.num_micro_batches = 0
             self._stale = True
         return stats
+
+    def _keep_action_part(self, coef: float, reached_act: Sequence[bool], reached_ret: Sequence[bool]) -> None:
+        """The action part g_act - c g_ret of every R parameter, from the same (rank-averaged; under FSDP2: local
+        shard) buffers as the combined gradient, before `step` overwrites the g_act half. The combined gradient is
+        this plus λ g_ret. A (L_act only) is left out: its gradient is its action part."""
+        self._action_grads = {}
+        if self.sharded:
+            action = _apply(self._act, [r if reached_ret[j] else None for j, r in enumerate(self._ret)], coef)
+            for j, (i, g) in enumerate(zip(self.ret_index, action, strict=True)):
+                if reached_act[j] or reached_ret[j]:
+                    self._action_grads[self.params[i]] = _as_grad_of(self.params[i], g)
+            return
+        n = self._n_ret
+        if self._action_flat.numel() != n:
+            self._action_flat = torch.zeros(n, dtype=torch.float32, device=self.device)
+        torch.add(self._flat[:n], self._flat[n : 2 * n], alpha=coef, out=self._action_flat)
+        off = 0
+        for j, i in enumerate(self.ret_index):
+            m = self._numels_local[i]
+            if reached_act[j] or reached_ret[j]:
+                self._action_grads[self.params[i]] = self._action_flat[off : off + m].view(self._local_shapes[i])
+            off += m
+
+    def action_grads(self) -> dict[nn.Parameter, torch.Tensor]:
+        """The last step's action part per R parameter (needs `keep_action_part = True`), for the optimizer's second
+        moment (`SplitMomentAdamW.set_second_moment_grads`). Views of a buffer the next `step` overwrites."""
+        if not self.keep_action_part:
+            raise RuntimeError("action_grads() needs keep_action_part = True before step()")
+        return dict(self._action_grads)
 
     def _flat_partial_sums(self) -> torch.Tensor:
         """[dot, ||g_ret||², ||g_act||², per-tensor dots over R] from the flat buffer, float64, in chunks of tensors.
@@ -747,10 +793,7 @@ class CRaFTGradientProjector:
         if p.grad is not None:
             _local(p.grad).copy_(g)  # in place: keeps DDP bucket views (gradient_as_bucket_view=True) valid
         elif _is_dtensor(p):
-            from torch.distributed.tensor import DTensor
-
-            p.grad = DTensor.from_local(g.to(p.dtype), p.device_mesh, p.placements, run_check=False,
-                                        shape=p.shape, stride=p.stride())
+            p.grad = _as_grad_of(p, g)
         else:
             p.grad = g.to(p.dtype)  # fp32: a view of the buffer's combined half (see `step`); else a cast copy
 

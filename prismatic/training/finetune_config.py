@@ -25,6 +25,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 CRAFT_ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
 CRAFT_ANCHOR_SOURCES = ("online", "offline")
 CRAFT_DUAL_MODES = ("gradient", "pid", "nupi")
+CRAFT_ADAM_SECOND_MOMENTS = ("combined", "action")
 RETENTION_METHODS = ("none", "craft", "align", "consft", "ki")
 
 
@@ -118,6 +119,8 @@ class FinetuneConfig:
     craft_dual_log_error: bool = False      # error e = ln(L_ret/eps) (floored at ln 1e-3) instead of L_ret - eps
     craft_dual_setpoint: float = 1.0        # the controller aims at setpoint * eps, in (0, 1] (a noise margin)
     craft_max_lambda: float | None = None   # optional cap on lambda (and on the pid integral)
+    craft_adam_second_moment: str = "combined"  # combined (torch AdamW on g) | action: AdamW's v sees only the
+    #                                         action part g - lambda g_ret (split_moment_adamw.py; issue 26)
     log_update_norms: bool = False          # per-group ||update|| and AdamW sqrt(v) (update_norms.py)
 
     # ---- related-work baselines (docs/BASELINES.md) -----------------------------------------------------------
@@ -247,6 +250,12 @@ def validate_config(cfg: FinetuneConfig) -> list[str]:
         warnings.append(f"--resume_step {cfg.resume_step} is ignored because --resume is False")
 
     errors.extend(_retention_method_errors(cfg))
+    if cfg.craft_adam_second_moment not in CRAFT_ADAM_SECOND_MOMENTS:
+        errors.append(f"--craft_adam_second_moment must be one of {CRAFT_ADAM_SECOND_MOMENTS}, got "
+                      f"'{cfg.craft_adam_second_moment}'")
+    elif cfg.craft_adam_second_moment != "combined" and not cfg.use_craft:
+        errors.append(f"--craft_adam_second_moment {cfg.craft_adam_second_moment} needs --use_craft True (only "
+                      "CRaFT's gradient has an action part)")
     from prismatic.training.train_step import AUTOCAST_DTYPES  # precision (issue 16)
 
     if cfg.dtype not in AUTOCAST_DTYPES:

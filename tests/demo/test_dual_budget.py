@@ -52,3 +52,24 @@ def test_bad_arguments_fail_in_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--seeds must be comma-separated integers, got '7,x'" in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_rules_map_to_their_flags_and_the_presets_are_valid_flags():
+    """Each rule's overrides; the presets the study scripts import are FinetuneConfig flags that pass validation."""
+    from dataclasses import fields, replace
+
+    from prismatic.training.dual_presets import NEW_RULE_FLAGS, NUPI_FLAGS
+    from prismatic.training.finetune_config import FinetuneConfig, _craft_dual_errors
+
+    db = _load()
+    cfg = db.DualBudgetConfig()
+    assert db.parse_rules("gradient,nupi,gradient-actv,new,plain") == list(db.RULES)
+    assert db.rule_overrides(cfg, "gradient") == {} and db.rule_overrides(cfg, "plain") == {}
+    assert db.rule_overrides(cfg, "gradient-actv") == {"craft_adam_second_moment": "action"}
+    assert db.rule_overrides(cfg, "new") == NEW_RULE_FLAGS
+    assert db.rule_overrides(cfg, "nupi") == NUPI_FLAGS  # the script's defaults are the documented nupi flags
+    names = {f.name for f in fields(FinetuneConfig)}
+    for preset in (NUPI_FLAGS, NEW_RULE_FLAGS):
+        assert set(preset) <= names
+        run = replace(FinetuneConfig(use_craft=True, craft_retention_budget=0.02), **preset)
+        assert _craft_dual_errors(run) == []

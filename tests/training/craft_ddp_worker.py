@@ -25,7 +25,12 @@ from prismatic.training.policy_setup import trainable_state
 
 CRAFT_FLAGS = dict(use_craft=True, craft_retention_budget=1e-3, craft_dual_lr=0.05, craft_init_lambda=0.01)
 VARIANTS = {"lora": dict(use_lora=True, craft_anchor_source="online"),
-            "full-offline": dict(use_lora=False, craft_anchor_source="offline")}
+            "full-offline": dict(use_lora=False, craft_anchor_source="offline"),
+            # AdamW's v on the rank-averaged action part (--craft_adam_second_moment action). A small fixed λ: a larger
+            # one divides λ g_ret by a near-zero action √v̂ on some coordinates, which turns summation-order noise into
+            # O(0.1) parameter differences (docs/CRAFT.md "Dual modes", the AdamW remedy)
+            "lora-actv": dict(use_lora=True, craft_anchor_source="online", craft_adam_second_moment="action",
+                              craft_enable_dual=False, craft_fixed_lambda=1e-4)}
 KEYS = ("CRaFT/Lambda", "CRaFT/Retention Loss", "CRaFT/Conflict Ratio", "CRaFT/Grad Dot")
 
 

@@ -38,7 +38,12 @@ KI_VARIANTS = {
     "ki-full": dict(use_lora=False, retention_method="ki", ki_action_loss_weight=0.5),
     "ki0-full": dict(use_lora=False, retention_method="ki", ki_action_loss_weight=0.0),
 }
-ALL_VARIANTS = {**VARIANTS, **KI_VARIANTS}
+# --craft_adam_second_moment action (test_fsdp.py): AdamW's v on the action part, the local shard under FSDP; a small
+# fixed λ (a larger one turns summation-order noise into O(0.1) differences through near-zero action √v̂)
+ACTV_VARIANTS = {"online-lora-actv": dict(use_lora=True, craft_anchor_source="online", use_craft=True,
+                                          craft_retention_budget=1e-3, craft_enable_dual=False,
+                                          craft_fixed_lambda=1e-4, craft_adam_second_moment="action")}
+ALL_VARIANTS = {**VARIANTS, **KI_VARIANTS, **ACTV_VARIANTS}
 LOGGED = ("VLA Train/Loss", "VLA Val/Loss", "CRaFT/Lambda", "CRaFT/Retention Loss", "KI/Token CE",
           "KI/Token Accuracy")
 

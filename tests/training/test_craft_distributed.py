@@ -26,9 +26,10 @@ from two_ranks import run_two_ranks  # noqa: E402
 @pytest.mark.slow
 def test_craft_two_ranks_equal_one_rank_double_batch(tiny_data_root, tmp_path):
     """2 ranks x b=1 == 1 rank x b=2 (same k): parameters, λ, L_ret; replicas identical after every step.
-    LoRA + online anchors with k = 1 and 2; full fine-tuning (unused ViT parameters) + offline cache with k = 1."""
+    LoRA + online anchors with k = 1 and 2; full fine-tuning (unused ViT parameters) + offline cache with k = 1;
+    LoRA with --craft_adam_second_moment action, k = 2 (AdamW's v takes the rank-averaged action part)."""
     cache_dir = _cache(tmp_path, tiny_data_root)
-    runs = [("lora", 1), ("lora", 2), ("full-offline", 1)]
+    runs = [("lora", 1), ("lora", 2), ("full-offline", 1), ("lora-actv", 2)]
     run_two_ranks(HERE / "craft_ddp_worker.py", tiny_data_root, tmp_path / "ddp_runs", tmp_path, 1, STEPS,
                   ",".join(f"{v}:{k}" for v, k in runs), cache_dir, timeout=600)
     for variant, k in runs:

@@ -21,7 +21,7 @@ STEPS = 3
 
 sys.path.insert(0, str(HERE))
 from ddp_worker import worker_config  # noqa: E402
-from fsdp_worker import VARIANTS  # noqa: E402
+from fsdp_worker import ACTV_VARIANTS, VARIANTS  # noqa: E402
 from test_craft_loop import _cache  # noqa: E402
 from test_distributed import assert_params_close  # noqa: E402
 from two_ranks import run_two_ranks  # noqa: E402
@@ -81,3 +81,30 @@ def test_fsdp_equals_ddp_equals_one_process(tiny_data_root, tmp_path):
                 assert torch.equal(t, resumed["params"][n]), (variant, n)
             for key, values in whole["metrics"].items():  # the resumed run logs the steps after the checkpoint
                 assert torch.equal(values[-len(resumed["metrics"][key]):], resumed["metrics"][key]), (variant, key)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_split_second_moment_equals_ddp_equals_one_process(tiny_data_root, tmp_path):
+    """--craft_adam_second_moment action: the action part handed to AdamW's v is the reduce-scattered local shard
+    under FSDP, the all-reduced buffer under DDP; both equal one process with batch 2b (k = 2)."""
+    cache_dir = _cache(tmp_path, tiny_data_root)
+    out = tmp_path / "out"
+    out.mkdir()
+    variant, k = "online-lora-actv", 2
+    run_two_ranks(HERE / "fsdp_worker.py", tiny_data_root, tmp_path / "runs", out, 1, STEPS, f"{variant}:{k}",
+                  cache_dir, timeout=1200)
+    got = {s: [torch.load(out / f"{s}_{variant}_k{k}_rank{r}.pt", weights_only=True) for r in range(2)]
+           for s in ("ddp", "fsdp")}
+    for strategy, ranks in got.items():
+        for n, t in ranks[0]["params"].items():
+            assert torch.equal(t, ranks[1]["params"][n]), (strategy, n)
+    single = train(worker_config(tiny_data_root, tmp_path / "single", batch_size=2, max_steps=STEPS,
+                                 grad_accumulation_steps=k, run_id="single", **ACTV_VARIANTS[variant]))
+    reference = trainable_state(single.policy)
+    for name in ("fsdp", "ddp"):
+        params = got[name][0]["params"]
+        assert set(params) == set(reference)
+        assert relative_gap(params, reference) <= 1e-5, (name, relative_gap(params, reference))
+        assert_params_close(params, reference)
+    assert float(got["fsdp"][0]["metrics"]["CRaFT/Retention Loss"][-1]) > 0  # λ g_ret is in the combined gradient
