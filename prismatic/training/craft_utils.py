@@ -520,7 +520,8 @@ class CRaFTGradientProjector:
         sets, for training_state.pt: a resume at a step that reuses g_ret continues exactly. Unsharded only."""
         if self.sharded:
             raise RuntimeError("kept_ret_state: FSDP2 shards are not saved (a resume must start at a refresh step)")
-        self._require_kept_ret()
+        if not (self.layout_ready and self.keep_ret):  # after `step`: the g_ret half holds what the next step reuses
+            raise RuntimeError("kept_ret_state: no g_ret is kept for the next step (keep_ret is not set)")
         return {"ret": [self.names[i] for i in self.ret_index],
                 "act_only": [self.names[i] for i in self.act_only_index],
                 "g_ret": [r.detach().cpu().clone() for r in self._ret],
