@@ -19,6 +19,9 @@ One optimizer step (`compute_gradients`, then the loop's unchanged `apply_update
     apply_update              as the plain step (finite check, AdamW, scheduler; no clipping, as the plain path)
     finish_step               λ <- max(0, λ + η (all_reduce_mean(L_ret) - ε))   (or pid / nupi, --craft_dual_mode)
 
+With --craft_retention_every k > 1 the steps t % k != 0 skip θ0's forward and L_ret's VJP: the projector reuses the
+g_ret kept from the last refresh (`projector.accumulate_act`); see docs/CRAFT.md, "Cheaper step".
+
 Non-finite losses or features are errors here (the projection cannot be computed from them), unlike the plain
 step which skips such an update.
 """

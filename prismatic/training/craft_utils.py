@@ -43,6 +43,10 @@ Per-step recipe for the training loop (k = grad_accumulation_steps; `model` may 
     log: CRaFT/Retention Loss = l_ret, CRaFT/Lambda = stats['lambda'] (the λ used in this step; dual.lam is the
          next one), CRaFT/Conflict Ratio = stats['conflict_ratio_params'], ... (see CRaFTGradientProjector.step)
 
+Reusing g_ret (--craft_retention_every k): set `projector.keep_ret = True` before the `step` whose g_ret the next
+step reuses; that step calls `projector.accumulate_act(loss_act / k)` (FSDP2: `backward_act_and_capture`) per
+micro-batch instead of `accumulate`.
+
 Use non-reentrant gradient checkpointing (reentrant does not support autograd.grad) and never DDP static_graph=True.
 
 FSDP2 (`fully_shard`): autograd.grad cannot reach sharded parameters, so per micro-batch run

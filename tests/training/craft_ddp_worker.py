@@ -25,7 +25,8 @@ from prismatic.training.policy_setup import trainable_state
 
 CRAFT_FLAGS = dict(use_craft=True, craft_retention_budget=1e-3, craft_dual_lr=0.05, craft_init_lambda=0.01)
 VARIANTS = {"lora": dict(use_lora=True, craft_anchor_source="online"),
-            "full-offline": dict(use_lora=False, craft_anchor_source="offline")}
+            "full-offline": dict(use_lora=False, craft_anchor_source="offline"),
+            "lora-every2": dict(use_lora=True, craft_anchor_source="online", craft_retention_every=2)}
 KEYS = ("CRaFT/Lambda", "CRaFT/Retention Loss", "CRaFT/Conflict Ratio", "CRaFT/Grad Dot")
 
 

@@ -104,3 +104,34 @@ def test_resume_at_a_reuse_step_without_the_kept_g_ret_is_refused_in_one_line():
     proj.steps = 4  # a refresh step needs nothing kept
     CRaFTStep._load_retention_every(step, {"every": 2, "last_ret": 0.5, "sharded": True, "kept": None})
     assert step._last_ret == 0.5 and not math.isnan(step._last_ret)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_reuse_the_rank_averaged_g_ret(tiny_data_root, tmp_path):
+    """torchrun, 2 ranks x b=1 == 1 rank x b=2 with --craft_retention_every 2 over 4 steps (step 3 refreshes a
+    non-zero g_ret, step 4 reuses it): the kept g_ret is the rank average and is not averaged again."""
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
+    from craft_ddp_worker import CRAFT_FLAGS, KEYS, VARIANTS
+    from ddp_worker import worker_config
+    from test_distributed import assert_params_close
+    from two_ranks import run_two_ranks
+
+    steps = 4
+    run_two_ranks(here / "craft_ddp_worker.py", tiny_data_root, tmp_path / "ddp_runs", tmp_path, 1, steps,
+                  "lora-every2:1", timeout=600)
+    ranks = [torch.load(tmp_path / f"craft_lora-every2_k1_rank{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(ranks[0]["per_step"], ranks[1]["per_step"])
+    for key in KEYS:
+        assert torch.equal(ranks[0]["metrics"][key], ranks[1]["metrics"][key]), key
+    single = train(worker_config(tiny_data_root, tmp_path / "single", batch_size=2, max_steps=steps,
+                                 grad_accumulation_steps=1, run_id="craft-single", **CRAFT_FLAGS,
+                                 **VARIANTS["lora-every2"]))
+    assert_params_close(ranks[0]["params"], policy_setup.trainable_state(single.policy))
+    dots = torch.tensor([h["CRaFT/Grad Dot"] for h in single.history], dtype=torch.float64)
+    assert dots[3] != 0  # the reused g_ret of step 4 is step 3's, not zero
+    torch.testing.assert_close(ranks[0]["metrics"]["CRaFT/Grad Dot"], dots, rtol=1e-4, atol=1e-9)
