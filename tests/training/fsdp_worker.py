@@ -38,7 +38,10 @@ KI_VARIANTS = {
     "ki-full": dict(use_lora=False, retention_method="ki", ki_action_loss_weight=0.5),
     "ki0-full": dict(use_lora=False, retention_method="ki", ki_action_loss_weight=0.0),
 }
-ALL_VARIANTS = {**VARIANTS, **KI_VARIANTS}
+# --craft_retention_every (test_craft_retention_every.py): g_ret reused on every other step
+CHEAP_VARIANTS = {"online-lora-every2": dict(use_lora=True, craft_anchor_source="online", craft_retention_every=2,
+                                             **CRAFT)}
+ALL_VARIANTS = {**VARIANTS, **KI_VARIANTS, **CHEAP_VARIANTS}
 LOGGED = ("VLA Train/Loss", "VLA Val/Loss", "CRaFT/Lambda", "CRaFT/Retention Loss", "KI/Token CE",
           "KI/Token Accuracy")
 

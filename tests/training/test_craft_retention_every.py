@@ -135,3 +135,28 @@ def test_two_ranks_reuse_the_rank_averaged_g_ret(tiny_data_root, tmp_path):
     dots = torch.tensor([h["CRaFT/Grad Dot"] for h in single.history], dtype=torch.float64)
     assert dots[3] != 0  # the reused g_ret of step 4 is step 3's, not zero
     torch.testing.assert_close(ranks[0]["metrics"]["CRaFT/Grad Dot"], dots, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_reuses_the_kept_shard_like_ddp(tiny_data_root, tmp_path):
+    """torchrun, 2 ranks: FSDP2 with --craft_retention_every 2 (steps 2 and 4 reuse the kept local shard of g_ret,
+    `backward_act_and_capture`) equals DDP with the same flag over 4 steps: parameters and the logged λ / L_ret."""
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
+    from test_fsdp import relative_gap
+    from two_ranks import run_two_ranks
+
+    out = tmp_path / "out"
+    out.mkdir()
+    run_two_ranks(here / "fsdp_worker.py", tiny_data_root, tmp_path / "runs", out, 1, 4, "online-lora-every2:1",
+                  tmp_path / "no_cache", timeout=900)
+    got = {s: torch.load(out / f"{s}_online-lora-every2_k1_rank0.pt", weights_only=True) for s in ("ddp", "fsdp")}
+    assert relative_gap(got["fsdp"]["params"], got["ddp"]["params"]) <= 1e-5
+    for key in ("CRaFT/Lambda", "CRaFT/Retention Loss"):
+        torch.testing.assert_close(got["fsdp"]["metrics"][key], got["ddp"]["metrics"][key], rtol=1e-5, atol=1e-6)
+    lam = got["fsdp"]["metrics"]["CRaFT/Lambda"]
+    assert lam[2] == lam[1] and lam[1] != lam[0] and lam[3] != lam[2]  # online: λ moves after refresh steps only
