@@ -80,6 +80,7 @@ class BenchConfig:
     memory_steps: int = 10                # interleaved only: rounds of the memory measurement, after the timing
     threads: int = 1
     count_flops: bool = True              # one more step per mode under torch's FlopCounterMode: the work ratio
+    retention_every: int = 1              # > 1: two more modes, CRaFT with --craft_retention_every k (cheaper step)
     seed: int = 7
     # fmt: on
 
@@ -96,7 +97,8 @@ def validate(cfg: BenchConfig) -> str:
         raise BenchError(f"--model_preset {cfg.model_preset!r} is not a preset — use one of {', '.join(PRESETS)}")
     if cfg.isolation not in ISOLATIONS:
         raise BenchError(f"--isolation {cfg.isolation!r} is unknown — use one of {', '.join(ISOLATIONS)}")
-    for name in ("batch_size", "steps", "threads", "num_images_in_input", "lora_rank", "memory_steps"):
+    for name in ("batch_size", "steps", "threads", "num_images_in_input", "lora_rank", "memory_steps",
+                 "retention_every"):
         if getattr(cfg, name) < 1:
             raise BenchError(f"--{name} must be >= 1, got {getattr(cfg, name)} — pass a positive integer")
     if cfg.warmup < 0:
@@ -243,11 +245,11 @@ class Trainer:
 
             self.craft.projector.step = timed
 
-    def step(self) -> tuple[float, float]:
-        """One optimizer step; returns (wall seconds, process CPU seconds)."""
+    def step(self, micro=None) -> tuple[float, float]:
+        """One optimizer step (on the next micro-batches, or `micro`); returns (wall seconds, process CPU seconds)."""
         from prismatic.training.train_step import apply_update, global_step_stats
 
-        micro = next(self.stream)  # data loading is outside the timed region
+        micro = next(self.stream) if micro is None else micro  # data loading is outside the timed region
         t0, c0 = time.perf_counter(), time.process_time()
         local = self.compute(self.policy, micro, self.env.device)
         stats = global_step_stats(local, self.env)
@@ -257,8 +259,15 @@ class Trainer:
         return time.perf_counter() - t0, time.process_time() - c0
 
     def step_flops(self) -> int:
-        """FLOPs of one more optimizer step (matmul-like ops; the surgery and AdamW are elementwise and not counted)."""
-        return count_flops(self.step)[0]
+        """FLOPs of one more optimizer step (matmul-like ops; the surgery and AdamW are elementwise and not counted).
+        With --craft_retention_every k > 1 the counted step is one that reuses g_ret (the refresh step is the exact
+        step's, counted by the plain CRaFT modes): an uncounted step first if needed, on the same micro-batches, so
+        that every mode counts the same samples."""
+        micro = next(self.stream)
+        if self.craft is not None and self.craft.retention_every > 1:
+            if self.craft.projector.steps % self.craft.retention_every == 0:
+                self.step(micro)
+        return count_flops(lambda: self.step(micro))[0]
 
     def static_bytes(self) -> int:
         tensors = [p for p in self.policy.parameters()] + [p.grad for p in self.policy.parameters()]
@@ -359,10 +368,29 @@ def _in_child(fn, *args):
     return value
 
 
-def _mode_flags(cache_dir: Path) -> dict:
-    return {"baseline": dict(use_craft=False),
-            "craft_offline": dict(use_craft=True, craft_anchor_source="offline", craft_cache_dir=cache_dir),
-            "craft_online": dict(use_craft=True, craft_anchor_source="online")}
+REUSE_MODES = ("craft_offline_reuse", "craft_online_reuse")  # --retention_every k > 1: a step reusing g_ret
+
+
+def _mode_flags(cache_dir: Path, retention_every: int = 1) -> dict:
+    modes = {"baseline": dict(use_craft=False),
+             "craft_offline": dict(use_craft=True, craft_anchor_source="offline", craft_cache_dir=cache_dir),
+             "craft_online": dict(use_craft=True, craft_anchor_source="online")}
+    if retention_every > 1:
+        for mode, exact in zip(REUSE_MODES, ("craft_offline", "craft_online"), strict=True):
+            modes[mode] = dict(modes[exact], craft_retention_every=retention_every)
+    return modes
+
+
+def cycle_work_ratios(rows: dict, ks: tuple[int, ...] = (2, 4, 8)) -> dict:
+    """Work ratio of --craft_retention_every k per anchor source, from the counted steps: one refresh step (the
+    exact step's FLOPs) and k - 1 steps reusing g_ret, over k plain steps. {source: {k: ratio}}."""
+    out = {}
+    for source in ("offline", "online"):
+        exact, reuse = rows.get(f"craft_{source}"), rows.get(f"craft_{source}_reuse")
+        if exact is None or reuse is None or "flop_ratio" not in reuse:
+            continue
+        out[source] = {k: (exact["flop_ratio"] + (k - 1) * reuse["flop_ratio"]) / k for k in ks}
+    return out
 
 
 # ---- sequential: one process per mode ------------------------------------------------------------------------
@@ -410,7 +438,7 @@ def _run_mode(mode: str, common: dict, flags: dict, warmup: int, steps: int, thr
 
 def run_sequential(cfg: BenchConfig, common: dict, cache_dir: Path) -> dict:
     raw = {}
-    for mode, flags in _mode_flags(cache_dir).items():
+    for mode, flags in _mode_flags(cache_dir, cfg.retention_every).items():
         raw[mode] = _in_child(_run_mode, mode, common, flags, cfg.warmup, cfg.steps, cfg.threads,
                               cfg.count_flops)
     return _rows(raw, "peak RSS of the mode's own process over the measured steps (VmHWM, model included)")
@@ -424,7 +452,7 @@ def run_interleaved(cfg: BenchConfig, common: dict, cache_dir: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     env = init_distributed()
     trainers = {m: Trainer(m, FinetuneConfig(run_id=m, **common, **flags), env)
-                for m, flags in _mode_flags(cache_dir).items()}
+                for m, flags in _mode_flags(cache_dir, cfg.retention_every).items()}
     raw = {m: {"walls": [], "cpus": [], "loads": []} for m in trainers}
     for r in range(cfg.warmup + cfg.steps):  # timing: the default allocator, as training runs
         for m, tr in trainers.items():
@@ -478,7 +506,7 @@ def run(cfg: BenchConfig) -> dict:
     result.update(isolation=isolation, cpu_count=psutil.cpu_count(), threads=cfg.threads, steps=cfg.steps,
                   warmup=cfg.warmup, batch_size=cfg.batch_size, use_lora=cfg.use_lora, lora_rank=cfg.lora_rank,
                   freeze_vision_backbone=cfg.freeze_vision_backbone, model_preset=cfg.model_preset,
-                  num_images=cfg.num_images_in_input,
+                  num_images=cfg.num_images_in_input, retention_every=cfg.retention_every,
                   model=("random init" if cfg.random_init else str(cfg.vlm_path or cfg.config_file_path or "scratch")),
                   memory_total_gib=psutil.virtual_memory().total / 2**30)
     return result
@@ -503,6 +531,12 @@ def print_table(result: dict) -> None:
         print(f"{m:<14}{r['step_s']:>9.3f}{r['time_ratio']:>8.2f}{r['cpu_s']:>9.3f}{r['cpu_ratio']:>8.2f}{surgery}"
               f"{r['peak_mb']:>10.0f}{r['memory_ratio']:>7.2f}{buffers}{r['load']:>6.1f}"
               + (f"{r['gflops']:>10.2f}{r['flop_ratio']:>8.2f}" if "gflops" in r else ""))
+    cycles = cycle_work_ratios(rows)
+    if cycles:
+        print(f"--craft_retention_every k: work of k steps (1 refresh + k-1 reusing g_ret) / k plain steps; the "
+              f"*_reuse rows ran k = {result['retention_every']} and their GFLOP is one step reusing g_ret")
+        for source, ratios in cycles.items():
+            print(f"  {source:<8}" + "".join(f"  k={k}: {r:.3f}" for k, r in ratios.items()))
     online = rows["craft_online"]
     if "n_ret" in online:
         print(f"projector: g_act/g_ret buffered for {online['n_ret']} tensors ({online['ret_params'] / 1e6:.2f}M "

@@ -20,6 +20,9 @@ One optimizer step (`compute_gradients`, then the loop's unchanged `apply_update
                               --craft_adam_second_moment action: SplitMomentAdamW, its v fed `action_grads()`
     finish_step               λ <- max(0, λ + η (all_reduce_mean(L_ret) - ε))   (or pid / nupi, --craft_dual_mode)
 
+With --craft_retention_every k > 1 the steps t % k != 0 skip θ0's forward and L_ret's VJP: the projector reuses the
+g_ret kept from the last refresh (`projector.accumulate_act`); see docs/CRAFT.md, "Cheaper step".
+
 Non-finite losses or features are errors here (the projection cannot be computed from them), unlike the plain
 step which skips such an update.
 """
@@ -27,6 +30,7 @@ step which skips such an update.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +80,7 @@ METRIC_KEYS = {
     "conflict_ratio_tensors_null": "CRaFT/Conflict Ratio Null (tensors)",
     "dual_integral": "CRaFT/Dual Integral",
     "dual_error_ema": "CRaFT/Dual Error EMA",
+    "retention_refresh": "CRaFT/Retention Refresh",  # --craft_retention_every k > 1: 1 on steps that compute g_ret
 }
 _CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype")
 
@@ -276,6 +281,10 @@ class CRaFTStep:
                                f"{missing[:3]}: rebuild it with vla-scripts/build_craft_cache.py (samples are never "
                                "skipped)")
         self._pending_ret: float | None = None
+        # --craft_retention_every k (docs/CRAFT.md, "Cheaper step"): g_ret on steps t % k == 0, reused in between
+        self.retention_every = int(getattr(cfg, "craft_retention_every", 1))
+        self._last_ret: float | None = None  # the last measured rank-averaged L_ret
+        self._dual_skip = False  # this step measured no L_ret (online anchors, reused g_ret): λ stays
 
     # -- θ0 ----------------------------------------------------------------------------------------------------
     def _build_weight_manager(self, vla: nn.Module, snapshot: dict | None, saved: Mapping[str, Any]):
@@ -342,9 +351,12 @@ class CRaFTStep:
                 reshard_root(model)
             return self.extractor.features(out.vla_output.layout)
 
-    def _sharded_micro_batch(self, model: nn.Module, micro: MicroBatch, device: torch.device, k: int):
+    def _sharded_micro_batch(self, model: nn.Module, micro: MicroBatch, device: torch.device, k: int,
+                             refresh: bool = True):
         """FSDP2: autograd.grad cannot reach DTensor shards, so two backward passes with the projector capturing each
         (FSDP reduce-scatters and averages both); the action-only parameters keep their `.grad` from the first."""
+        if not refresh:
+            return self._reuse_micro_batch(model, micro, device, k)
         anchors = self._anchors(micro, device) if self.cache is not None \
             else self._reference_features_sharded(model, micro, device)
         with self.extractor.capture():
@@ -353,9 +365,11 @@ class CRaFTStep:
         self.projector.backward_and_capture(loss / k, loss_ret / k)
         return loss, curr, nxt, loss_ret
 
-    def _micro_batch(self, model: nn.Module, micro: MicroBatch, device: torch.device, k: int):
+    def _micro_batch(self, model: nn.Module, micro: MicroBatch, device: torch.device, k: int, refresh: bool = True):
         """DDP / one process: the live forward, the anchors, then both VJPs by autograd.grad (no DDP hook fires,
         hence no_sync; the projector all-reduces its buffers at the step)."""
+        if not refresh:
+            return self._reuse_micro_batch(model, micro, device, k)
         # offline: looked up first; online: θ0's forward runs after the live one (it may reuse its vision output;
         # in eval mode without dropout it draws no random numbers, so the order changes nothing else)
         anchors = self._anchors(micro, device) if self.cache is not None else None
@@ -370,18 +384,51 @@ class CRaFTStep:
             self.projector.accumulate(loss / k, loss_ret / k)
         return loss, curr, nxt, loss_ret
 
+    def _reuse_micro_batch(self, model: nn.Module, micro: MicroBatch, device: torch.device, k: int):
+        """A step between g_ret refreshes: the live forward and L_act's backward only; g_ret is the kept one.
+        Offline anchors: L_ret of this forward costs a cache lookup and the pooling (no gradient), so it is measured;
+        online anchors would need θ0's forward: not measured (None)."""
+        sync_off = model.no_sync() if isinstance(model, DDP) and not self.projector.sharded \
+            else contextlib.nullcontext()
+        loss_ret = None
+        with sync_off:
+            capture = self.extractor.capture() if self.cache is not None else contextlib.nullcontext()
+            with capture:
+                loss, curr, nxt, out = forward_losses(model, micro, device)
+            if self.cache is not None:
+                with torch.no_grad():
+                    loss_ret = retention_loss(self.extractor.features(out.vla_output.layout),
+                                              self._anchors(micro, device))
+            if self.projector.sharded:
+                self.projector.backward_act_and_capture(loss / k)
+            else:
+                self.projector.accumulate_act(loss / k)
+        return loss, curr, nxt, loss_ret
+
     def compute_gradients(self, model: nn.Module, micro_batches: Sequence[MicroBatch], device: torch.device) -> dict:
         """Drop-in for `plain_gradients`: leaves g = g_act + (λ - c) g_ret in `.grad`, returns the loss numbers."""
         k = len(micro_batches)
+        every = self.retention_every
+        refresh = self.projector.steps % every == 0  # the projector's step count is restored on resume
         sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next, L_ret
         one_micro_batch = self._sharded_micro_batch if self.projector.sharded else self._micro_batch
+        measured = True
         for micro in micro_batches:
-            loss, curr, nxt, loss_ret = one_micro_batch(model, micro, device, k)
-            sums += torch.stack([loss.detach(), curr.detach(), nxt.detach(), loss_ret.detach()]).double().cpu()
+            loss, curr, nxt, loss_ret = one_micro_batch(model, micro, device, k, refresh) if every > 1 \
+                else one_micro_batch(model, micro, device, k)
+            measured = loss_ret is not None
+            ret = loss_ret.detach() if measured else torch.zeros_like(loss.detach())
+            sums += torch.stack([loss.detach(), curr.detach(), nxt.detach(), ret]).double().cpu()
         means = sums / k
+        if every > 1:  # keep g_ret for the next step unless that one refreshes it
+            self.projector.keep_ret = (self.projector.steps + 1) % every != 0
         stats = self.projector.step(self.dual.lam)
-        l_ret = all_reduce_mean(means[3])
-        self._pending_ret = l_ret
+        if measured:
+            l_ret = all_reduce_mean(means[3])
+            self._pending_ret = self._last_ret = l_ret
+        else:  # online anchors between refreshes: the last measured L_ret is logged; the dual waits for a new one
+            l_ret = self._last_ret if self._last_ret is not None else math.nan
+            self._pending_ret, self._dual_skip = None, True
         running = self.projector.running_stats()
         metrics = {METRIC_KEYS["retention_loss"]: l_ret, METRIC_KEYS["slack"]: l_ret - self.dual.epsilon}
         for key in ("lambda", "conflict_ratio_params", "conflict_ratio_tensors", "dot", "cosine", "projection_fired",
@@ -394,6 +441,8 @@ class CRaFTStep:
             metrics[METRIC_KEYS["dual_error_ema"]] = self.dual.xi  # ξ after the previous step's update
         for key in ("projection_fired_rate", "conflict_indicator_mean"):
             metrics[METRIC_KEYS[key]] = running[key]
+        if every > 1:
+            metrics[METRIC_KEYS["retention_refresh"]] = float(refresh)
         return {"loss": means[0], "curr_l1": means[1], "next_l1": means[2], "metrics": metrics}
 
     def action_grads(self) -> dict[nn.Parameter, torch.Tensor]:
@@ -404,6 +453,9 @@ class CRaFTStep:
 
     def finish_step(self) -> float:
         """After the optimizer step: λ <- max(0, λ + η (L_ret - ε)) with the rank-averaged L_ret. Returns λ."""
+        if self._pending_ret is None and self._dual_skip:
+            self._dual_skip = False
+            return self.dual.lam
         if self._pending_ret is None:
             raise RuntimeError("CRaFTStep.finish_step() without a preceding compute_gradients()")
         lam = self.dual.step(self._pending_ret)
@@ -423,6 +475,12 @@ class CRaFTStep:
 
             state["theta0"] = {n: full_tensor(t.detach()).cpu().clone()
                                for n, t in self.weights.theta0_state().items()}
+        if self.retention_every > 1:
+            reuse_next = self.projector.keep_ret and self.projector.layout_ready
+            state["retention_every"] = {
+                "every": self.retention_every, "last_ret": self._last_ret, "sharded": self.projector.sharded,
+                # the g_ret the next step reuses (None when it refreshes it, or for FSDP shards: not saved)
+                "kept": self.projector.kept_ret_state() if reuse_next and not self.projector.sharded else None}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -435,4 +493,22 @@ class CRaFTStep:
             raise ValueError("the checkpoint's CRaFT anchors differ from the flags: " + "; ".join(diffs))
         self.dual.load_state_dict(state["dual"])
         self.projector.load_state_dict(state["projector"])
+        if self.retention_every > 1:
+            self._load_retention_every(state.get("retention_every"))
+
+    def _load_retention_every(self, saved: Mapping[str, Any] | None) -> None:
+        """Resume under --craft_retention_every k: a step that reuses g_ret gets the saved one back (exact)."""
+        k, step = self.retention_every, self.projector.steps
+        if saved is not None and saved.get("every") != k:
+            raise UserError(f"the checkpoint's run used --craft_retention_every {saved.get('every')}, this one {k}",
+                            "resume with the run's value")
+        self._last_ret = saved.get("last_ret") if saved is not None else None
+        if step % k == 0:
+            return  # this step computes g_ret anew
+        if saved is None or saved.get("kept") is None:
+            why = " (FSDP shards of g_ret are not saved)" if saved is not None and saved.get("sharded") else ""
+            raise UserError(f"resuming at optimizer step {step} with --craft_retention_every {k} needs the g_ret kept "
+                            f"at the last refresh, which this checkpoint does not hold{why}",
+                            f"resume from a checkpoint at a step that is a multiple of {k}")
+        self.projector.load_kept_ret(saved["kept"])
 

@@ -43,6 +43,10 @@ Per-step recipe for the training loop (k = grad_accumulation_steps; `model` may 
     log: CRaFT/Retention Loss = l_ret, CRaFT/Lambda = stats['lambda'] (the λ used in this step; dual.lam is the
          next one), CRaFT/Conflict Ratio = stats['conflict_ratio_params'], ... (see CRaFTGradientProjector.step)
 
+Reusing g_ret (--craft_retention_every k): set `projector.keep_ret = True` before the `step` whose g_ret the next
+step reuses; that step calls `projector.accumulate_act(loss_act / k)` (FSDP2: `backward_act_and_capture`) per
+micro-batch instead of `accumulate`.
+
 Use non-reentrant gradient checkpointing (reentrant does not support autograd.grad) and never DDP static_graph=True.
 
 FSDP2 (`fully_shard`): autograd.grad cannot reach sharded parameters, so per micro-batch run
@@ -254,9 +258,12 @@ def _contiguous_groups(numels: Sequence[int], chunk: int) -> list[tuple[int, int
     return groups
 
 
-def _check_losses(loss_act: torch.Tensor, loss_ret: torch.Tensor) -> None:
-    """The projection needs two finite scalar losses (the plain step would skip a non-finite one instead)."""
+def _check_losses(loss_act: torch.Tensor, loss_ret: torch.Tensor | None = None) -> None:
+    """The projection needs two finite scalar losses (the plain step would skip a non-finite one instead);
+    `loss_ret` None: a step that reuses the kept g_ret has L_act only."""
     for name, loss in (("loss_act", loss_act), ("loss_ret", loss_ret)):
+        if loss is None:
+            continue
         if loss.dim() != 0:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(loss.shape)}")
         if not torch.isfinite(loss.detach()):
@@ -330,6 +337,10 @@ class CRaFTGradientProjector:
         self._scratch = torch.empty(0, dtype=torch.float64, device=self.device)  # `_scratch_f64`
         self.num_micro_batches = 0
         self._stale = False  # the buffers still hold the last step (its combined gradient is what `.grad` of R views)
+        # --craft_retention_every k > 1: `keep_ret` (set by the caller before `step`) keeps g_ret(R) and its flags when
+        # the buffers are next cleared, so the following step(s) reuse it (`accumulate_act`); `_ret_kept`: they hold it
+        self.keep_ret = False
+        self._ret_kept = False
         # running statistics (restored on resume)
         self.steps = 0
         self.projection_fired_count = 0
@@ -495,6 +506,64 @@ class CRaFTGradientProjector:
         loss_ret.backward()
         self.capture_grads("ret")
 
+    def accumulate_act(self, loss_act: torch.Tensor) -> None:
+        """Per micro-batch of a step that reuses the kept g_ret (`keep_ret`): g_act only, by autograd.grad over R and A.
+        The caller passes L_act / k. Needs the buffers to hold a kept g_ret (a previous step with `keep_ret` set)."""
+        if self.sharded:
+            raise RuntimeError("sharded (FSDP2) parameters: use backward_act_and_capture instead")
+        _check_losses(loss_act)
+        self._begin_step()
+        self._require_kept_ret()
+        g_act: Sequence[torch.Tensor | None] = [None] * len(self._grad_index)
+        if self._grad_index and loss_act.requires_grad:
+            g_act = torch.autograd.grad(loss_act, [self.params[i] for i in self._grad_index], allow_unused=True)
+        self._add_act(self._grad_index, g_act, owned=True)
+        self.num_micro_batches += 1
+
+    def backward_act_and_capture(self, loss_act: torch.Tensor) -> None:
+        """FSDP2 form of `accumulate_act`: one backward of L_act / k, then its capture (g_ret stays the kept shard)."""
+        _check_losses(loss_act)
+        self._begin_step()
+        self._require_kept_ret()
+        loss_act.backward()
+        self.capture_grads("act")
+        self.num_micro_batches += 1
+
+    def _require_kept_ret(self) -> None:
+        if not (self.layout_ready and self._ret_kept):
+            raise RuntimeError("no kept g_ret to reuse: the step before must compute g_ret with keep_ret set "
+                               "(--craft_retention_every refreshes it on steps where step % k == 0)")
+
+    def kept_ret_state(self) -> dict[str, Any]:
+        """The kept g_ret(R) per parameter name (rank-averaged, identical on every rank), its reached flags and the
+        sets, for training_state.pt: a resume at a step that reuses g_ret continues exactly. Unsharded only."""
+        if self.sharded:
+            raise RuntimeError("kept_ret_state: FSDP2 shards are not saved (a resume must start at a refresh step)")
+        if not (self.layout_ready and self.keep_ret):  # after `step`: the g_ret half holds what the next step reuses
+            raise RuntimeError("kept_ret_state: no g_ret is kept for the next step (keep_ret is not set)")
+        return {"ret": [self.names[i] for i in self.ret_index],
+                "act_only": [self.names[i] for i in self.act_only_index],
+                "g_ret": [r.detach().cpu().clone() for r in self._ret],
+                "reached_ret": (self._reached_ret > 0).tolist()}
+
+    def load_kept_ret(self, state: Mapping[str, Any]) -> None:
+        """Rebuild the sets from their names and put the kept g_ret back (before the first micro-batch)."""
+        if self.sharded or self.layout_ready:
+            raise RuntimeError("load_kept_ret: only on an unsharded projector before its first micro-batch")
+        index = {n: i for i, n in enumerate(self.names)}
+        unknown = [n for n in (*state["ret"], *state["act_only"]) if n not in index]
+        if unknown:
+            raise KeyError(f"the saved g_ret names parameters this model does not train, e.g. {unknown[:3]}")
+        ret = {index[n] for n in state["ret"]}
+        act = ret | {index[n] for n in state["act_only"]}
+        self._build_layout([i in act for i in range(len(self.params))], [i in ret for i in range(len(self.params))])
+        if self.ret_index != sorted(ret):
+            raise RuntimeError("the saved g_ret's parameter set differs from this run's (another rank's sets?)")
+        for buf, g in zip(self._ret, state["g_ret"], strict=True):
+            buf.copy_(g.to(device=buf.device, dtype=buf.dtype))
+        self._reached_ret.copy_(torch.tensor([float(x) for x in state["reached_ret"]], dtype=torch.float32))
+        self.keep_ret = self._ret_kept = True
+
     def capture_grads(self, which: str) -> None:
         """Move the current `p.grad` (local shard under FSDP2) of R into the `which` ('act'|'ret') buffer, set it None.
 
@@ -549,7 +618,15 @@ class CRaFTGradientProjector:
                 if g is not None and g.untyped_storage().data_ptr() == storage:
                     self.params[i].grad = g.clone()
         self._stale = False
-        self._flat.zero_()
+        if self.keep_ret and self.layout_ready:  # the next step reuses g_ret(R): clear everything else
+            n, n_rt = self._n_ret, len(self.ret_index)
+            self._flat[:n].zero_()
+            self._flat[2 * n : 2 * n + n_rt].zero_()
+            self._flat[2 * n + 2 * n_rt :].zero_()
+            self._ret_kept = True
+        else:
+            self._flat.zero_()
+            self._ret_kept = False
         if self.layout_ready:
             self._written_local = [False] * len(self.act_only_index)
         self._pending_act = None
@@ -572,6 +649,15 @@ class CRaFTGradientProjector:
         world = self._world()
         # Flags ride in the same flat tensor so "reached on any rank" is known after the same call(s).
         per_bucket = self._per_bucket()
+        if self._ret_kept:  # the kept g_ret(R) and its flags are already the rank average: reduce only the rest
+            n = self._n_ret
+            kept_flags = self._reached_ret.clone()
+            for part in (self._flat[:n], self._flat[2 * n :]):
+                for start in range(0, part.numel(), per_bucket):
+                    dist.all_reduce(part[start : start + per_bucket], op=dist.ReduceOp.SUM, group=self.group)
+            self._reached_ret.copy_(kept_flags)
+            self._flat[:n].div_(world)
+            return
         for start in range(0, self._flat.numel(), per_bucket):
             dist.all_reduce(self._flat[start : start + per_bucket], op=dist.ReduceOp.SUM, group=self.group)
         self._flat[: 2 * self._n_ret].div_(world)

@@ -121,6 +121,7 @@ class FinetuneConfig:
     craft_max_lambda: float | None = None   # optional cap on lambda (and on the pid integral)
     craft_adam_second_moment: str = "combined"  # combined (torch AdamW on g) | action: AdamW's v sees only the
     #                                         action part g - lambda g_ret (split_moment_adamw.py; issue 26)
+    craft_retention_every: int = 1          # g_ret (and online θ0's forward) every k steps, reused between (1: exact)
     log_update_norms: bool = False          # per-group ||update|| and AdamW sqrt(v) (update_norms.py)
 
     # ---- related-work baselines (docs/BASELINES.md) -----------------------------------------------------------
@@ -166,6 +167,8 @@ def make_run_id(cfg: FinetuneConfig, world_size: int) -> str:
         run_id += f"+lora-r{cfg.lora_rank}+dropout-{cfg.lora_dropout}"
     if cfg.use_craft:
         run_id += f"+craft-eps{cfg.craft_retention_budget}"
+        if cfg.craft_retention_every != 1:  # the cheaper step is another run (the exact step's id is unchanged)
+            run_id += f"+ret-every{cfg.craft_retention_every}"
     elif cfg.retention_method in ("align", "consft"):
         run_id += f"+{cfg.retention_method}"
     elif cfg.retention_method == "ki":  # the weight is in the id: the w = 0 ablation is another run
@@ -262,6 +265,7 @@ def validate_config(cfg: FinetuneConfig) -> list[str]:
         errors.append(f"--dtype must be one of {AUTOCAST_DTYPES}, got '{cfg.dtype}'")
     if cfg.use_craft:
         errors.extend(_craft_errors(cfg, warnings))
+    errors.extend(_craft_retention_every_errors(cfg))
     errors.extend(_strategy_errors(cfg))
     if errors:
         raise ConfigError("invalid fine-tuning configuration:\n  - " + "\n  - ".join(errors))
@@ -343,6 +347,16 @@ def _resume_errors(cfg: FinetuneConfig) -> list[str]:
     elif cfg.resume_step >= cfg.max_steps:
         errors.append(f"--resume_step {cfg.resume_step} >= --max_steps {cfg.max_steps}: nothing left to train")
     return errors
+
+
+def _craft_retention_every_errors(cfg: FinetuneConfig) -> list[str]:
+    """--craft_retention_every k: an integer >= 1, and only meaningful with CRaFT (docs/CRAFT.md, "Cheaper step")."""
+    k = cfg.craft_retention_every
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        return [f"--craft_retention_every must be an integer >= 1 (1 = the exact step), got {k!r}"]
+    if k != 1 and not cfg.use_craft:
+        return [f"--craft_retention_every {k} needs CRaFT (--use_craft True or --retention_method craft)"]
+    return []
 
 
 def _craft_dual_errors(cfg: FinetuneConfig) -> list[str]:

@@ -30,7 +30,8 @@ VARIANTS = {"lora": dict(use_lora=True, craft_anchor_source="online"),
             # one divides λ g_ret by a near-zero action √v̂ on some coordinates, which turns summation-order noise into
             # O(0.1) parameter differences (docs/CRAFT.md "Dual modes", the AdamW remedy)
             "lora-actv": dict(use_lora=True, craft_anchor_source="online", craft_adam_second_moment="action",
-                              craft_enable_dual=False, craft_fixed_lambda=1e-4)}
+                              craft_enable_dual=False, craft_fixed_lambda=1e-4),
+            "lora-every2": dict(use_lora=True, craft_anchor_source="online", craft_retention_every=2)}
 KEYS = ("CRaFT/Lambda", "CRaFT/Retention Loss", "CRaFT/Conflict Ratio", "CRaFT/Grad Dot")
 
 

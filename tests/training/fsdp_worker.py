@@ -43,7 +43,10 @@ KI_VARIANTS = {
 ACTV_VARIANTS = {"online-lora-actv": dict(use_lora=True, craft_anchor_source="online", use_craft=True,
                                           craft_retention_budget=1e-3, craft_enable_dual=False,
                                           craft_fixed_lambda=1e-4, craft_adam_second_moment="action")}
-ALL_VARIANTS = {**VARIANTS, **KI_VARIANTS, **ACTV_VARIANTS}
+# --craft_retention_every (test_craft_retention_every.py): g_ret reused on every other step
+CHEAP_VARIANTS = {"online-lora-every2": dict(use_lora=True, craft_anchor_source="online", craft_retention_every=2,
+                                             **CRAFT)}
+ALL_VARIANTS = {**VARIANTS, **KI_VARIANTS, **ACTV_VARIANTS, **CHEAP_VARIANTS}
 LOGGED = ("VLA Train/Loss", "VLA Val/Loss", "CRaFT/Lambda", "CRaFT/Retention Loss", "KI/Token CE",
           "KI/Token Accuracy")
 

@@ -19,6 +19,7 @@ import bench_craft  # noqa: E402
     (["--random_init", "True", "--config_file_path", "."], "--random_init True builds its own model"),
     (["--model_preset", "huge"], "--model_preset 'huge' is not a preset"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--retention_every", "0"], "--retention_every must be >= 1, got 0"),
     (["--isolation", "parallel"], "--isolation 'parallel' is unknown"),
     (["--vlm_path", "/nonexistent/vlm"], "--vlm_path /nonexistent/vlm does not exist"),
     (["--steps", "many"], "see --help for the flags"),
@@ -127,3 +128,28 @@ def test_freeze_vision_backbone_reaches_the_trainers_config(tmp_path, monkeypatc
     for frozen in (True, False):
         result = bench_craft.run(bench_craft.BenchConfig(work_dir=tmp_path, freeze_vision_backbone=frozen))
         assert seen["freeze_vision_backbone"] is frozen and result["freeze_vision_backbone"] is frozen
+
+
+def test_cycle_work_ratios_average_one_refresh_and_k_minus_1_reused_steps():
+    rows = {"craft_offline": {"flop_ratio": 1.5}, "craft_offline_reuse": {"flop_ratio": 1.0},
+            "craft_online": {"flop_ratio": 2.0}, "craft_online_reuse": {"flop_ratio": 1.02}}
+    ratios = bench_craft.cycle_work_ratios(rows, ks=(2, 4))
+    assert ratios["offline"] == {2: pytest.approx(1.25), 4: pytest.approx(1.125)}
+    assert ratios["online"] == {2: pytest.approx(1.51), 4: pytest.approx((2.0 + 3 * 1.02) / 4)}
+    assert bench_craft.cycle_work_ratios({"craft_offline": {"flop_ratio": 1.5}}) == {}
+
+
+@pytest.mark.slow
+def test_tiny_run_with_retention_every_counts_a_step_that_reuses_g_ret(tmp_path, capsys):
+    """--retention_every 2: the *_reuse trainers' counted step does one forward and L_act's backward only, i.e. the
+    plain step's matmuls on the same samples (the refresh step is the exact step, counted by craft_offline/online)."""
+    cfg = bench_craft.BenchConfig(work_dir=tmp_path, steps=1, warmup=0, memory_steps=1, batch_size=1,
+                                  retention_every=2)
+    result = bench_craft.run(cfg)
+    rows = result["rows"]
+    assert set(rows) == {*bench_craft.MODES, *bench_craft.REUSE_MODES}
+    for mode in bench_craft.REUSE_MODES:
+        assert rows[mode]["flop_ratio"] == pytest.approx(1.0, abs=0.01), mode
+    assert rows["craft_offline"]["flop_ratio"] > 1.3 and rows["craft_online"]["flop_ratio"] > 1.6
+    bench_craft.print_table(result)
+    assert "k=8" in capsys.readouterr().out
