@@ -55,6 +55,7 @@ from prismatic.data.synthetic_libero import make_synthetic_libero_dataset
 from prismatic.models.loaders import load_policy
 from prismatic.training import checkpointing as ckpt
 from prismatic.training.craft_utils import CRaFTFeatureExtractor, retention_loss
+from prismatic.training.dual_presets import NEW_RULE_FLAGS
 from prismatic.training.finetune_config import TRAINING_STATE_FILE, FinetuneConfig
 from prismatic.training.metrics_log import read_metrics
 from prismatic.training.policy_setup import RUN_CONFIG_FILE
@@ -65,11 +66,12 @@ from prismatic.training.update_norms import ADAM_KEY, UPDATE_KEY
 PRETRAIN_SET, PRETRAIN_HELDOUT = "demo_pretrain_no_noops", "demo_pretrain_heldout_no_noops"
 TARGET_SET, TARGET_HELDOUT = "demo_target_no_noops", "demo_target_heldout_no_noops"
 METHOD_TITLES = {"theta0": "theta0 (before fine-tuning)", "plain": "plain fine-tuning",
-                 "craft": "CRaFT-gradient", "craft_pid": "CRaFT-pid", "craft_lambda_only": "CRaFT lambda-only",
+                 "craft": "CRaFT-gradient", "craft_new": "CRaFT, new dual rule (warm-started PI)",
+                 "craft_pid": "CRaFT-pid", "craft_lambda_only": "CRaFT lambda-only",
                  "craft_capped": "CRaFT-gradient, lambda capped",
                  "cont_inherited": "CRaFT-gradient then plain, AdamW inherited",
                  "cont_fresh": "CRaFT-gradient then plain, AdamW fresh"}
-FINETUNE_RUNS = ("plain", "craft", "craft_pid", "craft_lambda_only", "craft_capped")
+FINETUNE_RUNS = ("plain", "craft", "craft_new", "craft_pid", "craft_lambda_only", "craft_capped")
 CONTINUATIONS = ("cont_inherited", "cont_fresh")
 PRETRAIN_TASKS = (0, 1, 2, 3, 4, 5)  # "push the block to the <place>", 6 places; actions read the block colour
 TARGET_TASKS = (14, 15)  # "quickly push the block to the bottom / left edge": new places, colour-free actions
@@ -205,6 +207,8 @@ def finetune_configs(cfg: DemoConfig, data_root: Path, run_root: Path, theta0: P
         "plain": replace(common, run_id="demo-plain", use_craft=False, retention_monitor=True,
                          retention_monitor_freq=1),
         "craft": replace(craft, run_id="demo-craft"),
+        # the rule that spends its budget on this setting (prismatic/training/dual_presets.py; docs/CRAFT.md)
+        "craft_new": replace(craft, run_id="demo-craft_new", **NEW_RULE_FLAGS),
         "craft_pid": replace(craft, run_id="demo-craft_pid", craft_dual_mode="pid", craft_dual_normalize=True,
                              craft_dual_lr=cfg.pid_ki, craft_dual_kp=cfg.pid_kp, craft_dual_kd=cfg.pid_kd),
         # ablation: the dual variable alone (no projection), to show lambda enforcing the budget by itself

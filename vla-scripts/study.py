@@ -48,14 +48,15 @@ for _path in (REPO, REPO / "vla-scripts"):
 
 import demo  # noqa: E402  (the demo's data, θ0, fine-tuning flags and evaluation are the study's)
 import retention_plots as rp  # noqa: E402
-from dual_budget import DualBudgetConfig, budget_metrics, parse_seeds, rule_overrides  # noqa: E402
+from dual_budget import budget_metrics, parse_seeds  # noqa: E402
 
 from prismatic.cli_errors import UserError, cli_entry, parse_config  # noqa: E402
+from prismatic.training.craft_variants import CHEAP_VARIANT_FLAGS, WORK_RATIOS  # noqa: E402
+from prismatic.training.dual_presets import NEW_RULE_FLAGS, NUPI_FLAGS  # noqa: E402
 from prismatic.training.metrics_log import read_metrics  # noqa: E402
 from prismatic.training.update_norms import ADAM_KEY  # noqa: E402
 
 EVAL_FILE, THETA0_EVAL_FILE = "study_eval.json", "theta0_eval.pt"
-NEW_RULE_FLAGS = rule_overrides(DualBudgetConfig(), "nupi")
 
 
 @dataclass
@@ -91,11 +92,19 @@ def methods(cfg: StudyConfig) -> dict[str, Method]:
         "ki": Method("knowledge insulation", "plain", (("retention_method", "ki"),),
                      ("ki_action_loss_weight", (0.1, 1.0, 10.0))),
         "craft_paper": Method("CRaFT, paper's dual rule", "craft"),
-        "craft_new": Method("CRaFT, new dual rule (νPI)", "craft", new_rule,
+        "craft_new": Method("CRaFT, new dual rule (warm-started PI)", "craft", new_rule,
                             ("craft_retention_budget", (0.002, 0.005, 0.02, 0.05, 0.2))),
+        "craft_nupi": Method("CRaFT, νPI (first try)", "craft", tuple(NUPI_FLAGS.items())),
         "craft_lambda_only": Method("CRaFT, λ only (no projection)", "craft", (("craft_enable_projection", False),)),
         "craft_fixed_lambda": Method(f"CRaFT, dual off (fixed λ = {cfg.fixed_lambda:g})", "craft",
                                      (("craft_enable_dual", False), ("craft_fixed_lambda", cfg.fixed_lambda))),
+        # AdamW's v from the action part only: λ above ~0.025 diverges here (docs/CRAFT.md), so λ is capped
+        "craft_adam_action": Method("CRaFT, AdamW v without λ·g_ret (λ ≤ 0.02)", "craft",
+                                    (("craft_adam_second_moment", "action"), ("craft_max_lambda", 0.02))),
+        # the cheaper step: g_ret reused for k steps (work ratio at real size: craft_variants.WORK_RATIOS)
+        "craft_reuse_gret": Method(f"CRaFT, paper's rule, g_ret every {CHEAP_VARIANT_FLAGS['craft_retention_every']} "
+                                   f"steps ({WORK_RATIOS['online'][CHEAP_VARIANT_FLAGS['craft_retention_every']]:.2f}"
+                                   "x work)", "craft", tuple(CHEAP_VARIANT_FLAGS.items())),
     }
 
 

@@ -78,7 +78,8 @@ def _check_cells(table, saved, columns):
                 assert float(cell) == pytest.approx(value, abs=0.6 * 10 ** -int(spec[1]))
 
 
-RUNS = ("theta0", "plain", "craft", "craft_pid", "craft_lambda_only", "craft_capped", "cont_inherited", "cont_fresh")
+RUNS = ("theta0", "plain", "craft", "craft_new", "craft_pid", "craft_lambda_only", "craft_capped", "cont_inherited",
+        "cont_fresh")
 
 
 def test_printed_tables_match_results_and_metrics_files(demo_run):
@@ -101,7 +102,8 @@ def test_printed_tables_match_results_and_metrics_files(demo_run):
     plain = _metrics(out, "demo-plain")
     # plain logs only the monitor's L_ret (and its budget ε, for the dashboard's ε line)
     assert {k for m in plain for k in m if k.startswith("CRaFT/")} == {"CRaFT/Retention Loss", "CRaFT/Retention Budget"}
-    for run in ("plain", "craft", "craft_pid", "cont_inherited", "cont_fresh"):  # 'k/n' steps above ε, from the files
+    # 'k/n' steps above ε, from the files
+    for run in ("plain", "craft", "craft_new", "craft_pid", "cont_inherited", "cont_fresh"):
         values = [m["CRaFT/Retention Loss"] for m in _metrics(out, f"demo-{run}")]
         assert by_run[run]["steps_above_eps"] == f"{sum(v > eps for v in values)}/{len(values)}"
     # the continuations: plain steps after CRaFT's last step, logged from step finetune_steps + 1 on
@@ -124,6 +126,15 @@ def test_printed_tables_match_results_and_metrics_files(demo_run):
         integral = max(0.0, integral + cfg.pid_ki * e)
         lam = max(0.0, cfg.pid_kp * e + integral + cfg.pid_kd * (0.0 if prev is None else max(0.0, e - prev)))
         prev = e
+    flags = demo.NEW_RULE_FLAGS  # the new rule: PI on the normalised error, warm-started and capped, by hand
+    assert (flags["craft_dual_mode"], flags["craft_dual_normalize"], flags["craft_dual_setpoint"]) == ("pid", True, 1.0)
+    cap, integral = flags["craft_max_lambda"], flags["craft_init_lambda"]
+    lam = integral
+    for record in _metrics(out, "demo-craft_new"):
+        assert record["CRaFT/Lambda"] == pytest.approx(lam, rel=1e-9, abs=1e-9)
+        e = record["CRaFT/Retention Loss"] / eps - 1.0
+        integral = min(cap, max(0.0, integral + flags["craft_dual_lr"] * e))
+        lam = min(cap, max(0.0, flags["craft_dual_kp"] * e + integral))
     assert not any(r["CRaFT/Projection Fired"] for r in _metrics(out, "demo-craft_lambda_only"))
     for name in ("results.md", "results.csv", "results.tex"):
         assert (out / name).stat().st_size > 0
@@ -203,7 +214,7 @@ def test_rerun_reuses_everything(demo_run, capsys):
     again = demo.main(demo.DemoConfig(output_dir=out, quick=True, libero_rollout="never", threads=1))
     assert {p: p.stat().st_mtime for p in (out / "runs").rglob("COMPLETE")} == mtimes
     printed = capsys.readouterr().out
-    assert len(re.findall(r"\[demo\] reusing", printed)) == 8
+    assert len(re.findall(r"\[demo\] reusing", printed)) == 9  # theta0 + 6 fine-tunings + 2 continuations
     for a, b in zip(rows, again, strict=True):
         assert a["heldout_l1_target"] == pytest.approx(b["heldout_l1_target"], abs=1e-7)
 
