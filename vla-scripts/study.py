@@ -195,8 +195,9 @@ def evaluate_policy(policy, stats_key: str, context: dict, dcfg, data_root: Path
 # ---------------------------------------------------------------------------------------------------------------------
 # One run (in a worker process)
 # ---------------------------------------------------------------------------------------------------------------------
-def run_one(ft, epsilon: float, dcfg, data_root: Path, out: Path, threads: int, identity: dict) -> dict:
-    """Train (or reuse) one run and evaluate it; writes `<run>/study_eval.json`. Output goes to the run's log."""
+def run_one(ft, dcfg, data_root: Path, out: Path, threads: int, identity: dict) -> dict:
+    """Train (or reuse) one run and evaluate it; writes what was measured to `<run>/study_eval.json` (the numbers
+    relative to ε are derived from it by `with_budget`). Output goes to the run's log."""
     from prismatic.models.loaders import load_policy
 
     torch.set_num_threads(threads)
@@ -214,9 +215,8 @@ def run_one(ft, epsilon: float, dcfg, data_root: Path, out: Path, threads: int, 
     lam = [float(m[demo.LAMBDA_KEY]) for m in metrics if demo.LAMBDA_KEY in m]
     adam = [float(m[ADAM_KEY.format("llm_lora")]) for m in metrics if ADAM_KEY.format("llm_lora") in m]
     row.update(identity)
-    row.update({"run_id": ft.run_id, "epsilon": epsilon, **budget_metrics(np.asarray(l_ret), epsilon),
-                "final_l_ret_over_eps": row["final_l_ret"] / epsilon,
-                "max_lambda": max(lam) if lam else math.nan, "final_lambda": lam[-1] if lam else math.nan,
+    row.update({"run_id": ft.run_id, "max_lambda": max(lam) if lam else math.nan,
+                "final_lambda": lam[-1] if lam else math.nan,
                 "adam_sqrt_v_llm_lora": adam[-1] if adam else math.nan,
                 "seconds_per_step": seconds_per_step, "curve_steps": steps, "curve_l_ret": l_ret,
                 "curve_lambda": lam})
@@ -224,6 +224,13 @@ def run_one(ft, epsilon: float, dcfg, data_root: Path, out: Path, threads: int, 
     tmp.write_text(json.dumps(row, indent=1, allow_nan=True) + "\n")
     tmp.rename(run_dir / EVAL_FILE)
     return row
+
+
+def with_budget(row: dict, epsilon: float) -> dict:
+    """The run's numbers relative to its ε (CRaFT: its own budget; other methods: the study's ε, the same budget
+    read as a yardstick): last-10% mean and share above ε of the logged L_ret, final L_ret / ε."""
+    return {**row, "epsilon": epsilon, **budget_metrics(np.asarray(row["curve_l_ret"]), epsilon),
+            "final_l_ret_over_eps": row["final_l_ret"] / epsilon}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -425,14 +432,14 @@ def main(cfg: StudyConfig) -> dict:
         ft = run_config(spec, table, bases, cfg_tag)
         identity = {"method": spec.method, "title": table[spec.method].title, "seed": spec.seed, "knob": spec.knob,
                     "value": spec.value, "default": spec.default}
-        jobs.append((spec, ft, identity, float(ft.craft_retention_budget)))
+        jobs.append((spec, ft, identity, float(ft.craft_retention_budget) if ft.use_craft else epsilon))
     total = len(jobs)
     rows: dict[str, dict] = {}
     pending = []
     for spec, ft, identity, eps in jobs:
         done = Path(ft.run_root_dir) / ft.run_id / EVAL_FILE
         if done.is_file():
-            rows[ft.run_id] = json.loads(done.read_text())
+            rows[ft.run_id] = with_budget(json.loads(done.read_text()), eps)
         else:
             pending.append((spec, ft, identity, eps))
     print(f"[study] {total} runs ({len(rows)} already done, reused), {cfg.workers} workers x "
@@ -447,15 +454,15 @@ def main(cfg: StudyConfig) -> dict:
 
             def submit() -> None:
                 spec, ft, identity, eps = queue.pop(0)
-                future = pool.submit(run_one, ft, eps, dcfg, data_root, out, cfg.threads_per_worker, identity)
-                running[future] = (spec, ft, time.perf_counter())
+                future = pool.submit(run_one, ft, dcfg, data_root, out, cfg.threads_per_worker, identity)
+                running[future] = (spec, ft, eps, time.perf_counter())
 
             for _ in range(min(cfg.workers, len(queue))):
                 submit()
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    spec, ft, t0 = running.pop(future)
+                    spec, ft, eps, t0 = running.pop(future)
                     seconds = time.perf_counter() - t0
                     label = f"{spec.method}" + ("" if spec.default else f" {spec.knob}={spec.value:g}")
                     try:
@@ -464,7 +471,7 @@ def main(cfg: StudyConfig) -> dict:
                         failures.append(f"{ft.run_id}: {type(exc).__name__}: {exc} (log: logs/{ft.run_id}.log)")
                         print(f"[study] FAILED {label} seed {spec.seed}: {exc}", flush=True)
                         continue
-                    rows[ft.run_id] = row
+                    rows[ft.run_id] = row = with_budget(row, eps)
                     durations.append(seconds)
                     left = total - len(rows) - len(failures)
                     eta = left * float(np.mean(durations)) / cfg.workers
