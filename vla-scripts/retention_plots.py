@@ -43,8 +43,11 @@ def band(ax, curves: Sequence[tuple[Sequence[int], Sequence[float]]], colour, la
     steps, values = aligned(curves)
     if steps.size == 0:
         return
-    if log:
-        values = np.maximum(values, L_RET_FLOOR)
+    if log:  # steps where every curve is exactly 0 (θ0 itself, step 1) have no place on a log axis
+        keep = (values > 0).any(axis=0)
+        steps, values = steps[keep], np.maximum(values[:, keep], L_RET_FLOOR)
+        if steps.size == 0:
+            return
     n = len(values)
     ax.plot(steps, np.median(values, axis=0), color=colour, linestyle=linestyle,
             label=label if n == 1 else f"{label} (median of {n})")

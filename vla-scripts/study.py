@@ -238,7 +238,8 @@ def with_budget(row: dict, epsilon: float) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 METRICS = (("heldout_l1_target", "Held-out L1 B", ".4f"), ("heldout_l1_pretrain", "Held-out L1 A", ".4f"),
            ("probe_task", "Probe task (A)", ".3f"), ("probe_colour", "Probe colour (A)", ".3f"),
-           ("final_l_ret_over_eps", "Final L_ret / ε", ".3g"), ("last10_over_eps", "Last-10% L_ret / ε", ".3g"),
+           ("final_l_ret", "Final L_ret", ".3g"), ("final_l_ret_over_eps", "Final L_ret / ε", ".3g"),
+           ("last10_over_eps", "Last-10% L_ret / ε", ".3g"),
            ("share_above_eps", "Share > ε", ".3f"), ("max_lambda", "Max λ", ".3g"),
            ("adam_sqrt_v_llm_lora", "√v̂ LLM LoRA", ".2e"))
 
@@ -316,32 +317,49 @@ def figures(rows: list[dict], cells: list[dict], theta0: dict, table: dict[str, 
     colour = rp.colours(list(table))
     paths = []
 
-    # retention / plasticity front
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for name in table:
-        members = [c for c in cells if c["method"] == name]
-        if not members:
-            continue
-        swept = sorted(members, key=lambda c: c["value"]) if members[0]["knob"] else members
-        xs = [c["heldout_l1_target"] for c in members]
-        ys = [c["probe_task"] for c in members]
-        xe = [0 if math.isnan(c["heldout_l1_target_std"]) else c["heldout_l1_target_std"] for c in members]
-        ye = [0 if math.isnan(c["probe_task_std"]) else c["probe_task_std"] for c in members]
-        ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt="o", color=colour[name], markersize=4, capsize=2,
-                    label=table[name].title)
-        if len(members) > 1:  # the sweep as a connected front, in order of the knob
-            ax.plot([c["heldout_l1_target"] for c in swept], [c["probe_task"] for c in swept], color=colour[name],
-                    linewidth=0.8, alpha=0.7)
-            for c in swept:
-                ax.annotate(f"{c['value']:g}",
-                            (c["heldout_l1_target"], c["probe_task"]), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points", color=colour[name])
-    ax.plot([theta0["heldout_l1_target"]], [theta0["probe_task"]], marker="*", color="black", markersize=12,
-            linestyle="none", label="θ0 (before fine-tuning)")
-    ax.set(xlabel="held-out action L1 on the new tasks B (lower: more plasticity)",
-           ylabel="task-probe accuracy on pre-training tasks A (higher: more retention)",
-           title="Retention / plasticity (mean ± std over seeds; sweeps connected, labelled by their knob)")
-    ax.legend(fontsize=6, loc="best")
+    # retention / plasticity front: the task probe (left, the figure) and the final L_ret (right, log: it
+    # separates the methods whose probe sits at chance)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    for ax, (key, label) in zip(axes, (("probe_task", "task-probe accuracy on pre-training tasks A (higher: more "
+                                                      "retention)"),
+                                       ("final_l_ret", "final L_ret vs θ0 (lower: more retention)")), strict=True):
+        for name in table:
+            members = [c for c in cells if c["method"] == name]
+            if not members:
+                continue
+            swept = sorted(members, key=lambda c: c["value"]) if members[0]["knob"] else members
+            ys = [c[key] for c in members]
+            ye = [0 if math.isnan(c[f"{key}_std"]) else c[f"{key}_std"] for c in members]
+            xe = [0 if math.isnan(c["heldout_l1_target_std"]) else c["heldout_l1_target_std"] for c in members]
+            ax.errorbar([c["heldout_l1_target"] for c in members], ys, xerr=xe, yerr=ye, fmt="o", markersize=4,
+                        color=colour[name], capsize=2, label=table[name].title)
+            if len(members) > 1:  # the sweep as a connected front, in order of the knob, labelled by its value
+                order = [members.index(c) for c in swept]
+                ax.plot([members[i]["heldout_l1_target"] for i in order], [ys[i] for i in order], color=colour[name],
+                        linewidth=0.8, alpha=0.7)
+                for i in order:
+                    ax.annotate(f"{members[i]['value']:g}", (members[i]["heldout_l1_target"], ys[i]), fontsize=6,
+                                xytext=(3, 3), textcoords="offset points", color=colour[name])
+        xs = [c["heldout_l1_target"] for c in cells]
+        theta0_y = theta0["probe_task"] if key == "probe_task" else None
+        if theta0_y is not None and theta0["heldout_l1_target"] > max(xs) + 2 * (max(xs) - min(xs)):
+            # θ0 lies far right of every fine-tuned model: a line at its probe accuracy keeps the points readable
+            ax.axhline(theta0_y, color="black", linestyle="--", linewidth=1.0,
+                       label=f"θ0: probe {theta0_y:.2f}, L1(B) {theta0['heldout_l1_target']:.3f} (off the x range)")
+        elif theta0_y is not None:
+            ax.plot([theta0["heldout_l1_target"]], [theta0_y], marker="*", color="black", markersize=12,
+                    linestyle="none", label="θ0 (before fine-tuning)")
+        if key == "final_l_ret":
+            ax.set_yscale("log")
+            rp.epsilon_line(ax, epsilon)
+        ax.set(xlabel="held-out action L1 on the new tasks B (lower: more plasticity)", ylabel=label)
+    axes[0].set_title("Retention / plasticity: mean ± std over seeds; sweeps connected, labelled by their value")
+    axes[1].set_title("The same runs: drift of the bridge features (ε sweep: ε = the label)")
+    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    handles, labels = axes[0].get_legend_handles_labels()
+    theta0_handles = [(h, lab) for h, lab in zip(handles, labels, strict=True) if lab.startswith("θ0")]
+    if theta0_handles:
+        axes[0].legend(*zip(*theta0_handles, strict=True), fontsize=7, loc="upper left")
     paths.append(rp.save(fig, out / "front.png"))
 
     # L_ret curves, one panel per method (default setting), median and band over seeds
