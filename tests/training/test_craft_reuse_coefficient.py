@@ -180,3 +180,34 @@ def test_run_id_names_the_reuse(make_cfg):
     cfg = make_cfg(use_craft=True, craft_retention_every=4, craft_reuse="coefficient", run_id=None)
     assert make_run_id(cfg, 1).endswith("+ret-every4-coef")
     assert make_run_id(make_cfg(use_craft=True, craft_retention_every=4, run_id=None), 1).endswith("+ret-every4")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_coefficient_reuse_equals_one_rank(tiny_data_root, tmp_path):
+    """torchrun, 2 ranks x b=1 == 1 rank x b=2 with --craft_retention_every 2 --craft_reuse coefficient over 4
+    steps: the steps in between (2 and 4) go through DDP's gradient all-reduce with the same a = λ - c_last on
+    every rank."""
+    import sys
+
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
+    from craft_ddp_worker import CRAFT_FLAGS, VARIANTS
+    from ddp_worker import worker_config
+    from test_distributed import assert_params_close
+    from two_ranks import run_two_ranks
+
+    steps, variant = 4, "lora-every2-coef"
+    run_two_ranks(here / "craft_ddp_worker.py", tiny_data_root, tmp_path / "ddp_runs", tmp_path, 1, steps,
+                  f"{variant}:1", timeout=600)
+    ranks = [torch.load(tmp_path / f"craft_{variant}_k1_rank{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(ranks[0]["per_step"], ranks[1]["per_step"])
+    for key in (LAM, RET):
+        assert torch.equal(ranks[0]["metrics"][key], ranks[1]["metrics"][key]), key
+    single = train(worker_config(tiny_data_root, tmp_path / "single", batch_size=2, max_steps=steps,
+                                 grad_accumulation_steps=1, run_id="craft-single", **CRAFT_FLAGS, **VARIANTS[variant]))
+    assert_params_close(ranks[0]["params"], policy_setup.trainable_state(single.policy))
+    for key in (LAM, RET):
+        expected = torch.tensor([h[key] for h in single.history], dtype=torch.float64)
+        torch.testing.assert_close(ranks[0]["metrics"][key], expected, rtol=1e-4, atol=1e-9)
+    assert [h[FRESH] for h in single.history] == [1.0, 0.0, 1.0, 0.0]
