@@ -377,6 +377,9 @@ def _craft_reuse_errors(cfg: FinetuneConfig) -> list[str]:
     if cfg.distributed_strategy == "fsdp":
         return [f"--craft_reuse {reuse} is not supported with --distributed_strategy fsdp (untested there); use "
                 "--distributed_strategy ddp or --craft_reuse gradient"]
+    if cfg.craft_adam_second_moment == "action":  # one backward gives no separate action part g_act - c g_ret
+        return [f"--craft_reuse {reuse} cannot hand AdamW the action part (--craft_adam_second_moment action): its "
+                "steps in between run one backward of the combined loss; use --craft_adam_second_moment combined"]
     return []
 
 

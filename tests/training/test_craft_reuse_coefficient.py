@@ -168,6 +168,8 @@ def test_resume_refusals_name_the_fix():
      "--craft_retention_every k > 1 or drop --craft_reuse"),
     (dict(craft_retention_every=2, craft_reuse="coefficient", distributed_strategy="fsdp"),
      "--craft_reuse coefficient is not supported with --distributed_strategy fsdp"),
+    (dict(craft_retention_every=2, craft_reuse="coefficient", craft_adam_second_moment="action"),
+     "--craft_reuse coefficient cannot hand AdamW the action part (--craft_adam_second_moment action)"),
 ])
 def test_bad_craft_reuse_is_one_line(make_cfg, flags, message):
     with pytest.raises(ConfigError) as err:
