@@ -213,3 +213,12 @@ def test_two_ranks_coefficient_reuse_equals_one_rank(tiny_data_root, tmp_path):
         expected = torch.tensor([h[key] for h in single.history], dtype=torch.float64)
         torch.testing.assert_close(ranks[0]["metrics"][key], expected, rtol=1e-4, atol=1e-9)
     assert [h[FRESH] for h in single.history] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_the_coefficient_variant_is_valid_and_the_smallest_k_within_the_cost_goal(make_cfg):
+    from prismatic.training.craft_variants import COEFFICIENT_VARIANT_FLAGS, COEFFICIENT_WORK_RATIOS
+
+    validate_config(make_cfg(use_craft=True, **COEFFICIENT_VARIANT_FLAGS))
+    within = [k for k, ratio in COEFFICIENT_WORK_RATIOS["offline"].items() if ratio <= 1.15]
+    assert min(within) == COEFFICIENT_VARIANT_FLAGS["craft_retention_every"]
+    assert all(ratio > 1.15 for ratio in COEFFICIENT_WORK_RATIOS["online"].values())
