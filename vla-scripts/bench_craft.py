@@ -34,6 +34,9 @@ projector's buffer size; peak memory and its ratio. On CUDA use torch.cuda.max_m
 the FLOPs of its matmuls, convolutions and attention (forward and backward; the CPU flash-attention kernels are
 added with torch's formulas for the CUDA ones) and their ratio to the baseline, i.e. the work ratio, which no load
 on the machine moves. Elementwise work (the surgery, AdamW, norms) is not counted.
+With `--retention_every k > 1` four more modes: `craft_{offline,online}_reuse` (`--craft_retention_every k`, the kept
+g_ret) and `craft_{offline,online}_coef` (`--craft_reuse coefficient`: one backward of L_act + (λ − c_last) L_ret);
+their counted step is a step between refreshes. `--modes a,b` runs only baseline and the named modes.
 Bad flags: one line `error: ... — ...` on stderr, exit 2, before anything is built.
 """
 
