@@ -34,7 +34,9 @@ VARIANTS = {"lora": dict(use_lora=True, craft_anchor_source="online"),
             "lora-every2": dict(use_lora=True, craft_anchor_source="online", craft_retention_every=2),
             # --craft_reuse coefficient: the steps in between are one backward through DDP's own all-reduce
             "lora-every2-coef": dict(use_lora=True, craft_anchor_source="online", craft_retention_every=2,
-                                     craft_reuse="coefficient")}
+                                     craft_reuse="coefficient"),
+            "full-offline-every2-coef": dict(use_lora=False, craft_anchor_source="offline", craft_retention_every=2,
+                                             craft_reuse="coefficient")}
 KEYS = ("CRaFT/Lambda", "CRaFT/Retention Loss", "CRaFT/Conflict Ratio", "CRaFT/Grad Dot")
 
 
