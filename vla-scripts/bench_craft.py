@@ -34,6 +34,9 @@ projector's buffer size; peak memory and its ratio. On CUDA use torch.cuda.max_m
 the FLOPs of its matmuls, convolutions and attention (forward and backward; the CPU flash-attention kernels are
 added with torch's formulas for the CUDA ones) and their ratio to the baseline, i.e. the work ratio, which no load
 on the machine moves. Elementwise work (the surgery, AdamW, norms) is not counted.
+With `--retention_every k > 1` four more modes: `craft_{offline,online}_reuse` (`--craft_retention_every k`, the kept
+g_ret) and `craft_{offline,online}_coef` (`--craft_reuse coefficient`: one backward of L_act + (λ − c_last) L_ret);
+their counted step is a step between refreshes. `--modes a,b` runs only baseline and the named modes.
 Bad flags: one line `error: ... — ...` on stderr, exit 2, before anything is built.
 """
 
@@ -80,7 +83,9 @@ class BenchConfig:
     memory_steps: int = 10                # interleaved only: rounds of the memory measurement, after the timing
     threads: int = 1
     count_flops: bool = True              # one more step per mode under torch's FlopCounterMode: the work ratio
-    retention_every: int = 1              # > 1: two more modes, CRaFT with --craft_retention_every k (cheaper step)
+    retention_every: int = 1              # > 1: four more modes, CRaFT with --craft_retention_every k (cheaper
+    #                                       step): *_reuse (--craft_reuse gradient) and *_coef (coefficient)
+    modes: str = ""                       # comma list of the modes to run besides baseline ("": all of them)
     seed: int = 7
     # fmt: on
 
@@ -103,6 +108,13 @@ def validate(cfg: BenchConfig) -> str:
             raise BenchError(f"--{name} must be >= 1, got {getattr(cfg, name)} — pass a positive integer")
     if cfg.warmup < 0:
         raise BenchError(f"--warmup must be >= 0, got {cfg.warmup} — pass 0 or more")
+    known = _mode_flags(Path("."), max(2, cfg.retention_every))
+    unknown = [m for m in _selected(cfg) if m not in known]
+    if unknown:
+        raise BenchError(f"--modes names unknown modes {unknown} — use some of {', '.join(known)}")
+    extra = [m for m in _selected(cfg) if m not in MODES]
+    if extra and cfg.retention_every == 1:
+        raise BenchError(f"--modes {','.join(extra)} need --retention_every k > 1 — pass e.g. --retention_every 4")
     for name in ("vlm_path", "config_file_path", "data_root_dir"):
         value = getattr(cfg, name)
         if value is not None and not Path(value).exists():
@@ -369,6 +381,7 @@ def _in_child(fn, *args):
 
 
 REUSE_MODES = ("craft_offline_reuse", "craft_online_reuse")  # --retention_every k > 1: a step reusing g_ret
+COEF_MODES = ("craft_offline_coef", "craft_online_coef")  # ... --craft_reuse coefficient: a step reusing c only
 
 
 def _mode_flags(cache_dir: Path, retention_every: int = 1) -> dict:
@@ -378,18 +391,34 @@ def _mode_flags(cache_dir: Path, retention_every: int = 1) -> dict:
     if retention_every > 1:
         for mode, exact in zip(REUSE_MODES, ("craft_offline", "craft_online"), strict=True):
             modes[mode] = dict(modes[exact], craft_retention_every=retention_every)
+        for mode, exact in zip(COEF_MODES, ("craft_offline", "craft_online"), strict=True):
+            modes[mode] = dict(modes[exact], craft_retention_every=retention_every, craft_reuse="coefficient")
     return modes
 
 
+def _selected(cfg: BenchConfig) -> list[str]:
+    return [m.strip() for m in cfg.modes.split(",") if m.strip()]
+
+
+def _run_modes(cfg: BenchConfig, cache_dir: Path) -> dict:
+    """The modes this run measures: all of them, or baseline + --modes."""
+    modes = _mode_flags(cache_dir, cfg.retention_every)
+    chosen = _selected(cfg)
+    return modes if not chosen else {m: f for m, f in modes.items() if m == "baseline" or m in chosen}
+
+
 def cycle_work_ratios(rows: dict, ks: tuple[int, ...] = (2, 4, 8)) -> dict:
-    """Work ratio of --craft_retention_every k per anchor source, from the counted steps: one refresh step (the
-    exact step's FLOPs) and k - 1 steps reusing g_ret, over k plain steps. {source: {k: ratio}}."""
+    """Work ratio of --craft_retention_every k per anchor source and reuse, from the counted steps: one refresh
+    step (the exact step's FLOPs) and k - 1 steps in between, over k plain steps. {source or source_coef: {k: ratio}}:
+    `offline` / `online` reuse g_ret (*_reuse rows), `offline_coef` / `online_coef` the coefficient (*_coef rows)."""
     out = {}
     for source in ("offline", "online"):
-        exact, reuse = rows.get(f"craft_{source}"), rows.get(f"craft_{source}_reuse")
-        if exact is None or reuse is None or "flop_ratio" not in reuse:
-            continue
-        out[source] = {k: (exact["flop_ratio"] + (k - 1) * reuse["flop_ratio"]) / k for k in ks}
+        exact = rows.get(f"craft_{source}")
+        for suffix, key in (("reuse", source), ("coef", f"{source}_coef")):
+            between = rows.get(f"craft_{source}_{suffix}")
+            if exact is None or between is None or "flop_ratio" not in between or "flop_ratio" not in exact:
+                continue
+            out[key] = {k: (exact["flop_ratio"] + (k - 1) * between["flop_ratio"]) / k for k in ks}
     return out
 
 
@@ -438,7 +467,7 @@ def _run_mode(mode: str, common: dict, flags: dict, warmup: int, steps: int, thr
 
 def run_sequential(cfg: BenchConfig, common: dict, cache_dir: Path) -> dict:
     raw = {}
-    for mode, flags in _mode_flags(cache_dir, cfg.retention_every).items():
+    for mode, flags in _run_modes(cfg, cache_dir).items():
         raw[mode] = _in_child(_run_mode, mode, common, flags, cfg.warmup, cfg.steps, cfg.threads,
                               cfg.count_flops)
     return _rows(raw, "peak RSS of the mode's own process over the measured steps (VmHWM, model included)")
@@ -452,7 +481,7 @@ def run_interleaved(cfg: BenchConfig, common: dict, cache_dir: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     env = init_distributed()
     trainers = {m: Trainer(m, FinetuneConfig(run_id=m, **common, **flags), env)
-                for m, flags in _mode_flags(cache_dir, cfg.retention_every).items()}
+                for m, flags in _run_modes(cfg, cache_dir).items()}
     raw = {m: {"walls": [], "cpus": [], "loads": []} for m in trainers}
     for r in range(cfg.warmup + cfg.steps):  # timing: the default allocator, as training runs
         for m, tr in trainers.items():
@@ -533,11 +562,12 @@ def print_table(result: dict) -> None:
               + (f"{r['gflops']:>10.2f}{r['flop_ratio']:>8.2f}" if "gflops" in r else ""))
     cycles = cycle_work_ratios(rows)
     if cycles:
-        print(f"--craft_retention_every k: work of k steps (1 refresh + k-1 reusing g_ret) / k plain steps; the "
-              f"*_reuse rows ran k = {result['retention_every']} and their GFLOP is one step reusing g_ret")
+        print(f"--craft_retention_every k: work of k steps (1 refresh + k-1 in between) / k plain steps; the "
+              f"*_reuse / *_coef rows ran k = {result['retention_every']} and their GFLOP is one step in between "
+              "(reusing g_ret / reusing only c: *_coef lines below)")
         for source, ratios in cycles.items():
-            print(f"  {source:<8}" + "".join(f"  k={k}: {r:.3f}" for k, r in ratios.items()))
-    online = rows["craft_online"]
+            print(f"  {source:<13}" + "".join(f"  k={k}: {r:.3f}" for k, r in ratios.items()))
+    online = rows.get("craft_online", {})
     if "n_ret" in online:
         print(f"projector: g_act/g_ret buffered for {online['n_ret']} tensors ({online['ret_params'] / 1e6:.2f}M "
               f"params) reached by L_ret; {online['n_act_only']} tensors reached by L_act only keep g_act in .grad; "

@@ -21,7 +21,10 @@ One optimizer step (`compute_gradients`, then the loop's unchanged `apply_update
     finish_step               λ <- max(0, λ + η (all_reduce_mean(L_ret) - ε))   (or pid / nupi, --craft_dual_mode)
 
 With --craft_retention_every k > 1 the steps t % k != 0 skip θ0's forward and L_ret's VJP: the projector reuses the
-g_ret kept from the last refresh (`projector.accumulate_act`); see docs/CRAFT.md, "Cheaper step".
+g_ret kept from the last refresh (`projector.accumulate_act`); see docs/CRAFT.md, "Cheaper step". With
+--craft_reuse coefficient they instead keep both gradients fresh and reuse only the scalar: ONE backward of
+L_act + (λ_t - c_last) L_ret through DDP's own all-reduce (`_coefficient_gradients`), c_last the conflict coefficient
+of the last refresh step (rank-consistent: computed from all-reduced sums).
 
 Non-finite losses or features are errors here (the projection cannot be computed from them), unlike the plain
 step which skips such an update.
@@ -54,12 +57,13 @@ from prismatic.training.craft_utils import (
     CRaFTGradientProjector,
     CRaFTWeightManager,
     StopForward,
+    _check_losses,
     _is_lora_name,
     all_reduce_mean,
     canonical_param_name,
     retention_loss,
 )
-from prismatic.training.train_step import MicroBatch, autocast_context, forward_losses
+from prismatic.training.train_step import MicroBatch, autocast_context, forward_losses, gradient_sync
 
 STATE_VERSION = 1
 METRIC_KEYS = {
@@ -285,6 +289,9 @@ class CRaFTStep:
         self.retention_every = int(getattr(cfg, "craft_retention_every", 1))
         self._last_ret: float | None = None  # the last measured rank-averaged L_ret
         self._dual_skip = False  # this step measured no L_ret (online anchors, reused g_ret): λ stays
+        # --craft_reuse coefficient: steps in between take g = g_act + (λ_t - c_last) g_ret from ONE backward
+        self.reuse_coefficient = self.retention_every > 1 and getattr(cfg, "craft_reuse", "gradient") == "coefficient"
+        self._coef_last: float | None = None  # c of the last refresh step (identical on every rank)
 
     # -- θ0 ----------------------------------------------------------------------------------------------------
     def _build_weight_manager(self, vla: nn.Module, snapshot: dict | None, saved: Mapping[str, Any]):
@@ -410,6 +417,8 @@ class CRaFTStep:
         k = len(micro_batches)
         every = self.retention_every
         refresh = self.projector.steps % every == 0  # the projector's step count is restored on resume
+        if self.reuse_coefficient and not refresh:
+            return self._coefficient_gradients(model, micro_batches, device)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next, L_ret
         one_micro_batch = self._sharded_micro_batch if self.projector.sharded else self._micro_batch
         measured = True
@@ -420,9 +429,11 @@ class CRaFTStep:
             ret = loss_ret.detach() if measured else torch.zeros_like(loss.detach())
             sums += torch.stack([loss.detach(), curr.detach(), nxt.detach(), ret]).double().cpu()
         means = sums / k
-        if every > 1:  # keep g_ret for the next step unless that one refreshes it
-            self.projector.keep_ret = (self.projector.steps + 1) % every != 0
+        if every > 1:  # keep g_ret for the next step unless that one refreshes it (or reuses only c)
+            self.projector.keep_ret = (self.projector.steps + 1) % every != 0 and not self.reuse_coefficient
         stats = self.projector.step(self.dual.lam)
+        if self.reuse_coefficient:
+            self._coef_last = float(stats["projection_coef"])
         if measured:
             l_ret = all_reduce_mean(means[3])
             self._pending_ret = self._last_ret = l_ret
@@ -443,6 +454,47 @@ class CRaFTStep:
             metrics[METRIC_KEYS[key]] = running[key]
         if every > 1:
             metrics[METRIC_KEYS["retention_refresh"]] = float(refresh)
+        return {"loss": means[0], "curr_l1": means[1], "next_l1": means[2], "metrics": metrics}
+
+    def _coefficient_gradients(self, model: nn.Module, micro_batches: Sequence[MicroBatch],
+                               device: torch.device) -> dict:
+        """--craft_reuse coefficient, a step between refreshes: per micro-batch the live forward (and the anchors:
+        a cache lookup, or θ0's forward with online anchors), then ONE backward of (L_act + a L_ret) / k with
+        a = λ_t - c_last, DDP's all-reduce on the last micro-batch only (as `plain_gradients`). Exact: the rank
+        average of g_act + a g_ret is the combination of the rank averages, a being the same on every rank."""
+        if self._coef_last is None:
+            raise RuntimeError("--craft_reuse coefficient: no conflict coefficient of a refresh step to reuse")
+        lam, coef = self.dual.lam, self._coef_last
+        a = lam - coef
+        k = len(micro_batches)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next, L_ret
+        for j, micro in enumerate(micro_batches):
+            anchors = self._anchors(micro, device) if self.cache is not None else None
+            with gradient_sync(model, j == k - 1):
+                with self.extractor.capture(), self._live_vision_output() as vision:
+                    loss, curr, nxt, out = forward_losses(model, micro, device)
+                feats = self.extractor.features(out.vla_output.layout)
+                if anchors is None:
+                    anchors = self._anchors(micro, device, vision.get("features"))
+                loss_ret = retention_loss(feats, anchors)
+                _check_losses(loss, loss_ret)
+                ((loss + a * loss_ret) / k).backward()
+            sums += torch.stack([loss.detach(), curr.detach(), nxt.detach(), loss_ret.detach()]).double().cpu()
+        self.projector.count_unmeasured_step()
+        means = sums / k
+        l_ret = all_reduce_mean(means[3])
+        self._pending_ret = self._last_ret = l_ret
+        running = self.projector.running_stats()
+        # the gradient statistics (dot, norms, conflict shares) are not measured on this step: not logged
+        metrics = {METRIC_KEYS["retention_loss"]: l_ret, METRIC_KEYS["slack"]: l_ret - self.dual.epsilon,
+                   METRIC_KEYS["lambda"]: float(lam), METRIC_KEYS["projection_coef"]: coef,
+                   METRIC_KEYS["retention_refresh"]: 0.0}
+        if self.dual.mode == "pid":
+            metrics[METRIC_KEYS["dual_integral"]] = self.dual.integral
+        elif self.dual.mode == "nupi":
+            metrics[METRIC_KEYS["dual_error_ema"]] = self.dual.xi
+        for key in ("projection_fired_rate", "conflict_indicator_mean"):
+            metrics[METRIC_KEYS[key]] = running[key]
         return {"loss": means[0], "curr_l1": means[1], "next_l1": means[2], "metrics": metrics}
 
     def action_grads(self) -> dict[nn.Parameter, torch.Tensor]:
@@ -479,6 +531,7 @@ class CRaFTStep:
             reuse_next = self.projector.keep_ret and self.projector.layout_ready
             state["retention_every"] = {
                 "every": self.retention_every, "last_ret": self._last_ret, "sharded": self.projector.sharded,
+                "reuse": "coefficient" if self.reuse_coefficient else "gradient", "coef_last": self._coef_last,
                 # the g_ret the next step reuses (None when it refreshes it, or for FSDP shards: not saved)
                 "kept": self.projector.kept_ret_state() if reuse_next and not self.projector.sharded else None}
         return state
@@ -503,8 +556,19 @@ class CRaFTStep:
             raise UserError(f"the checkpoint's run used --craft_retention_every {saved.get('every')}, this one {k}",
                             "resume with the run's value")
         self._last_ret = saved.get("last_ret") if saved is not None else None
+        reuse = "coefficient" if self.reuse_coefficient else "gradient"
+        if saved is not None and saved.get("reuse", "gradient") != reuse:
+            raise UserError(f"the checkpoint's run used --craft_reuse {saved.get('reuse', 'gradient')}, this one "
+                            f"{reuse}", "resume with the run's value")
         if step % k == 0:
             return  # this step computes g_ret anew
+        if self.reuse_coefficient:  # a step in between needs only the last refresh's conflict coefficient
+            if saved is None or saved.get("coef_last") is None:
+                raise UserError(f"resuming at optimizer step {step} with --craft_reuse coefficient needs the "
+                                "conflict coefficient of the last refresh, which this checkpoint does not hold",
+                                f"resume from a checkpoint at a step that is a multiple of {k}")
+            self._coef_last = float(saved["coef_last"])
+            return
         if saved is None or saved.get("kept") is None:
             why = " (FSDP shards of g_ret are not saved)" if saved is not None and saved.get("sharded") else ""
             raise UserError(f"resuming at optimizer step {step} with --craft_retention_every {k} needs the g_ret kept "

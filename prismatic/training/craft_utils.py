@@ -348,6 +348,9 @@ class CRaFTGradientProjector:
         self.conflict_ratio_params_sum = 0.0
         self.conflict_ratio_tensors_sum = 0.0
         self.conflict_ratio_params_null_sum = 0.0
+        # --craft_reuse coefficient: steps whose gradient bypassed the projector (`count_unmeasured_step`); they count
+        # in `steps` (the refresh schedule) but not in the running means (no dot product was measured)
+        self.unmeasured_steps = 0
         # --craft_adam_second_moment action: `step` also keeps the action part g_act - c g_ret (`action_grads`)
         self.keep_action_part = False
         self._action_flat = torch.zeros(0, dtype=torch.float32, device=self.device)
@@ -891,8 +894,14 @@ class CRaFTGradientProjector:
         self.conflict_ratio_tensors_sum += stats["conflict_ratio_tensors"]
         self.conflict_ratio_params_null_sum += stats.get("conflict_ratio_params_null", math.nan)
 
+    def count_unmeasured_step(self) -> None:
+        """An optimizer step whose gradient the caller formed without the projector (--craft_reuse coefficient: one
+        backward of L_act + (λ - c_last) L_ret). It advances `steps`; the running means leave it out."""
+        self.steps += 1
+        self.unmeasured_steps += 1
+
     def running_stats(self) -> dict[str, float]:
-        s = max(self.steps, 1)
+        s = max(self.steps - self.unmeasured_steps, 1)
         return {
             "steps": float(self.steps),
             "projection_fired_rate": self.projection_fired_count / s,
@@ -912,6 +921,7 @@ class CRaFTGradientProjector:
             "conflict_ratio_params_null_sum": self.conflict_ratio_params_null_sum,
             "delta": self.delta,
             "enable_projection": self.enable_projection,
+            "unmeasured_steps": self.unmeasured_steps,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -925,6 +935,7 @@ class CRaFTGradientProjector:
         self.conflict_ratio_params_sum = float(state["conflict_ratio_params_sum"])
         self.conflict_ratio_tensors_sum = float(state["conflict_ratio_tensors_sum"])
         self.conflict_ratio_params_null_sum = float(state.get("conflict_ratio_params_null_sum", 0.0))
+        self.unmeasured_steps = int(state.get("unmeasured_steps", 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ CRAFT_ANCHOR_TYPES = ("concat", "raw_only", "aq_only")
 CRAFT_ANCHOR_SOURCES = ("online", "offline")
 CRAFT_DUAL_MODES = ("gradient", "pid", "nupi")
 CRAFT_ADAM_SECOND_MOMENTS = ("combined", "action")
+CRAFT_REUSE = ("gradient", "coefficient")  # --craft_reuse: what a step between g_ret refreshes reuses
 RETENTION_METHODS = ("none", "craft", "align", "consft", "ki")
 
 
@@ -122,6 +123,8 @@ class FinetuneConfig:
     craft_adam_second_moment: str = "combined"  # combined (torch AdamW on g) | action: AdamW's v sees only the
     #                                         action part g - lambda g_ret (split_moment_adamw.py; issue 26)
     craft_retention_every: int = 1          # g_ret (and online θ0's forward) every k steps, reused between (1: exact)
+    craft_reuse: str = "gradient"           # k > 1, steps in between: gradient (the kept g_ret) | coefficient (ONE
+    #                                         backward of L_act + (lambda - c_last) L_ret, fresh gradients)
     log_update_norms: bool = False          # per-group ||update|| and AdamW sqrt(v) (update_norms.py)
 
     # ---- related-work baselines (docs/BASELINES.md) -----------------------------------------------------------
@@ -169,6 +172,8 @@ def make_run_id(cfg: FinetuneConfig, world_size: int) -> str:
         run_id += f"+craft-eps{cfg.craft_retention_budget}"
         if cfg.craft_retention_every != 1:  # the cheaper step is another run (the exact step's id is unchanged)
             run_id += f"+ret-every{cfg.craft_retention_every}"
+            if cfg.craft_reuse == "coefficient":
+                run_id += "-coef"
     elif cfg.retention_method in ("align", "consft"):
         run_id += f"+{cfg.retention_method}"
     elif cfg.retention_method == "ki":  # the weight is in the id: the w = 0 ablation is another run
@@ -356,6 +361,25 @@ def _craft_retention_every_errors(cfg: FinetuneConfig) -> list[str]:
         return [f"--craft_retention_every must be an integer >= 1 (1 = the exact step), got {k!r}"]
     if k != 1 and not cfg.use_craft:
         return [f"--craft_retention_every {k} needs CRaFT (--use_craft True or --retention_method craft)"]
+    return _craft_reuse_errors(cfg)
+
+
+def _craft_reuse_errors(cfg: FinetuneConfig) -> list[str]:
+    """--craft_reuse: only meaningful between refreshes (k > 1); `coefficient` is not ported to FSDP2 shards."""
+    reuse = cfg.craft_reuse
+    if reuse not in CRAFT_REUSE:
+        return [f"--craft_reuse must be one of {CRAFT_REUSE}, got '{reuse}'"]
+    if reuse == "gradient":
+        return []
+    if cfg.craft_retention_every == 1:
+        return [f"--craft_reuse {reuse} has no effect with --craft_retention_every 1 (every step is exact); set "
+                "--craft_retention_every k > 1 or drop --craft_reuse"]
+    if cfg.distributed_strategy == "fsdp":
+        return [f"--craft_reuse {reuse} is not supported with --distributed_strategy fsdp (untested there); use "
+                "--distributed_strategy ddp or --craft_reuse gradient"]
+    if cfg.craft_adam_second_moment == "action":  # one backward gives no separate action part g_act - c g_ret
+        return [f"--craft_reuse {reuse} cannot hand AdamW the action part (--craft_adam_second_moment action): its "
+                "steps in between run one backward of the combined loss; use --craft_adam_second_moment combined"]
     return []
 
 

@@ -33,7 +33,7 @@ RUN_DEFINING_FLAGS = (
     "craft_fixed_lambda", "craft_init_lambda", "craft_dual_lr", "craft_delta",
     "craft_dual_mode", "craft_dual_kp", "craft_dual_kd", "craft_dual_normalize", "craft_max_lambda",
     "craft_dual_nu", "craft_dual_log_error", "craft_dual_setpoint", "craft_adam_second_moment",
-    "craft_retention_every",
+    "craft_retention_every", "craft_reuse",
     "align_weight", "align_layer", "align_teacher", "consft_tau", "consft_clip", "ki_action_loss_weight",
     "distributed_strategy",  # the optimizer state's format (index- or name-keyed) follows it
 )

@@ -31,7 +31,12 @@ VARIANTS = {"lora": dict(use_lora=True, craft_anchor_source="online"),
             # O(0.1) parameter differences (docs/CRAFT.md "Dual modes", the AdamW remedy)
             "lora-actv": dict(use_lora=True, craft_anchor_source="online", craft_adam_second_moment="action",
                               craft_enable_dual=False, craft_fixed_lambda=1e-4),
-            "lora-every2": dict(use_lora=True, craft_anchor_source="online", craft_retention_every=2)}
+            "lora-every2": dict(use_lora=True, craft_anchor_source="online", craft_retention_every=2),
+            # --craft_reuse coefficient: the steps in between are one backward through DDP's own all-reduce
+            "lora-every2-coef": dict(use_lora=True, craft_anchor_source="online", craft_retention_every=2,
+                                     craft_reuse="coefficient"),
+            "full-offline-every2-coef": dict(use_lora=False, craft_anchor_source="offline", craft_retention_every=2,
+                                             craft_reuse="coefficient")}
 KEYS = ("CRaFT/Lambda", "CRaFT/Retention Loss", "CRaFT/Conflict Ratio", "CRaFT/Grad Dot")
 
 
@@ -61,7 +66,9 @@ def main() -> None:
             result = train(cfg, TrainHooks(on_step_end=snapshot))
         finally:
             ps.build_policy = original
-        metrics = {key: torch.tensor([h[key] for h in result.history], dtype=torch.float64) for key in KEYS}
+        # a key a step does not log (the gradient statistics of a --craft_reuse coefficient step in between): nan
+        metrics = {key: torch.tensor([h.get(key, float("nan")) for h in result.history], dtype=torch.float64)
+                   for key in KEYS}
         torch.save({"params": trainable_state(result.policy), "metrics": metrics, "per_step": torch.stack(per_step)},
                    out_dir / f"craft_{variant}_k{k}_rank{rank}.pt")
     torch.distributed.destroy_process_group()

@@ -20,6 +20,8 @@ import bench_craft  # noqa: E402
     (["--model_preset", "huge"], "--model_preset 'huge' is not a preset"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--retention_every", "0"], "--retention_every must be >= 1, got 0"),
+    (["--modes", "craft_offline_coef"], "--modes craft_offline_coef need --retention_every k > 1"),
+    (["--modes", "craft_nope", "--retention_every", "2"], "--modes names unknown modes ['craft_nope']"),
     (["--isolation", "parallel"], "--isolation 'parallel' is unknown"),
     (["--vlm_path", "/nonexistent/vlm"], "--vlm_path /nonexistent/vlm does not exist"),
     (["--steps", "many"], "see --help for the flags"),
@@ -137,6 +139,20 @@ def test_cycle_work_ratios_average_one_refresh_and_k_minus_1_reused_steps():
     assert ratios["offline"] == {2: pytest.approx(1.25), 4: pytest.approx(1.125)}
     assert ratios["online"] == {2: pytest.approx(1.51), 4: pytest.approx((2.0 + 3 * 1.02) / 4)}
     assert bench_craft.cycle_work_ratios({"craft_offline": {"flop_ratio": 1.5}}) == {}
+    coef = bench_craft.cycle_work_ratios({"craft_offline": {"flop_ratio": 1.5},
+                                          "craft_offline_coef": {"flop_ratio": 1.01},
+                                          "craft_online": {"flop_ratio": 2.0}}, ks=(4,))
+    assert coef == {"offline_coef": {4: pytest.approx((1.5 + 3 * 1.01) / 4)}}
+
+
+def test_modes_selects_baseline_and_the_named_modes(tmp_path):
+    cfg = bench_craft.BenchConfig(retention_every=4, modes="craft_offline_coef, craft_online_coef")
+    bench_craft.validate(cfg)
+    modes = bench_craft._run_modes(cfg, tmp_path)
+    assert list(modes) == ["baseline", "craft_offline_coef", "craft_online_coef"]
+    assert modes["craft_offline_coef"] == dict(use_craft=True, craft_anchor_source="offline", craft_cache_dir=tmp_path,
+                                               craft_retention_every=4, craft_reuse="coefficient")
+    assert list(bench_craft._run_modes(bench_craft.BenchConfig(), tmp_path)) == list(bench_craft.MODES)
 
 
 @pytest.mark.slow
@@ -147,9 +163,12 @@ def test_tiny_run_with_retention_every_counts_a_step_that_reuses_g_ret(tmp_path,
                                   retention_every=2)
     result = bench_craft.run(cfg)
     rows = result["rows"]
-    assert set(rows) == {*bench_craft.MODES, *bench_craft.REUSE_MODES}
+    assert set(rows) == {*bench_craft.MODES, *bench_craft.REUSE_MODES, *bench_craft.COEF_MODES}
     for mode in bench_craft.REUSE_MODES:
         assert rows[mode]["flop_ratio"] == pytest.approx(1.0, abs=0.01), mode
+    # --craft_reuse coefficient: one forward + one backward (the pooled L_ret adds no matmul); online adds θ0's forward
+    assert rows["craft_offline_coef"]["flop_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert rows["craft_online_coef"]["flop_ratio"] > 1.2
     assert rows["craft_offline"]["flop_ratio"] > 1.3 and rows["craft_online"]["flop_ratio"] > 1.6
     bench_craft.print_table(result)
     assert "k=8" in capsys.readouterr().out

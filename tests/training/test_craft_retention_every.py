@@ -95,7 +95,7 @@ def test_resume_at_a_reuse_step_without_the_kept_g_ret_is_refused_in_one_line():
     """FSDP checkpoints do not hold the kept shards: resuming at a step that would reuse them is refused."""
     proj = CRaFTGradientProjector([("w", torch.nn.Parameter(torch.ones(2)))])
     proj.steps = 3
-    step = SimpleNamespace(retention_every=2, projector=proj, _last_ret=None)
+    step = SimpleNamespace(retention_every=2, projector=proj, _last_ret=None, reuse_coefficient=False)
     with pytest.raises(UserError) as err:
         CRaFTStep._load_retention_every(step, {"every": 2, "last_ret": 0.5, "sharded": True, "kept": None})
     assert "\n" not in str(err.value) and "multiple of 2" in str(err.value) and "FSDP" in str(err.value)
