@@ -48,10 +48,16 @@ for _path in (REPO, REPO / "vla-scripts"):
 
 import demo  # noqa: E402  (the demo's data, θ0, fine-tuning flags and evaluation are the study's)
 import retention_plots as rp  # noqa: E402
+from demo_cache import demo_cache_flags  # noqa: E402
 from dual_budget import budget_metrics, parse_seeds  # noqa: E402
 
 from prismatic.cli_errors import UserError, cli_entry, parse_config  # noqa: E402
-from prismatic.training.craft_variants import CHEAP_VARIANT_FLAGS, WORK_RATIOS  # noqa: E402
+from prismatic.training.craft_variants import (  # noqa: E402
+    CHEAP_VARIANT_FLAGS,
+    COEFFICIENT_VARIANT_FLAGS,
+    COEFFICIENT_WORK_RATIOS,
+    WORK_RATIOS,
+)
 from prismatic.training.dual_presets import NEW_RULE_FLAGS, NUPI_FLAGS  # noqa: E402
 from prismatic.training.metrics_log import read_metrics  # noqa: E402
 from prismatic.training.update_norms import ADAM_KEY  # noqa: E402
@@ -78,6 +84,7 @@ class Method:
     base: str                              # "plain" (retention monitor on) or "craft" (the demo's CRaFT row)
     overrides: tuple[tuple[str, object], ...] = ()
     sweep: tuple[str, tuple[float, ...]] | None = None  # (flag, values incl. the default) for this method's knob
+    cache: bool = False                    # θ0's anchors from the study's offline cache (built once) instead of online
 
 
 def methods(cfg: StudyConfig) -> dict[str, Method]:
@@ -105,6 +112,12 @@ def methods(cfg: StudyConfig) -> dict[str, Method]:
         "craft_reuse_gret": Method(f"CRaFT, paper's rule, g_ret every {CHEAP_VARIANT_FLAGS['craft_retention_every']} "
                                    f"steps ({WORK_RATIOS['online'][CHEAP_VARIANT_FLAGS['craft_retention_every']]:.2f}"
                                    "x work)", "craft", tuple(CHEAP_VARIANT_FLAGS.items())),
+        # the cheaper step that keeps fresh gradients, and its exact reference, both with cached anchors
+        "craft_paper_cache": Method("CRaFT, paper's rule, cached anchors (1.48x work)", "craft", cache=True),
+        "craft_coef": Method(f"CRaFT, paper's rule, cached anchors, coefficient every "
+                             f"{COEFFICIENT_VARIANT_FLAGS['craft_retention_every']} steps ("
+                             f"{COEFFICIENT_WORK_RATIOS['offline'][COEFFICIENT_VARIANT_FLAGS['craft_retention_every']]:.2f}"
+                             "x work)", "craft", tuple(COEFFICIENT_VARIANT_FLAGS.items()), cache=True),
     }
 
 
@@ -140,10 +153,15 @@ def plan(cfg: StudyConfig, table: dict[str, Method], bases: dict) -> list[RunSpe
     return specs + sweeps
 
 
-def run_config(spec: RunSpec, table: dict[str, Method], bases: dict, cfg_tag: str):
+def run_config(spec: RunSpec, table: dict[str, Method], bases: dict, cfg_tag: str, cache_dir: Path):
     flags = spec.overrides(table)
+    if table[spec.method].cache:
+        flags["craft_anchor_source"] = "offline"
+    # the id hashes the flags but not where the cache lives: a moved study folder keeps its run ids
     tag = hashlib.sha1(json.dumps([cfg_tag, sorted(flags.items())], default=str).encode()).hexdigest()[:8]
     setting = "" if spec.default else f"-{spec.knob}{spec.value:g}"
+    if table[spec.method].cache:
+        flags["craft_cache_dir"] = cache_dir
     return replace(bases[table[spec.method].base], run_id=f"study-{spec.method}{setting}-{tag}-s{spec.seed}",
                    seed=spec.seed, log_update_norms=True, **flags)
 
@@ -439,6 +457,9 @@ def main(cfg: StudyConfig) -> dict:
         theta0_path, _ = demo.run_training(demo.theta0_config(dcfg, data_root, run_root))
         configs = demo.finetune_configs(dcfg, data_root, run_root, theta0_path)
         context = theta0_evaluation(dcfg, data_root, theta0_path, out)
+        cache_dir = out / "craft_cache"
+        if any(m.cache for m in table.values()):
+            demo_cache_flags(theta0_path, data_root, cache_dir, num_images_in_input=dcfg.num_images_in_input)
     bases = {"plain": configs["plain"], "craft": configs["craft"]}
     epsilon = float(bases["craft"].craft_retention_budget)
     cfg_tag = json.dumps({k: getattr(dcfg, k) for k in ("finetune_steps", "batch_size", "learning_rate", "lora_rank",
@@ -447,7 +468,7 @@ def main(cfg: StudyConfig) -> dict:
     specs = plan(cfg, table, bases)
     jobs = []
     for spec in specs:
-        ft = run_config(spec, table, bases, cfg_tag)
+        ft = run_config(spec, table, bases, cfg_tag, cache_dir)
         identity = {"method": spec.method, "title": table[spec.method].title, "seed": spec.seed, "knob": spec.knob,
                     "value": spec.value, "default": spec.default}
         jobs.append((spec, ft, identity, float(ft.craft_retention_budget) if ft.use_craft else epsilon))
