@@ -377,19 +377,23 @@ class CRaFTStep:
         hence no_sync; the projector all-reduces its buffers at the step)."""
         if not refresh:
             return self._reuse_micro_batch(model, micro, device, k)
-        # offline: looked up first; online: θ0's forward runs after the live one (it may reuse its vision output;
-        # in eval mode without dropout it draws no random numbers, so the order changes nothing else)
-        anchors = self._anchors(micro, device) if self.cache is not None else None
         sync_off = model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
         with sync_off:
-            with self.extractor.capture(), self._live_vision_output() as vision:
-                loss, curr, nxt, out = forward_losses(model, micro, device)
-            feats = self.extractor.features(out.vla_output.layout)
-            if anchors is None:
-                anchors = self._anchors(micro, device, vision.get("features"))
-            loss_ret = retention_loss(feats, anchors)
+            loss, curr, nxt, loss_ret = self._live_losses(model, micro, device)
             self.projector.accumulate(loss / k, loss_ret / k)
         return loss, curr, nxt, loss_ret
+
+    def _live_losses(self, model: nn.Module, micro: MicroBatch, device: torch.device):
+        """(L_act, current L1, next L1, L_ret) of the live forward. Offline anchors are looked up first; online, θ0's
+        forward runs after the live one (it may reuse its vision output; in eval mode without dropout it draws no
+        random numbers, so the order changes nothing else)."""
+        anchors = self._anchors(micro, device) if self.cache is not None else None
+        with self.extractor.capture(), self._live_vision_output() as vision:
+            loss, curr, nxt, out = forward_losses(model, micro, device)
+        feats = self.extractor.features(out.vla_output.layout)
+        if anchors is None:
+            anchors = self._anchors(micro, device, vision.get("features"))
+        return loss, curr, nxt, retention_loss(feats, anchors)
 
     def _reuse_micro_batch(self, model: nn.Module, micro: MicroBatch, device: torch.device, k: int):
         """A step between g_ret refreshes: the live forward and L_act's backward only; g_ret is the kept one.
@@ -469,14 +473,8 @@ class CRaFTStep:
         k = len(micro_batches)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, curr, next, L_ret
         for j, micro in enumerate(micro_batches):
-            anchors = self._anchors(micro, device) if self.cache is not None else None
             with gradient_sync(model, j == k - 1):
-                with self.extractor.capture(), self._live_vision_output() as vision:
-                    loss, curr, nxt, out = forward_losses(model, micro, device)
-                feats = self.extractor.features(out.vla_output.layout)
-                if anchors is None:
-                    anchors = self._anchors(micro, device, vision.get("features"))
-                loss_ret = retention_loss(feats, anchors)
+                loss, curr, nxt, loss_ret = self._live_losses(model, micro, device)
                 _check_losses(loss, loss_ret)
                 ((loss + a * loss_ret) / k).backward()
             sums += torch.stack([loss.detach(), curr.detach(), nxt.detach(), loss_ret.detach()]).double().cpu()
