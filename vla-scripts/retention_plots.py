@@ -60,7 +60,9 @@ def epsilon_line(ax, epsilon: float) -> None:
 
 
 def retention_axes(ax, title: str) -> None:
+    """Log L_ret; the axis starts at 1e-5 (below it: the float noise of θ0 against its own cached features)."""
     ax.set(yscale="log", xlabel="optimizer step", ylabel="L_ret (vs θ0)", title=title)
+    ax.set_ylim(bottom=1e-5)
 
 
 def lambda_axes(ax, title: str) -> None:

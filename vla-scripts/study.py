@@ -51,6 +51,7 @@ import retention_plots as rp  # noqa: E402
 from demo_cache import demo_cache_flags  # noqa: E402
 from dual_budget import budget_metrics, parse_seeds  # noqa: E402
 
+from finetune import NonFiniteLossError  # noqa: E402
 from prismatic.cli_errors import UserError, cli_entry, parse_config  # noqa: E402
 from prismatic.training.craft_variants import (  # noqa: E402
     CHEAP_VARIANT_FLAGS,
@@ -223,10 +224,17 @@ def run_one(ft, dcfg, data_root: Path, out: Path, threads: int, identity: dict) 
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(out / "logs" / f"{ft.run_id}.log", "a") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        final, seconds_per_step = demo.run_training(ft)
-        context = torch.load(out / THETA0_EVAL_FILE, weights_only=False)
-        policy = load_policy(final).eval()
-        row = evaluate_policy(policy, demo.TARGET_SET, context, dcfg, data_root)
+        try:
+            final, seconds_per_step = demo.run_training(ft)
+        except (FloatingPointError, NonFiniteLossError) as exc:
+            # a diverged run is a result (deterministic: a re-run would diverge again), not a failure of the study
+            final, seconds_per_step, row = None, math.nan, {"diverged": True, "error": str(exc)}
+            row.update(dict.fromkeys(("heldout_l1_target", "heldout_l1_pretrain", "final_l_ret", "probe_task",
+                                      "probe_colour"), math.nan))
+        if final is not None:
+            context = torch.load(out / THETA0_EVAL_FILE, weights_only=False)
+            policy = load_policy(final).eval()
+            row = {"diverged": False, **evaluate_policy(policy, demo.TARGET_SET, context, dcfg, data_root)}
     metrics = read_metrics(run_dir / "metrics.jsonl")
     steps = [int(m["step"]) for m in metrics if demo.RET_KEY in m]
     l_ret = [float(m[demo.RET_KEY]) for m in metrics if demo.RET_KEY in m]
@@ -247,8 +255,11 @@ def run_one(ft, dcfg, data_root: Path, out: Path, threads: int, identity: dict) 
 def with_budget(row: dict, epsilon: float) -> dict:
     """The run's numbers relative to its ε (CRaFT: its own budget; other methods: the study's ε, the same budget
     read as a yardstick): last-10% mean and share above ε of the logged L_ret, final L_ret / ε."""
-    return {**row, "epsilon": epsilon, **budget_metrics(np.asarray(row["curve_l_ret"]), epsilon),
-            "final_l_ret_over_eps": row["final_l_ret"] / epsilon}
+    if row["diverged"]:
+        budget = {"last10_over_eps": math.nan, "share_above_eps": math.nan}
+    else:
+        budget = budget_metrics(np.asarray(row["curve_l_ret"]), epsilon)
+    return {**row, "epsilon": epsilon, **budget, "final_l_ret_over_eps": row["final_l_ret"] / epsilon}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -267,19 +278,20 @@ def group_key(row: dict) -> tuple:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean, std (ddof 1; none for n = 1) and n over seeds per (method, knob, value), in first-seen order."""
+    """Mean, std (ddof 1; none for n = 1) and n over seeds per (method, knob, value), in first-seen order; runs that
+    diverged are counted apart (`diverged`) and left out of the means."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(group_key(row), []).append(row)
     out = []
     for (method, value), members in groups.items():
-        first = members[0]
+        first, finished = members[0], [r for r in members if not r["diverged"]]
         cell = {"method": method, "title": first["title"], "knob": first["knob"], "value": value,
-                "default": first["default"], "n": len(members), "seeds": sorted(r["seed"] for r in members),
-                "epsilon": first["epsilon"]}
+                "default": first["default"], "n": len(finished), "diverged": len(members) - len(finished),
+                "seeds": sorted(r["seed"] for r in finished), "epsilon": first["epsilon"]}
         for key, _, _ in METRICS:
-            values = np.asarray([r[key] for r in members], dtype=np.float64)
-            cell[key] = float(values.mean())
+            values = np.asarray([r[key] for r in finished], dtype=np.float64)
+            cell[key] = float(values.mean()) if len(values) else math.nan
             cell[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
         out.append(cell)
     return out
@@ -303,13 +315,14 @@ def markdown(cells: list[dict], theta0: dict) -> str:
     lines.append("| θ0 (before fine-tuning) | - | 1 | " + " | ".join(
         _cell(theta0.get(k, math.nan), math.nan, s) for k, _, s in METRICS) + " |")
     for c in cells:
-        lines.append(f"| {c['title']} | {setting(c)} | {c['n']} | "
+        n = f"{c['n']}" + (f" (+{c['diverged']} diverged)" if c["diverged"] else "")
+        lines.append(f"| {c['title']} | {setting(c)} | {n} | "
                      + " | ".join(_cell(c[k], c[f"{k}_std"], s) for k, _, s in METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(cells: list[dict], path: Path) -> None:
-    keys = ["method", "knob", "value", "default", "n"] + [x for k, _, _ in METRICS for x in (k, f"{k}_std")]
+    keys = ["method", "knob", "value", "default", "n", "diverged"] + [x for k, _, _ in METRICS for x in (k, f"{k}_std")]
     lines = [",".join(keys)] + [",".join("" if c[k] is None else str(c[k]) for k in keys) for c in cells]
     path.write_text("\n".join(lines) + "\n")
 
@@ -329,6 +342,11 @@ def environment(cfg: StudyConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------------------------------
+def finished_defaults(rows: list[dict], name: str) -> list[dict]:
+    """The runs of `name`'s default setting that did not diverge (their curves cover every step)."""
+    return [r for r in rows if r["method"] == name and r["default"] and not r["diverged"]]
+
+
 def figures(rows: list[dict], cells: list[dict], theta0: dict, table: dict[str, Method], epsilon: float,
             out: Path) -> list[Path]:
     plt = rp.pyplot()
@@ -371,8 +389,9 @@ def figures(rows: list[dict], cells: list[dict], theta0: dict, table: dict[str, 
             ax.set_yscale("log")
             rp.epsilon_line(ax, epsilon)
         ax.set(xlabel="held-out action L1 on the new tasks B (lower: more plasticity)", ylabel=label)
-    axes[0].set_title("Retention / plasticity: mean ± std over seeds; sweeps connected, labelled by their value")
-    axes[1].set_title("The same runs: drift of the bridge features (ε sweep: ε = the label)")
+    axes[0].set_title("Task probe on A (mean ± std over seeds)")
+    axes[1].set_title("Final L_ret, the same runs (ε sweep: labelled by ε)")
+    fig.suptitle("Retention / plasticity; sweeps connected in the order of their knob, labelled by its value")
     axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     handles, labels = axes[0].get_legend_handles_labels()
     theta0_handles = [(h, lab) for h, lab in zip(handles, labels, strict=True) if lab.startswith("θ0")]
@@ -386,7 +405,7 @@ def figures(rows: list[dict], cells: list[dict], theta0: dict, table: dict[str, 
     fig, axes = plt.subplots(math.ceil(len(defaults) / cols), cols, figsize=(12, 3 * math.ceil(len(defaults) / cols)),
                              squeeze=False, sharey=True)
     for ax, name in zip(axes.flat, defaults, strict=False):
-        curves = [(r["curve_steps"], r["curve_l_ret"]) for r in rows if r["method"] == name and r["default"]]
+        curves = [(r["curve_steps"], r["curve_l_ret"]) for r in finished_defaults(rows, name)]
         rp.band(ax, curves, colour[name], "L_ret", log=True)
         rp.epsilon_line(ax, epsilon)
         rp.retention_axes(ax, table[name].title)
@@ -402,7 +421,8 @@ def figures(rows: list[dict], cells: list[dict], theta0: dict, table: dict[str, 
         eps_values = sorted({r["epsilon"] for r in sweep_rows})
         shades = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(eps_values)))
         for eps, shade in zip(eps_values, shades, strict=True):
-            curves = [(r["curve_steps"], r["curve_l_ret"]) for r in sweep_rows if r["epsilon"] == eps]
+            curves = [(r["curve_steps"], r["curve_l_ret"]) for r in sweep_rows if r["epsilon"] == eps
+                      and not r["diverged"]]
             rp.band(ax, curves, shade, f"ε = {eps:g}", log=True)
             ax.axhline(eps, color=shade, linestyle=":", linewidth=1.0)
         rp.retention_axes(ax, "CRaFT, new dual rule: L_ret per ε (dotted: each ε)")
@@ -411,12 +431,15 @@ def figures(rows: list[dict], cells: list[dict], theta0: dict, table: dict[str, 
 
     # λ per dual rule
     duals = [name for name in defaults if table[name].base == "craft"]
-    fig, axes = plt.subplots(1, len(duals), figsize=(3.2 * len(duals), 3), squeeze=False, sharey=False)
-    for ax, name in zip(axes[0], duals, strict=True):
-        curves = [(r["curve_steps"], r["curve_lambda"]) for r in rows if r["method"] == name and r["default"]]
+    rows_needed = math.ceil(len(duals) / cols)
+    fig, axes = plt.subplots(rows_needed, cols, figsize=(12, 3 * rows_needed), squeeze=False)
+    for ax, name in zip(axes.flat, duals, strict=False):
+        curves = [(r["curve_steps"], r["curve_lambda"]) for r in finished_defaults(rows, name)]
         rp.band(ax, curves, colour[name], "λ")
         rp.lambda_axes(ax, table[name].title)
         ax.legend(loc="upper right")
+    for ax in list(axes.flat)[len(duals):]:
+        ax.set_visible(False)
     paths.append(rp.save(fig, out / "lambda_curves.png"))
     return paths
 
@@ -514,6 +537,12 @@ def main(cfg: StudyConfig) -> dict:
                     durations.append(seconds)
                     left = total - len(rows) - len(failures)
                     eta = left * float(np.mean(durations)) / cfg.workers
+                    if row["diverged"]:
+                        print(f"[study] [{len(rows)}/{total}] {label} seed {spec.seed}: DIVERGED ({row['error']}; "
+                              f"recorded as a result) ({seconds:.0f} s)", flush=True)
+                        if queue:
+                            submit()
+                        continue
                     print(f"[study] [{len(rows)}/{total}] {label} seed {spec.seed}: L1(B) "
                           f"{row['heldout_l1_target']:.4f}, probe task {row['probe_task']:.3f}, L_ret/ε "
                           f"{row['final_l_ret_over_eps']:.3g} ({seconds:.0f} s) | ETA {eta / 60:.1f} min",
