@@ -28,7 +28,7 @@ def _rows(n_seeds: int = 3) -> list[dict]:
     for method, value in (("a", None), ("b", 0.1), ("b", 0.4)):
         for seed in range(n_seeds):
             row = {"method": method, "title": method.upper(), "knob": None if value is None else "k", "value": value,
-                   "default": value in (None, 0.1), "seed": seed, "epsilon": 0.02}
+                   "default": value in (None, 0.1), "seed": seed, "epsilon": 0.02, "diverged": False}
             row.update({key: float(rng.normal()) for key, _, _ in study.METRICS})
             rows.append(row)
     return rows
@@ -45,6 +45,19 @@ def test_aggregate_is_mean_and_sample_std_over_seeds_per_setting():
             assert cell[key] == pytest.approx(sum(values) / 3, rel=1e-12)
             mean = sum(values) / 3
             assert cell[f"{key}_std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / 2), rel=1e-12)
+
+
+def test_a_diverged_run_is_counted_apart_and_left_out_of_the_means():
+    rows = _rows()
+    rows[1] = {**rows[1], "diverged": True, **{key: math.nan for key, _, _ in study.METRICS}}
+    cell = study.aggregate(rows)[0]
+    assert (cell["n"], cell["diverged"], cell["seeds"]) == (2, 1, [0, 2])
+    kept = [rows[0], rows[2]]
+    for key, _, _ in study.METRICS:
+        assert cell[key] == pytest.approx((kept[0][key] + kept[1][key]) / 2, rel=1e-12)
+        assert cell[f"{key}_std"] == pytest.approx(abs(kept[0][key] - kept[1][key]) / math.sqrt(2), rel=1e-12)
+    line = study.markdown([cell], {}).splitlines()[3]
+    assert line.split("|")[3].strip() == "2 (+1 diverged)"
 
 
 def test_single_seed_cells_print_no_plus_minus_and_every_cell_has_n():
